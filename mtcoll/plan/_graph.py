@@ -1,0 +1,45 @@
+"""A topology flattened into CSR arrays, the form the planning kernels read.
+
+``nbr_ptr``/``nbr``: the tree neighbours of each rank, one entry per candidate edge: the rank's
+successor on the topology's Hamiltonian cycle first (if it has one), then the rest in order.
+``edge_route_ptr``: for candidate edge ``e``, its alternative routes are
+``edge_route_ptr[e] .. edge_route_ptr[e+1]-1``; route ``q`` crosses the links
+``route_links[route_link_ptr[q] : route_link_ptr[q+1]]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Graph:
+    nranks: int
+    nlinks: int
+    ports: np.ndarray
+    nbr_ptr: np.ndarray
+    nbr: np.ndarray
+    edge_route_ptr: np.ndarray
+    route_link_ptr: np.ndarray
+    route_links: np.ndarray
+
+
+def flatten(topo):
+    """The :class:`Graph` of a :class:`~mtcoll.topology.Topology`."""
+    n = topo.nranks
+    cyc = topo.hamiltonian_cycle()
+    succ = {cyc[i]: cyc[(i + 1) % n] for i in range(n)} if cyc else {}
+    nbr_ptr, nbr, erp, rlp, links = [0], [], [0], [0], []
+    for u in range(n):
+        for v in sorted(topo.tree_neighbors(u), key=lambda v: v != succ.get(u)):
+            nbr.append(v)
+            for r in topo.routes(u, v):
+                links.extend(r)
+                rlp.append(len(links))
+            erp.append(len(rlp) - 1)
+        nbr_ptr.append(len(nbr))
+    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
+    return Graph(n, topo.nlinks, i32(topo.ports), i32(nbr_ptr), i32(nbr), i32(erp), i32(rlp),
+                 i32(links))

@@ -1,0 +1,359 @@
+"""The numba kernels of the planner: MultiTree growth, step packing and the fast validator.
+
+Each kernel has a pure-Python twin (``_multitree.grow_trees_py``, ``_pack.pack_py``,
+``_validate.check_py``) that the tests compare it with. Compiled on first use and cached on
+disk (``cache=True``); planning at 64 ranks happens on one rank (see ``mtcoll.comm``), so the
+cost is paid once per machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+J, O, P, V = 0, 1, 2, 3  # fields of grow_trees' per (tree, rank) record
+
+
+@njit(cache=True)
+def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_links, nlinks):
+    """MultiTree growth; semantics in ``mtcoll.plan._multitree``. Returns the edges
+    (step, parent, child, tree, route) and 0, or empty arrays and 1 if the graph is not
+    connected."""
+    m = n * (n - 1)
+    o_step = np.empty(m, np.int32)
+    o_par = np.empty(m, np.int32)
+    o_child = np.empty(m, np.int32)
+    o_tree = np.empty(m, np.int32)
+    o_alt = np.empty(m, np.int8)
+    if n == 1:
+        return o_step, o_par, o_child, o_tree, o_alt, 0
+    # per (tree, rank) record, one cache line for the three facts a scan reads:
+    # [J] step it joined the tree (-1: not yet), [O] its place in the tree's join order,
+    # [P] its neighbours not yet in the tree (members with P > 0 are "open"),
+    # [V] the previous open member in join order (-1: none)
+    st = np.empty((n, n, 4), np.int16)
+    st[:, :, J] = -1
+    st[:, :, V] = -1
+    # open members of each tree, doubly linked in join order (next links apart: only removal
+    # reads them)
+    nxt = np.full((n, n), -1, np.int32)
+    head = np.empty(n, np.int32)
+    tail = np.empty(n, np.int32)
+    nopen_members = np.ones(n, np.int32)
+    # the same open set as a bitset per tree: small enough to stay in cache while the
+    # active-sender scan below tests ranks against it
+    nwords = (n + 63) // 64
+    open_bits = np.zeros((n, nwords), np.uint64)
+    size = np.ones(n, np.int32)
+    # ranks with a send port left in this step, packed, with their places
+    act = np.empty(n, np.int32)
+    # where each tree's newest-first walk resumes: members newer than it found nothing earlier
+    # in this step, and resources only shrink within a step (removed members keep their prv,
+    # which still leads back to every earlier member)
+    cursor = np.empty(n, np.int32)
+    apos = np.full(n, -1, np.int32)
+    deg = nbr_ptr[1:] - nbr_ptr[:-1]
+    for r in range(n):
+        st[r, r, J] = 0
+        head[r] = r
+        tail[r] = r
+        st[r, r, P] = deg[r]
+        st[r, r, O] = 0
+        open_bits[r, r >> 6] |= np.uint64(1) << np.uint64(r & 63)
+    link_step = np.full(nlinks, -1, np.int32)
+    sent = np.zeros(n, np.int32)
+    recv = np.zeros(n, np.int32)
+    alive = np.zeros(n, np.bool_)
+    k = 0
+    done = 0
+    t = 0
+    while done < n:
+        sent[:] = 0
+        recv[:] = 0
+        nact = 0
+        for x in range(n):
+            apos[x] = -1
+            if ports[x] > 0:
+                act[nact] = x
+                apos[x] = nact
+                nact += 1
+        for x in range(n):
+            alive[x] = size[x] < n
+            cursor[x] = tail[x]
+        added_in_step = 0
+        while True:
+            added = 0
+            for kk in range(n):
+                tree = (t + kk) % n
+                if not alive[tree]:
+                    continue
+                # first edge, members newest first. When fewer ranks can still send than the
+                # tree has open members, look at those ranks instead and keep the newest member
+                # that yields an edge: the same choice, found with less work.
+                fu = -1
+                fv = -1
+                fq = -1
+                falt = 0
+                if nact < nopen_members[tree]:
+                    best = -1
+                    for i in range(nact):
+                        u = act[i]
+                        if not (open_bits[tree, u >> 6] >> np.uint64(u & 63)) & np.uint64(1):
+                            continue
+                        j = st[tree, u, J]
+                        if j < 0 or j > t or st[tree, u, P] == 0 or st[tree, u, O] <= best:
+                            continue
+                        v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr, nbr,
+                                                 edge_route_ptr, route_link_ptr, route_links,
+                                                 link_step)
+                        if v >= 0:
+                            best = st[tree, u, O]
+                            fu = u
+                            fv = v
+                            fq = q
+                            falt = alt
+                else:
+                    u = cursor[tree]
+                    while u != -1:
+                        if st[tree, u, J] <= t and sent[u] < ports[u]:
+                            v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr,
+                                                     nbr, edge_route_ptr, route_link_ptr,
+                                                     route_links, link_step)
+                            if v >= 0:
+                                fu = u
+                                fv = v
+                                fq = q
+                                falt = alt
+                                break
+                        u = st[tree, u, V]
+                if fu < 0:
+                    alive[tree] = False
+                    continue
+                cursor[tree] = fu
+                for i in range(route_link_ptr[fq], route_link_ptr[fq + 1]):
+                    link_step[route_links[i]] = t
+                sent[fu] += 1
+                if sent[fu] >= ports[fu]:
+                    i = apos[fu]
+                    last_rank = act[nact - 1]
+                    act[i] = last_rank
+                    apos[last_rank] = i
+                    apos[fu] = -1
+                    nact -= 1
+                recv[fv] += 1
+                st[tree, fv, J] = t + 1
+                st[tree, fv, O] = size[tree]
+                size[tree] += 1
+                o_step[k] = t
+                o_par[k] = fu
+                o_child[k] = fv
+                o_tree[k] = tree
+                o_alt[k] = falt
+                k += 1
+                added += 1
+                # fv's neighbours in the tree lose an open neighbour; saturated ones leave
+                cnt = 0
+                for e in range(nbr_ptr[fv], nbr_ptr[fv + 1]):
+                    w = nbr[e]
+                    if st[tree, w, J] < 0:
+                        cnt += 1
+                    else:
+                        st[tree, w, P] -= 1
+                        if st[tree, w, P] == 0:
+                            nopen_members[tree] -= 1
+                            open_bits[tree, w >> 6] &= ~(np.uint64(1) << np.uint64(w & 63))
+                            a = st[tree, w, V]
+                            b = nxt[tree, w]
+                            if a >= 0:
+                                nxt[tree, a] = b
+                            else:
+                                head[tree] = b
+                            if b >= 0:
+                                st[tree, b, V] = a
+                            else:
+                                tail[tree] = a
+                st[tree, fv, P] = cnt
+                if cnt > 0:
+                    nopen_members[tree] += 1
+                    open_bits[tree, fv >> 6] |= np.uint64(1) << np.uint64(fv & 63)
+                    last = tail[tree]
+                    st[tree, fv, V] = last
+                    nxt[tree, fv] = -1
+                    if last >= 0:
+                        nxt[tree, last] = fv
+                    else:
+                        head[tree] = fv
+                    tail[tree] = fv
+                if size[tree] == n:
+                    done += 1
+                    alive[tree] = False
+            added_in_step += added
+            if added == 0:
+                break
+        if added_in_step == 0:
+            return o_step[:0], o_par[:0], o_child[:0], o_tree[:0], o_alt[:0], 1
+        t += 1
+    return o_step, o_par, o_child, o_tree, o_alt, 0
+
+
+@njit(cache=True, inline="always")
+def _first_child(u, tree, t, st, ports, recv, nbr_ptr, nbr, edge_route_ptr, route_link_ptr,
+                 route_links, link_step):
+    """The first (child, route, route index) that ``u`` can add to ``tree`` now, or -1s."""
+    for e in range(nbr_ptr[u], nbr_ptr[u + 1]):
+        v = nbr[e]
+        if st[tree, v, J] >= 0 or recv[v] >= ports[v]:
+            continue
+        for q in range(edge_route_ptr[e], edge_route_ptr[e + 1]):
+            free = True
+            for i in range(route_link_ptr[q], route_link_ptr[q + 1]):
+                if link_step[route_links[i]] == t:
+                    free = False
+                    break
+            if free:
+                return v, q, q - edge_route_ptr[e]
+    return -1, -1, 0
+
+
+# -- the validator's kernels --------------------------------------------------------------------
+
+# error kinds, shared with the Python twin in _validate.py
+E_LINK, E_SEND_PORTS, E_RECV_PORTS, E_EARLY_REDUCE, E_EARLY_GATHER, E_OWNER, E_MISSING = range(7)
+NKINDS = 7
+
+
+@njit(cache=True)
+def lookup_routes(src, dst, alt, nbr_ptr, nbr, edge_route_ptr):
+    """Per transfer, the route id in the graph's route table, or -1 if (src, dst) is not a
+    tree edge or has no route number ``alt``."""
+    out = np.empty(len(src), np.int64)
+    for i in range(len(src)):
+        u = src[i]
+        v = dst[i]
+        out[i] = -1
+        for e in range(nbr_ptr[u], nbr_ptr[u + 1]):
+            if nbr[e] == v:
+                q = edge_route_ptr[e] + alt[i]
+                if q < edge_route_ptr[e + 1]:
+                    out[i] = q
+                break
+    return out
+
+
+@njit(cache=True)
+def _record(errs, nerr, counts, kind, a, b, c, d):
+    counts[kind] += 1
+    if nerr < errs.shape[0]:
+        errs[nerr, 0] = kind
+        errs[nerr, 1] = a
+        errs[nerr, 2] = b
+        errs[nerr, 3] = c
+        errs[nerr, 4] = d
+        return nerr + 1
+    return nerr
+
+
+@njit(cache=True)
+def check(nranks, nchunks, owner, phase, step, src, dst, lo, hi, q, route_link_ptr, route_links,
+          nlinks, ports, weights, max_errors):
+    """Fast validator; semantics and error records as in ``_validate.check_py``.
+
+    Returns (errors: int64[k, 5] rows (kind, a, b, c, d), counts per kind)."""
+    errs = np.zeros((max_errors, 5), np.int64)
+    counts = np.zeros(NKINDS, np.int64)
+    nerr = 0
+    m = len(step)
+    # (a) links and (b) ports: transfers come sorted by (phase, step)
+    link_key = np.full(nlinks, -1, np.int64)
+    link_tr = np.zeros(nlinks, np.int64)
+    send_key = np.full(nranks, -1, np.int64)
+    send_cnt = np.zeros(nranks, np.int64)
+    recv_key = np.full(nranks, -1, np.int64)
+    recv_cnt = np.zeros(nranks, np.int64)
+    big = np.int64(1) << 40
+    for i in range(m):
+        key = phase[i] * big + step[i]
+        r = q[i]
+        for j in range(route_link_ptr[r], route_link_ptr[r + 1]):
+            ln = route_links[j]
+            if link_key[ln] == key:
+                nerr = _record(errs, nerr, counts, E_LINK, i, ln, link_tr[ln], 0)
+            link_key[ln] = key
+            link_tr[ln] = i
+        s = src[i]
+        if send_key[s] != key:
+            send_key[s] = key
+            send_cnt[s] = 0
+        send_cnt[s] += 1
+        if send_cnt[s] == ports[s] + 1:
+            nerr = _record(errs, nerr, counts, E_SEND_PORTS, i, s, ports[s], 0)
+        d = dst[i]
+        if recv_key[d] != key:
+            recv_key[d] = key
+            recv_cnt[d] = 0
+        recv_cnt[d] += 1
+        if recv_cnt[d] == ports[d] + 1:
+            nerr = _record(errs, nerr, counts, E_RECV_PORTS, i, d, ports[d], 0)
+    # (c) replay on fingerprints: per (rank, chunk) how many contributions and the wrapping
+    # sum of their random weights; exactly once everywhere <=> (N, sum of all weights) at the
+    # owner (a wrong set passing needs a 2^-64 coincidence)
+    cnt = np.zeros((nranks, nchunks), np.int64)
+    hsh = np.zeros((nranks, nchunks), np.uint64)
+    for r in range(nranks):
+        for c in range(nchunks):
+            cnt[r, c] = 1
+            hsh[r, c] = weights[r]
+    first_send = np.full((nranks, nchunks), -1, np.int64)
+    i = 0
+    while i < m and phase[i] == 0:
+        e = i
+        while e < m and phase[e] == 0 and step[e] == step[i]:
+            e += 1
+        width = 0
+        for k in range(i, e):
+            width += hi[k] - lo[k]
+        tc = np.empty(width, np.int64)
+        th = np.empty(width, np.uint64)
+        p = 0
+        for k in range(i, e):  # read at the end of the previous step...
+            for c in range(lo[k], hi[k]):
+                tc[p] = cnt[src[k], c]
+                th[p] = hsh[src[k], c]
+                p += 1
+                if first_send[src[k], c] < 0:
+                    first_send[src[k], c] = step[k]
+        p = 0
+        for k in range(i, e):  # ...then deliver
+            d = dst[k]
+            for c in range(lo[k], hi[k]):
+                if first_send[d, c] >= 0:
+                    nerr = _record(errs, nerr, counts, E_EARLY_REDUCE, k, d, c,
+                                   first_send[d, c])
+                cnt[d, c] += tc[p]
+                hsh[d, c] += th[p]
+                p += 1
+        i = e
+    total = np.uint64(0)
+    for r in range(nranks):
+        total += weights[r]
+    for c in range(nchunks):
+        o = owner[c]
+        if cnt[o, c] != nranks or hsh[o, c] != total:
+            nerr = _record(errs, nerr, counts, E_OWNER, c, o, cnt[o, c], nranks)
+    # gather phase: have[r, c] = step at which r holds reduced chunk c (-1: from the start)
+    never = np.int64(1) << 40
+    have = first_send  # reuse the memory
+    have[:, :] = never
+    for c in range(nchunks):
+        have[owner[c], c] = -1
+    for k in range(i, m):
+        for c in range(lo[k], hi[k]):
+            if have[src[k], c] >= step[k]:
+                nerr = _record(errs, nerr, counts, E_EARLY_GATHER, k, src[k], c, 0)
+            if have[dst[k], c] > step[k]:
+                have[dst[k], c] = step[k]
+    for r in range(nranks):
+        for c in range(nchunks):
+            if have[r, c] == never:
+                nerr = _record(errs, nerr, counts, E_MISSING, r, c, 0, 0)
+    return errs[:nerr], counts

@@ -1,0 +1,259 @@
+"""Allreduce schedules as immutable values.
+
+A :class:`Schedule` says who sends which part of the buffer to whom at each step of an
+allreduce. It is pure data (numpy arrays): it knows nothing of MPI, of the network it was
+planned for, or of the message size. The size enters only at execution, when
+:meth:`Schedule.chunk_bounds` cuts a buffer of ``count`` elements into ``nchunks`` chunks.
+
+The allreduce runs in two phases:
+
+* phase 0, **reduce** (reduce-scatter): the receiver combines the incoming data into its own
+  partial result with the reduction operator. At the end of the phase, chunk ``c`` is fully
+  reduced on rank ``owner[c]``.
+* phase 1, **gather** (all-gather): the receiver overwrites its copy with the incoming data.
+  At the end of the phase every rank holds every fully reduced chunk.
+
+Each transfer moves a contiguous range of chunks ``[lo, hi)`` from ``src`` to ``dst`` at a
+``step`` of its phase, along ``route`` (an index into the topology's alternative routes from
+``src`` to ``dst``; 0, the default route, unless the planner picked another on a switched
+network). A transfer at step ``t`` carries the sender's data as it stood at the end
+of step ``t - 1``; what is received at step ``t`` is there from the end of step ``t`` on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Schedule", "RankView", "REDUCE", "GATHER", "SEND", "RECV"]
+
+REDUCE = 0  #: phase 0: the receiver reduces what it receives into its partial result
+GATHER = 1  #: phase 1: the receiver stores what it receives
+SEND = 0  #: RankView.kind of an outgoing transfer
+RECV = 1  #: RankView.kind of an incoming transfer
+
+_FIELDS = ("phase", "step", "src", "dst", "lo", "hi", "route")
+
+
+def _frozen(a, dtype):
+    a = np.array(a, dtype=dtype, copy=True)
+    a.setflags(write=False)
+    return a
+
+
+class Schedule:
+    """An allreduce schedule over ``nranks`` ranks and ``nchunks`` chunks.
+
+    Parameters
+    ----------
+    algorithm, topology : str
+        Names recorded for reports (the algorithm that made it, the topology spec it was
+        planned on).
+    nranks, nchunks : int
+        Ranks taking part, and the number of pieces the buffer is cut into.
+    owner : array of int, shape (nchunks,)
+        Rank on which each chunk is fully reduced at the end of the reduce phase.
+    phase, step, src, dst, lo, hi : arrays of int, one entry per transfer
+        See the module docstring.
+    route : array of int, optional
+        Route index per transfer (default: all 0).
+    meta : dict, optional
+        Extra JSON-serialisable facts from the planner (ports, planning options).
+
+    Notes
+    -----
+    The arrays are copied and made read-only; a schedule never changes after construction.
+    Transfers are kept sorted by (phase, step), stably: within a step, the planner's order. Only the structure is checked
+    here (ranges, shapes); whether the schedule computes an allreduce is the validator's job
+    (:func:`mtcoll.plan.validate`).
+    """
+
+    def __init__(self, algorithm, topology, nranks, nchunks, owner,
+                 phase, step, src, dst, lo, hi, route=None, meta=None):
+        self.algorithm = str(algorithm)
+        self.topology = str(topology)
+        self.nranks = int(nranks)
+        self.nchunks = int(nchunks)
+        self.meta = dict(meta or {})
+        if self.nranks < 1:
+            raise ValueError(f"nranks must be at least 1, got {self.nranks}")
+        if self.nchunks < 1:
+            raise ValueError(f"nchunks must be at least 1, got {self.nchunks}")
+        cols = [np.asarray(x).ravel() for x in (phase, step, src, dst, lo, hi)]
+        n = len(cols[0])
+        if any(len(c) != n for c in cols) or (route is not None and np.size(route) != n):
+            raise ValueError("phase, step, src, dst, lo, hi and route must have one entry "
+                             "per transfer")
+        ph, st, s, d, l, h = cols
+        rt = np.zeros(n, np.int8) if route is None else np.asarray(route).ravel()
+        bad = []
+        if n:
+            if ph.min() < REDUCE or ph.max() > GATHER:
+                bad.append("phase must be 0 (reduce) or 1 (gather)")
+            if st.min() < 0:
+                bad.append("steps must be >= 0")
+            if min(s.min(), d.min()) < 0 or max(s.max(), d.max()) >= self.nranks:
+                bad.append(f"src and dst must be ranks in [0, {self.nranks})")
+            if (s == d).any():
+                bad.append("a transfer from a rank to itself")
+            if l.min() < 0 or h.max() > self.nchunks or (h <= l).any():
+                bad.append(f"chunk ranges must satisfy 0 <= lo < hi <= {self.nchunks}")
+            if rt.min() < 0 or rt.max() > 127:
+                bad.append("route must be in [0, 127]")
+        own = np.asarray(owner).ravel()
+        if own.shape != (self.nchunks,):
+            bad.append(f"owner must have one entry per chunk ({self.nchunks})")
+        elif own.size and (own.min() < 0 or own.max() >= self.nranks):
+            bad.append(f"owner must name ranks in [0, {self.nranks})")
+        if bad:
+            raise ValueError(f"malformed {self.algorithm} schedule: " + "; ".join(bad))
+        # (phase, step) order, stable; planners emit it already, so usually no sort is needed
+        key = ph.astype(np.int64) * (int(st.max()) + 1 if n else 1) + st
+        order = None if (key[1:] >= key[:-1]).all() else np.argsort(key, kind="stable")
+        del key
+        pick = (lambda a: a) if order is None else (lambda a: a[order])  # noqa: E731
+        self.owner = _frozen(own, np.int32)
+        self.phase = _frozen(pick(ph), np.int8)
+        self.step = _frozen(pick(st), np.int32)
+        self.src = _frozen(pick(s), np.int32)
+        self.dst = _frozen(pick(d), np.int32)
+        self.lo = _frozen(pick(l), np.int32)
+        self.hi = _frozen(pick(h), np.int32)
+        self.route = _frozen(pick(rt), np.int8)
+        self._views = {}
+
+    # -- facts -------------------------------------------------------------------------------
+
+    @property
+    def ntransfers(self):
+        return len(self.step)
+
+    @property
+    def steps(self):
+        """Number of steps of each phase, as ``(reduce_steps, gather_steps)``."""
+        out = []
+        for p in (REDUCE, GATHER):
+            sel = self.step[self.phase == p]
+            out.append(int(sel.max()) + 1 if sel.size else 0)
+        return tuple(out)
+
+    def step_cost(self):
+        """Per phase, the steps weighted by their largest transfer, in units of 1/nranks of the
+        buffer: a step whose largest transfer carries k of the nchunks chunks costs
+        ``k * nranks / nchunks``. For one-chunk-per-transfer schedules with ``nchunks == nranks``
+        (MultiTree, ring) this is the step count; it is the quantity the step lower bound
+        ``max(diameter, ceil((N-1)/ports))`` speaks of."""
+        out = []
+        width = (self.hi - self.lo).astype(np.int64)
+        for p in (REDUCE, GATHER):
+            sel = self.phase == p
+            if not sel.any():
+                out.append(0.0)
+                continue
+            biggest = np.zeros(int(self.step[sel].max()) + 1, dtype=np.int64)
+            np.maximum.at(biggest, self.step[sel], width[sel])
+            out.append(float(biggest.sum()) * self.nranks / self.nchunks)
+        return tuple(out)
+
+    def chunk_bounds(self, count):
+        """Element offsets of the chunks for a buffer of ``count`` elements.
+
+        Returns an int64 array of ``nchunks + 1`` offsets: chunk ``c`` is elements
+        ``[b[c], b[c+1])``. The first ``count % nchunks`` chunks get one element more, so any
+        count works, including counts smaller than ``nchunks`` (some chunks are then empty).
+        """
+        count = int(count)
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        base, extra = divmod(count, self.nchunks)
+        sizes = np.full(self.nchunks, base, dtype=np.int64)
+        sizes[:extra] += 1
+        return np.concatenate(([0], np.cumsum(sizes)))
+
+    # -- per-rank view -----------------------------------------------------------------------
+
+    def rank_view(self, rank):
+        """The transfers of one rank, in program order (see :class:`RankView`)."""
+        rank = int(rank)
+        if not 0 <= rank < self.nranks:
+            raise ValueError(f"rank must be in [0, {self.nranks}), got {rank}")
+        view = self._views.get(rank)
+        if view is None:
+            view = self._views[rank] = RankView._of(self, rank)
+        return view
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, path):
+        """Write the schedule to ``path`` (a ``.npz`` file)."""
+        head = dict(algorithm=self.algorithm, topology=self.topology, nranks=self.nranks,
+                    nchunks=self.nchunks, meta=self.meta)
+        np.savez_compressed(path, header=np.array(json.dumps(head)), owner=self.owner,
+                            **{f: getattr(self, f) for f in _FIELDS})
+
+    @classmethod
+    def load(cls, path):
+        """Read a schedule written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as z:
+            head = json.loads(str(z["header"]))
+            return cls(head["algorithm"], head["topology"], head["nranks"], head["nchunks"],
+                       z["owner"], *(z[f] for f in _FIELDS), meta=head.get("meta"))
+
+    def __eq__(self, other):
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return (self.nranks == other.nranks and self.nchunks == other.nchunks
+                and self.ntransfers == other.ntransfers
+                and np.array_equal(self.owner, other.owner)
+                and all(np.array_equal(getattr(self, f), getattr(other, f)) for f in _FIELDS))
+
+    __hash__ = None
+
+    def __repr__(self):
+        r, g = self.steps
+        return (f"Schedule({self.algorithm!r} on {self.topology!r}: {self.nranks} ranks, "
+                f"{self.nchunks} chunks, {self.ntransfers} transfers, steps {r}+{g})")
+
+
+@dataclass(frozen=True)
+class RankView:
+    """The transfers one rank takes part in, in program order.
+
+    Program order sorts by (phase, step) and, within a step, puts sends before receives: a send
+    at step ``t`` carries data as it stood at the end of step ``t - 1``, which a receive of the
+    same step must not have touched yet. Executing the operations in this order, one at a time,
+    computes the allreduce; an executor may overlap them as long as it keeps the order of any two
+    operations whose chunk ranges overlap and at least one of which writes (a receive).
+
+    All arrays have one entry per operation: ``kind`` (SEND or RECV), ``peer`` (the other rank),
+    ``lo``/``hi`` (chunk range), ``phase`` (REDUCE: combine into the buffer; GATHER: overwrite),
+    ``step``.
+    """
+
+    rank: int
+    nranks: int
+    nchunks: int
+    kind: np.ndarray
+    peer: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    phase: np.ndarray
+    step: np.ndarray
+
+    @classmethod
+    def _of(cls, s, rank):
+        out_ = s.src == rank
+        in_ = s.dst == rank
+        idx = np.concatenate((np.flatnonzero(out_), np.flatnonzero(in_)))
+        kind = np.concatenate((np.full(out_.sum(), SEND, np.int8), np.full(in_.sum(), RECV, np.int8)))
+        peer = np.concatenate((s.dst[out_], s.src[in_]))
+        order = np.lexsort((s.lo[idx], peer, kind, s.step[idx], s.phase[idx]))
+        idx, kind, peer = idx[order], kind[order], peer[order]
+        arrays = [_frozen(a, np.int32) for a in (peer, s.lo[idx], s.hi[idx])]
+        return cls(rank, s.nranks, s.nchunks, _frozen(kind, np.int8), *arrays,
+                   _frozen(s.phase[idx], np.int8), _frozen(s.step[idx], np.int32))
+
+    def __len__(self):
+        return len(self.kind)

@@ -1,0 +1,504 @@
+"""Network topologies: which ranks are linked, by which directed links, at what speed.
+
+A :class:`Topology` is built from a spec string (:func:`parse`) and knows
+
+* its **vertices**: the ranks ``0 .. nranks-1`` first, then any switches;
+* its **directed links** between vertices, each with a bandwidth (bytes/s) and a latency (s);
+* for every ordered pair of ranks, one or more **routes** (tuples of link ids), the first being
+  the default; on a switched network every route crosses the switches;
+* the **tree edges**: the ordered rank pairs a MultiTree edge may use in one step (neighbours on
+  direct networks, every pair on switched ones);
+* a per-rank **port budget**: how many transfers a rank may send, and receive, in one step.
+
+Spec strings
+------------
+``torus:AxB[xC...]``  periodic grid, rank = row-major index of its coordinates (MPI order).
+``mesh:AxB[xC...]``   the same grid without wrap-around links.
+``ring:N``            a 1-D torus.
+``full:N``            every pair of ranks linked directly.
+``fattree:LxM``       L leaf switches with M ranks each and M spine switches; every leaf is linked
+                      to every spine (the MultiTree paper's 64-node tree is ``fattree:8x8``).
+``bigraph:MxS``       S switches, the first S/2 "upper" and the rest "lower", every upper switch
+                      linked to every lower one, M ranks on each switch (``bigraph:4x16``).
+``hier:HxR``          H hosts of R ranks; the ranks of a host are fully connected; each host
+                      reaches one central switch through a single NIC (one port each).
+``auto``              needs a rank count: the most square 2-D torus that factors it (a ring
+                      for primes), or ``hier`` when detected from a communicator spanning hosts.
+
+Defaults (overridable with the ``bandwidth``/``latency`` arguments of :func:`parse`): every link
+carries 16 GB/s per direction with 150 ns latency (the MultiTree paper's setup), except a
+``hier`` host's NIC link to the switch, 12.5 GB/s (100 Gb/s) with 1 us. Port budget: a rank's
+number of links on direct networks (torus, mesh, ring, full, and ``hier``, whose ranks link to
+their host peers and to the NIC), 1 on the switched ``fattree`` and ``bigraph``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+
+import numpy as np
+
+__all__ = ["Topology", "parse", "auto_spec", "from_comm", "mpi_topology", "SPEC_FORMS",
+           "DEFAULT_BANDWIDTH", "DEFAULT_LATENCY"]
+
+DEFAULT_BANDWIDTH = 16e9  # bytes/s per link direction
+DEFAULT_LATENCY = 150e-9  # s per link
+NIC_BANDWIDTH = 12.5e9
+NIC_LATENCY = 1e-6
+
+SPEC_FORMS = ("torus:AxB[xC...]", "mesh:AxB[xC...]", "ring:N", "full:N", "fattree:LxM",
+              "bigraph:MxS", "hier:HxR", "auto")
+
+
+class Topology:
+    """A network of ``nranks`` ranks (and possibly switches) joined by directed links.
+
+    Build one with :func:`parse`; the constructor takes the raw pieces. Attributes:
+
+    ``spec`` (canonical spec string), ``kind``, ``dims``, ``nranks``, ``nvertices``,
+    ``switched`` (bool), ``link_src``/``link_dst`` (vertex ids per link), ``bandwidth`` and
+    ``latency`` (per link), ``ports`` (per rank), ``diameter`` (in tree-edge hops).
+    """
+
+    def __init__(self, spec, kind, dims, nranks, nvertices, links, route_fn, tree_fn, switched,
+                 diameter, ports=None, bandwidth=DEFAULT_BANDWIDTH, latency=DEFAULT_LATENCY,
+                 link_speed=None):
+        self.spec = spec
+        self.kind = kind
+        self.dims = tuple(dims)
+        self.nranks = nranks
+        self.nvertices = nvertices
+        self.switched = switched
+        self.diameter = diameter
+        links = list(dict.fromkeys(links))  # dedupe, keep order
+        self.link_src = np.array([a for a, _ in links], dtype=np.int32)
+        self.link_dst = np.array([b for _, b in links], dtype=np.int32)
+        self._link_id = {l: i for i, l in enumerate(links)}
+        bw = np.full(len(links), float(bandwidth))
+        lat = np.full(len(links), float(latency))
+        for i, l in enumerate(links):
+            if link_speed is not None and (sp := link_speed(*l)) is not None:
+                bw[i], lat[i] = sp
+        self.bandwidth, self.latency = bw, lat
+        self._cycle = False  # not computed yet
+        self._route_fn = route_fn
+        self._tree_fn = tree_fn
+        degree = np.bincount(self.link_src[self.link_src < nranks], minlength=nranks)
+        if ports is None:
+            ports = np.ones(nranks, np.int32) if switched else degree
+        self.ports = np.broadcast_to(np.asarray(ports, dtype=np.int32), (nranks,)).copy()
+        if nranks > 1 and (self.ports < 1).any():
+            raise ValueError(f"port budget must be at least 1 per rank, got {ports!r}")
+        for a in (self.link_src, self.link_dst, self.bandwidth, self.latency, self.ports):
+            a.setflags(write=False)
+
+    @property
+    def nlinks(self):
+        return len(self.link_src)
+
+    def link(self, a, b):
+        """Id of the directed link from vertex ``a`` to vertex ``b`` (KeyError if none)."""
+        return self._link_id[(a, b)]
+
+    def routes(self, u, v):
+        """Routes from rank ``u`` to rank ``v``: a list of tuples of link ids, default first.
+
+        Route ``k`` from ``v`` to ``u`` is route ``k`` from ``u`` to ``v`` reversed, so a
+        schedule's reduce phase can run its gather edges backwards on the same route indices.
+        """
+        if u == v:
+            return [()]
+        return [tuple(self._link_id[h] for h in zip(p, p[1:])) for p in self._route_fn(u, v)]
+
+    def tree_neighbors(self, u):
+        """Ranks that rank ``u`` may send to over one tree edge (sorted)."""
+        return self._tree_fn(u)
+
+    def with_ports(self, ports):
+        """A copy of this topology with another port budget (an int, or one per rank)."""
+        if ports is None:
+            return self
+        t = object.__new__(Topology)
+        t.__dict__.update(self.__dict__)
+        p = np.broadcast_to(np.asarray(ports, dtype=np.int32), (self.nranks,)).copy()
+        if self.nranks > 1 and (p < 1).any():
+            raise ValueError(f"ports must be at least 1, got {ports!r}")
+        p.setflags(write=False)
+        t.ports = p
+        return t
+
+    def lower_bound(self):
+        """Steps per phase no schedule can beat: ``max(diameter, ceil((N-1)/ports))``.
+
+        Every rank must receive the other N-1 ranks' shares in each phase, so the rank with the
+        smallest port budget sets the second term (a mesh corner with 2 ports, for instance).
+        """
+        if self.nranks <= 1:
+            return 0
+        return max(self.diameter, math.ceil((self.nranks - 1) / int(self.ports.min())))
+
+    def hamiltonian_cycle(self):
+        """A cycle through every rank whose consecutive ranks are tree neighbours, or None.
+
+        Grids with an even side get a snake: along that side's first row, back and forth over
+        the rest, home along the first column. Grids with every side odd: a bounded search
+        (mesh: none exists, the grid being bipartite with an odd number of ranks). Ring, full
+        and switched networks: rank order.
+        """
+        if self._cycle is False:
+            self._cycle = _hamiltonian_cycle(self)
+        return self._cycle
+
+    def __repr__(self):
+        return f"Topology({self.spec!r}, nranks={self.nranks}, links={self.nlinks})"
+
+
+def _hamiltonian_cycle(topo):
+    n = topo.nranks
+    if topo.kind not in ("torus", "mesh") or n <= 2:
+        return list(range(n))
+    dims = topo.dims
+    strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+    even = [i for i, d in enumerate(dims) if d % 2 == 0 and d > 1]
+    if even:
+        a = even[0]
+        rest = [i for i in range(len(dims)) if i != a]
+        path = _boustrophedon([dims[i] for i in rest])  # Hamiltonian path of the other axes
+        cols = [sum(c * strides[i] for c, i in zip(p, rest)) for p in path]
+        rows = [k * strides[a] for k in range(dims[a])]
+        if len(cols) == 1:
+            return rows if topo.kind == "torus" or dims[a] == 2 else None
+        cyc = [rows[0] + c for c in cols]
+        for k in range(1, dims[a]):
+            seq = cols[:0:-1] if k % 2 else cols[1:]
+            cyc += [rows[k] + c for c in seq]
+        cyc += [rows[k] + cols[0] for k in range(dims[a] - 1, 0, -1)]
+        return cyc
+    if topo.kind == "mesh":
+        return None
+    return _search_cycle(topo)
+
+
+def _boustrophedon(dims):
+    if not dims:
+        return [()]
+    inner = _boustrophedon(dims[1:])
+    out = []
+    for k in range(dims[0]):
+        out += [(k,) + p for p in (inner if k % 2 == 0 else inner[::-1])]
+    return out
+
+
+def _search_cycle(topo, budget=200_000):
+    # depth-first search, fewest onward moves first (Warnsdorff), bounded
+    n = topo.nranks
+    if n > 4096:
+        return None
+    nbrs = [topo.tree_neighbors(u) for u in range(n)]
+    seen = [False] * n
+    path = [0]
+    seen[0] = True
+    stack = [iter(sorted(nbrs[0]))]
+    work = 0
+    while stack:
+        work += 1
+        if work > budget:
+            return None
+        if len(path) == n:
+            if 0 in nbrs[path[-1]]:
+                return path
+        advanced = False
+        for v in stack[-1]:
+            if not seen[v]:
+                seen[v] = True
+                path.append(v)
+                cand = [w for w in nbrs[v] if not seen[w]]
+                cand.sort(key=lambda w: sum(not seen[x] for x in nbrs[w]))
+                stack.append(iter(cand))
+                advanced = True
+                break
+        if not advanced:
+            stack.pop()
+            seen[path.pop()] = False
+    return None
+
+
+# -- spec parsing --------------------------------------------------------------------------------
+
+def _bad(spec, why=""):
+    forms = ", ".join(SPEC_FORMS)
+    return ValueError(f"bad topology spec {spec!r}{': ' + why if why else ''}; "
+                      f"accepted forms: {forms}")
+
+
+def auto_spec(nranks):
+    """The spec ``auto`` stands for with ``nranks`` ranks: the most square 2-D torus."""
+    nranks = int(nranks)
+    if nranks < 1:
+        raise ValueError(f"auto topology needs at least 1 rank, got {nranks}")
+    a = max(d for d in range(1, math.isqrt(nranks) + 1) if nranks % d == 0)
+    return f"ring:{nranks}" if a == 1 else f"torus:{a}x{nranks // a}"
+
+
+def parse(spec, nranks=None, ports=None, bandwidth=DEFAULT_BANDWIDTH, latency=DEFAULT_LATENCY):
+    """Build a :class:`Topology` from a spec string (see the module docstring).
+
+    Parameters
+    ----------
+    spec : str or Topology
+        The spec; a Topology is returned as it is (with ``ports`` applied).
+    nranks : int, optional
+        Needed for ``auto``; for any other spec, the size it must have (else ValueError
+        giving both numbers).
+    ports : int or array of int, optional
+        Port budget per rank, overriding the default.
+    bandwidth, latency : float
+        Per-link defaults in bytes/s and seconds.
+
+    Raises
+    ------
+    ValueError
+        A malformed spec (the message names it and lists the accepted forms), or a size that
+        differs from ``nranks``.
+    """
+    if isinstance(spec, Topology):
+        topo = spec.with_ports(ports)
+    else:
+        if not isinstance(spec, str):
+            raise _bad(spec, "a spec must be a string")
+        text = spec.strip().lower()
+        if text == "auto":
+            if nranks is None:
+                raise ValueError("topology 'auto' needs the number of ranks")
+            text = auto_spec(nranks)
+        kind, sep, rest = text.partition(":")
+        if not sep or kind not in _BUILDERS:
+            raise _bad(spec)
+        if not re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*)*", rest):
+            raise _bad(spec, "sizes must be positive integers joined by 'x'")
+        dims = tuple(int(x) for x in rest.split("x"))
+        builder, arity = _BUILDERS[kind]
+        if arity == 1 and len(dims) != 1:
+            raise _bad(spec, f"{kind} takes one size")
+        if arity == 2 and len(dims) != 2:
+            raise _bad(spec, f"{kind} takes two sizes")
+        if arity == 0 and len(dims) < 2:
+            raise _bad(spec, f"{kind} takes two or more sizes")
+        topo = builder(dims, spec, ports=ports, bandwidth=bandwidth, latency=latency)
+    if nranks is not None and topo.nranks != int(nranks):
+        raise ValueError(f"topology {topo.spec!r} has {topo.nranks} ranks but the communicator "
+                         f"has {int(nranks)}")
+    return topo
+
+
+# -- grids: torus, mesh, ring --------------------------------------------------------------------
+
+def _grid(dims, spec, periodic, kind=None, **kw):
+    dims = tuple(dims)
+    n = math.prod(dims)
+    strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+
+    def coords(r):
+        return [(r // s) % d for s, d in zip(strides, dims)]
+
+    def step(r, axis, delta):
+        c = coords(r)
+        x = c[axis] + delta
+        if periodic:
+            x %= dims[axis]
+        elif not 0 <= x < dims[axis]:
+            return None
+        return r + (x - c[axis]) * strides[axis]
+
+    def neighbors(r):
+        out = set()
+        for axis in range(len(dims)):
+            for delta in (1, -1):
+                v = step(r, axis, delta)
+                if v is not None and v != r:
+                    out.add(v)
+        return sorted(out)
+
+    def route(u, v):
+        # dimension-order routing, shortest way round on a torus (ties go the + way)
+        path, cu, cv = [u], coords(u), coords(v)
+        for axis, d in enumerate(dims):
+            diff = cv[axis] - cu[axis]
+            if periodic:
+                diff %= d
+                if diff > d - diff:
+                    diff -= d
+            delta = 1 if diff > 0 else -1
+            for _ in range(abs(diff)):
+                path.append(step(path[-1], axis, delta))
+        return [path]
+
+    links = [(u, v) for u in range(n) for v in neighbors(u)]
+    diam = sum(d // 2 if periodic else d - 1 for d in dims)
+    kind = kind or ("torus" if periodic else "mesh")
+    canon = f"{kind}:" + "x".join(map(str, dims))
+    return Topology(canon, kind, dims, n, n, links, route, neighbors, False, diam, **kw)
+
+
+def _ring(dims, spec, **kw):
+    return _grid(dims, spec, True, kind="ring", **kw)
+
+
+def _full(dims, spec, **kw):
+    (n,) = dims
+    links = [(u, v) for u in range(n) for v in range(n) if u != v]
+    return Topology(f"full:{n}", "full", dims, n, n, links, lambda u, v: [[u, v]],
+                    lambda u: [v for v in range(n) if v != u], False, 1 if n > 1 else 0, **kw)
+
+
+# -- switched networks ---------------------------------------------------------------------------
+
+def _switched(kind, dims, n, nswitch, links, route, **kw):
+    everyone = lambda u: [v for v in range(n) if v != u]  # noqa: E731
+    canon = f"{kind}:" + "x".join(map(str, dims))
+    return Topology(canon, kind, dims, n, n + nswitch, links, route, everyone, True,
+                    1 if n > 1 else 0, **kw)
+
+
+def _fattree(dims, spec, **kw):
+    nleaf, m = dims
+    n = nleaf * m
+    leaf = lambda r: n + r // m  # noqa: E731
+    spine = lambda s: n + nleaf + s  # noqa: E731
+    links = []
+    for r in range(n):
+        links += [(r, leaf(r)), (leaf(r), r)]
+    for l, s in itertools.product(range(nleaf), range(m)):
+        links += [(n + l, spine(s)), (spine(s), n + l)]
+
+    def route(u, v):
+        a, b = leaf(u), leaf(v)
+        if a == b:
+            return [[u, a, v]]
+        # every spine is a route, rotated by the two ranks' places on their leaves; symmetric,
+        # so route k from v to u is route k from u to v reversed
+        return [[u, a, spine((u % m + v % m + k) % m), b, v] for k in range(m)]
+
+    return _switched("fattree", dims, n, nleaf + m, links, route, **kw)
+
+
+def _bigraph(dims, spec, **kw):
+    m, nsw = dims
+    if nsw < 2 or nsw % 2:
+        raise _bad(spec, "bigraph needs an even number of switches, at least 2")
+    n = m * nsw
+    half = nsw // 2
+    sw = lambda r: n + r // m  # noqa: E731
+    upper = lambda s: s - n < half  # noqa: E731
+    links = []
+    for r in range(n):
+        links += [(r, sw(r)), (sw(r), r)]
+    for a, b in itertools.product(range(half), range(half, nsw)):
+        links += [(n + a, n + b), (n + b, n + a)]
+
+    def route(u, v):
+        a, b = sw(u), sw(v)
+        if a == b:
+            return [[u, a, v]]
+        if upper(a) != upper(b):
+            return [[u, a, b, v]]
+        other = range(half, nsw) if upper(a) else range(half)
+        other = list(other)
+        k0 = (u + v) % len(other)  # symmetric, as on the fat tree
+        return [[u, a, n + other[(k0 + k) % len(other)], b, v] for k in range(len(other))]
+
+    return _switched("bigraph", dims, n, nsw, links, route, **kw)
+
+
+def _hier(dims, spec, **kw):
+    nhost, r = dims
+    n = nhost * r
+    nic = lambda x: n + x // r  # noqa: E731
+    switch = n + nhost
+    links = []
+    for u in range(n):
+        links += [(u, v) for v in range(u - u % r, u - u % r + r) if v != u]
+        links += [(u, nic(u)), (nic(u), u)]
+    for h in range(nhost):
+        links += [(n + h, switch), (switch, n + h)]
+
+    def route(u, v):
+        if nic(u) == nic(v):
+            return [[u, v]]
+        return [[u, nic(u), switch, nic(v), v]]
+
+    def speed(a, b):
+        if switch in (a, b):
+            return NIC_BANDWIDTH, NIC_LATENCY
+        return None
+
+    def neighbors(u):
+        return [v for v in range(n) if v != u]
+
+    diam = 1 if n > 1 else 0
+    return Topology(f"hier:{nhost}x{r}", "hier", dims, n, n + nhost + 1, links, route,
+                    neighbors, False, diam, link_speed=speed, **kw)
+
+
+_BUILDERS = {
+    "torus": (lambda d, s, **kw: _grid(d, s, True, **kw), 0),
+    "mesh": (lambda d, s, **kw: _grid(d, s, False, **kw), 0),
+    "ring": (_ring, 1),
+    "full": (_full, 1),
+    "fattree": (_fattree, 2),
+    "bigraph": (_bigraph, 2),
+    "hier": (_hier, 2),
+}
+
+
+# -- communicators -------------------------------------------------------------------------------
+
+def from_comm(comm, spec="auto", ports=None):
+    """The topology for communicator ``comm``.
+
+    ``auto`` detects several hosts with ``Split_type(COMM_TYPE_SHARED)``: when the ranks of
+    each host are consecutive and every host has the same number of them, the result is
+    ``hier:HxR``; otherwise (one host, or an irregular layout) the auto torus. Collective over
+    ``comm`` when ``spec`` is ``auto``.
+    """
+    size = comm.Get_size()
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        spec = _detect_hosts(comm) or auto_spec(size)
+    return parse(spec, nranks=size, ports=ports)
+
+
+def _detect_hosts(comm):
+    from mpi4py import MPI
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        leader = comm.allgather(comm.Get_rank() - local.Get_rank())
+        nlocal = local.Get_size()
+    finally:
+        local.Free()
+    hosts = sorted(set(leader))
+    if len(hosts) < 2:
+        return None
+    sizes = {leader.count(h) for h in hosts}
+    r = comm.allreduce(nlocal, op=MPI.MAX)
+    regular = sizes == {r} and all(leader[i] == (i // r) * r for i in range(len(leader)))
+    return f"hier:{len(hosts)}x{r}" if regular else None
+
+
+def mpi_topology(comm, topo):
+    """A new communicator carrying ``topo`` as an MPI virtual topology (ranks not reordered).
+
+    Torus, mesh and ring become ``Create_cart`` with periods; the others a distributed graph
+    (``Create_dist_graph_adjacent``) whose edges are the tree edges. The caller frees it.
+    """
+    if comm.Get_size() != topo.nranks:
+        raise ValueError(f"topology {topo.spec!r} has {topo.nranks} ranks but the communicator "
+                         f"has {comm.Get_size()}")
+    if topo.kind in ("torus", "mesh", "ring"):
+        periodic = topo.kind != "mesh"
+        return comm.Create_cart(list(topo.dims), periods=[periodic] * len(topo.dims),
+                                reorder=False)
+    nbrs = topo.tree_neighbors(comm.Get_rank())
+    return comm.Create_dist_graph_adjacent(nbrs, nbrs, reorder=False)
