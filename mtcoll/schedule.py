@@ -37,10 +37,20 @@ RECV = 1  #: RankView.kind of an incoming transfer
 _FIELDS = ("phase", "step", "src", "dst", "lo", "hi", "route")
 
 
-def _frozen(a, dtype):
-    a = np.array(a, dtype=dtype, copy=True)
+def _frozen(a, dtype, copy=True):
+    a = np.array(a, dtype=dtype, copy=True) if copy else np.asarray(a, dtype=dtype)
     a.setflags(write=False)
     return a
+
+
+def _sorted_by_phase_step(ph, st):
+    if len(ph) < 2:
+        return True
+    dp = np.diff(ph)
+    if (dp < 0).any():
+        return False
+    same = dp == 0
+    return bool((st[1:][same] >= st[:-1][same]).all())
 
 
 class Schedule:
@@ -61,6 +71,9 @@ class Schedule:
         Route index per transfer (default: all 0).
     meta : dict, optional
         Extra JSON-serialisable facts from the planner (ports, planning options).
+    copy : bool
+        False hands the arrays over: those already of the stored dtype are kept (and made
+        read-only) instead of copied. Planners use it for schedules of millions of transfers.
 
     Notes
     -----
@@ -71,7 +84,7 @@ class Schedule:
     """
 
     def __init__(self, algorithm, topology, nranks, nchunks, owner,
-                 phase, step, src, dst, lo, hi, route=None, meta=None):
+                 phase, step, src, dst, lo, hi, route=None, meta=None, copy=True):
         self.algorithm = str(algorithm)
         self.topology = str(topology)
         self.nranks = int(nranks)
@@ -110,18 +123,21 @@ class Schedule:
         if bad:
             raise ValueError(f"malformed {self.algorithm} schedule: " + "; ".join(bad))
         # (phase, step) order, stable; planners emit it already, so usually no sort is needed
-        key = ph.astype(np.int64) * (int(st.max()) + 1 if n else 1) + st
-        order = None if (key[1:] >= key[:-1]).all() else np.argsort(key, kind="stable")
-        del key
-        pick = (lambda a: a) if order is None else (lambda a: a[order])  # noqa: E731
+        if _sorted_by_phase_step(ph, st):
+            pick = (lambda a: a)  # noqa: E731
+        else:
+            order = np.argsort(ph.astype(np.int64) * (int(st.max()) + 1) + st, kind="stable")
+            pick = (lambda a: a[order])  # noqa: E731
+            copy = False  # a[order] is a fresh array already
+        keep = (lambda a, t: _frozen(a, t, copy))  # noqa: E731
         self.owner = _frozen(own, np.int32)
-        self.phase = _frozen(pick(ph), np.int8)
-        self.step = _frozen(pick(st), np.int32)
-        self.src = _frozen(pick(s), np.int32)
-        self.dst = _frozen(pick(d), np.int32)
-        self.lo = _frozen(pick(l), np.int32)
-        self.hi = _frozen(pick(h), np.int32)
-        self.route = _frozen(pick(rt), np.int8)
+        self.phase = keep(pick(ph), np.int8)
+        self.step = keep(pick(st), np.int32)
+        self.src = keep(pick(s), np.int32)
+        self.dst = keep(pick(d), np.int32)
+        self.lo = keep(pick(l), np.int32)
+        self.hi = keep(pick(h), np.int32)
+        self.route = keep(pick(rt), np.int8)
         self._views = {}
 
     # -- facts -------------------------------------------------------------------------------
@@ -146,15 +162,16 @@ class Schedule:
         (MultiTree, ring) this is the step count; it is the quantity the step lower bound
         ``max(diameter, ceil((N-1)/ports))`` speaks of."""
         out = []
-        width = (self.hi - self.lo).astype(np.int64)
+        width = self.hi - self.lo
         for p in (REDUCE, GATHER):
-            sel = self.phase == p
-            if not sel.any():
+            a, b = np.searchsorted(self.phase, (p, p + 1))  # sorted by (phase, step)
+            if a == b:
                 out.append(0.0)
                 continue
-            biggest = np.zeros(int(self.step[sel].max()) + 1, dtype=np.int64)
-            np.maximum.at(biggest, self.step[sel], width[sel])
-            out.append(float(biggest.sum()) * self.nranks / self.nchunks)
+            st = self.step[a:b]
+            starts = np.concatenate(([0], np.flatnonzero(np.diff(st)) + 1))
+            biggest = np.maximum.reduceat(width[a:b], starts)
+            out.append(float(biggest.astype(np.int64).sum()) * self.nranks / self.nchunks)
         return tuple(out)
 
     def chunk_bounds(self, count):

@@ -110,7 +110,9 @@ class Topology:
         """
         if u == v:
             return [()]
-        return [tuple(self._link_id[h] for h in zip(p, p[1:])) for p in self._route_fn(u, v)]
+        # the route functions are asked for u < v only; the other way is the same paths reversed
+        paths = self._route_fn(u, v) if u < v else [p[::-1] for p in self._route_fn(v, u)]
+        return [tuple(self._link_id[h] for h in zip(p, p[1:])) for p in paths]
 
     def tree_neighbors(self, u):
         """Ranks that rank ``u`` may send to over one tree edge (sorted)."""

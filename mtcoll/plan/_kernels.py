@@ -9,7 +9,7 @@ cost is paid once per machine.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 J, O, P, V = 0, 1, 2, 3  # fields of grow_trees' per (tree, rank) record
 
@@ -226,7 +226,7 @@ NKINDS = 7
 def lookup_routes(src, dst, alt, nbr_ptr, nbr, edge_route_ptr):
     """Per transfer, the route id in the graph's route table, or -1 if (src, dst) is not a
     tree edge or has no route number ``alt``."""
-    out = np.empty(len(src), np.int64)
+    out = np.empty(len(src), np.int32)
     for i in range(len(src)):
         u = src[i]
         v = dst[i]
@@ -294,66 +294,98 @@ def check(nranks, nchunks, owner, phase, step, src, dst, lo, hi, q, route_link_p
         recv_cnt[d] += 1
         if recv_cnt[d] == ports[d] + 1:
             nerr = _record(errs, nerr, counts, E_RECV_PORTS, i, d, ports[d], 0)
-    # (c) replay on fingerprints: per (rank, chunk) how many contributions and the wrapping
-    # sum of their random weights; exactly once everywhere <=> (N, sum of all weights) at the
-    # owner (a wrong set passing needs a 2^-64 coincidence)
-    cnt = np.zeros((nranks, nchunks), np.int64)
-    hsh = np.zeros((nranks, nchunks), np.uint64)
-    for r in range(nranks):
-        for c in range(nchunks):
-            cnt[r, c] = 1
-            hsh[r, c] = weights[r]
-    first_send = np.full((nranks, nchunks), -1, np.int64)
-    i = 0
-    while i < m and phase[i] == 0:
-        e = i
-        while e < m and phase[e] == 0 and step[e] == step[i]:
-            e += 1
-        width = 0
-        for k in range(i, e):
-            width += hi[k] - lo[k]
-        tc = np.empty(width, np.int64)
-        th = np.empty(width, np.uint64)
-        p = 0
-        for k in range(i, e):  # read at the end of the previous step...
-            for c in range(lo[k], hi[k]):
-                tc[p] = cnt[src[k], c]
-                th[p] = hsh[src[k], c]
-                p += 1
-                if first_send[src[k], c] < 0:
-                    first_send[src[k], c] = step[k]
-        p = 0
-        for k in range(i, e):  # ...then deliver
-            d = dst[k]
-            for c in range(lo[k], hi[k]):
-                if first_send[d, c] >= 0:
-                    nerr = _record(errs, nerr, counts, E_EARLY_REDUCE, k, d, c,
-                                   first_send[d, c])
-                cnt[d, c] += tc[p]
-                hsh[d, c] += th[p]
-                p += 1
-        i = e
+    # (c) replay, chunk by chunk (chunks are independent): group the (transfer, chunk) pairs
+    # by chunk, keeping (phase, step) order, with what the replay reads of each transfer
+    start = np.zeros(nchunks + 1, np.int64)
+    for i in range(m):
+        for c in range(lo[i], hi[i]):
+            start[c + 1] += 1
+    for c in range(nchunks):
+        start[c + 1] += start[c]
+    fill = start[:-1].copy()
+    p_key = np.empty(start[nchunks], np.int32)  # phase * 2^24 + step
+    p_src = np.empty(start[nchunks], np.int32)
+    p_dst = np.empty(start[nchunks], np.int32)
+    for i in range(m):
+        kk = phase[i] * (1 << 24) + step[i]
+        for c in range(lo[i], hi[i]):
+            f = fill[c]
+            p_key[f] = kk
+            p_src[f] = src[i]
+            p_dst[f] = dst[i]
+            fill[c] = f + 1
     total = np.uint64(0)
     for r in range(nranks):
         total += weights[r]
-    for c in range(nchunks):
-        o = owner[c]
-        if cnt[o, c] != nranks or hsh[o, c] != total:
-            nerr = _record(errs, nerr, counts, E_OWNER, c, o, cnt[o, c], nranks)
-    # gather phase: have[r, c] = step at which r holds reduced chunk c (-1: from the start)
-    never = np.int64(1) << 40
-    have = first_send  # reuse the memory
-    have[:, :] = never
-    for c in range(nchunks):
-        have[owner[c], c] = -1
-    for k in range(i, m):
-        for c in range(lo[k], hi[k]):
-            if have[src[k], c] >= step[k]:
-                nerr = _record(errs, nerr, counts, E_EARLY_GATHER, k, src[k], c, 0)
-            if have[dst[k], c] > step[k]:
-                have[dst[k], c] = step[k]
-    for r in range(nranks):
+    cerr = np.zeros((nchunks, NKINDS), np.int64)
+    cfirst = np.full((nchunks, NKINDS, 4), -1, np.int64)
+    _replay(nranks, nchunks, owner, start, p_key, p_src, p_dst, weights, total, cerr, cfirst)
+    for kind in (E_EARLY_REDUCE, E_OWNER, E_EARLY_GATHER, E_MISSING):
         for c in range(nchunks):
-            if have[r, c] == never:
-                nerr = _record(errs, nerr, counts, E_MISSING, r, c, 0, 0)
+            if cerr[c, kind]:
+                counts[kind] += cerr[c, kind] - 1
+                nerr = _record(errs, nerr, counts, kind, cfirst[c, kind, 0], cfirst[c, kind, 1],
+                               cfirst[c, kind, 2], cfirst[c, kind, 3])
     return errs[:nerr], counts
+
+
+@njit(cache=True, parallel=True)
+def _replay(nranks, nchunks, owner, start, p_key, p_src, p_dst, weights, total, cerr, cfirst):
+    """Per chunk: fingerprints (contribution count, wrapping sum of random weights) through the
+    reduce phase, then who holds the reduced chunk from which step through the gather phase.
+    Errors: counted per chunk, the first of each kind kept as (a, b, c, d) for the message,
+    with -1 - key (the phase * 2^24 + step of the transfer) where a transfer index would go."""
+    never = np.int64(1) << 40
+    for c in prange(nchunks):
+        cnt = np.ones(nranks, np.int64)
+        hsh = weights.copy()
+        first_send = np.full(nranks, -1, np.int64)
+        tc = np.empty(nranks, np.int64)
+        th = np.empty(nranks, np.uint64)
+        k = start[c]
+        end = start[c + 1]
+        while k < end and p_key[k] < (1 << 24):  # reduce phase, one step at a time
+            e = k
+            while e < end and p_key[e] == p_key[k]:
+                e += 1
+            if e - k > tc.shape[0]:
+                tc = np.empty(e - k, np.int64)
+                th = np.empty(e - k, np.uint64)
+            for x in range(k, e):  # read as at the end of the previous step...
+                tc[x - k] = cnt[p_src[x]]
+                th[x - k] = hsh[p_src[x]]
+                if first_send[p_src[x]] < 0:
+                    first_send[p_src[x]] = p_key[x]
+            for x in range(k, e):  # ...then deliver
+                d = p_dst[x]
+                if first_send[d] >= 0:
+                    _note(cerr, cfirst, c, E_EARLY_REDUCE, -1 - p_key[x], d, c, first_send[d])
+                cnt[d] += tc[x - k]
+                hsh[d] += th[x - k]
+            k = e
+        o = owner[c]
+        if cnt[o] != nranks or hsh[o] != total:
+            _note(cerr, cfirst, c, E_OWNER, c, o, cnt[o], nranks)
+        have = first_send  # reuse: step from which a rank holds the reduced chunk
+        have[:] = never
+        have[o] = -1
+        while k < end:
+            st = p_key[k] - (1 << 24)
+            if have[p_src[k]] >= st:
+                _note(cerr, cfirst, c, E_EARLY_GATHER, -1 - p_key[k], p_src[k], c, 0)
+            if have[p_dst[k]] > st:
+                have[p_dst[k]] = st
+            k += 1
+        for r in range(nranks):
+            if have[r] == never:
+                _note(cerr, cfirst, c, E_MISSING, r, c, 0, 0)
+
+
+@njit(cache=True)
+def _note(cerr, cfirst, c, kind, a, b, cc, d):
+    if cerr[c, kind] == 0:
+        cfirst[c, kind, 0] = a
+        cfirst[c, kind, 1] = b
+        cfirst[c, kind, 2] = cc
+        cfirst[c, kind, 3] = d
+    cerr[c, kind] += 1

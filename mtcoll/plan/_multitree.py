@@ -106,5 +106,5 @@ def schedule_from_trees(edges, topo_spec, nranks, meta):
         np.concatenate((tree[rev], tree)),
         np.concatenate((tree[rev] + 1, tree + 1)),
         route=np.concatenate((route[rev], route)),
-        meta=meta,
+        meta=meta, copy=False,
     )

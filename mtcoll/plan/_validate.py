@@ -97,7 +97,7 @@ def _route_table(schedule, topo):
     flattened graph, the few other pairs (baselines' long hops) from the topology."""
     g = flatten(topo)
     q = K.lookup_routes(schedule.src, schedule.dst, schedule.route, g.nbr_ptr, g.nbr,
-                        g.edge_route_ptr)
+                        g.edge_route_ptr)  # int32: one per transfer
     miss = np.flatnonzero(q < 0)
     rl_ptr, rl = g.route_link_ptr, g.route_links
     if miss.size:
@@ -123,8 +123,24 @@ def _check_numba(s, topo, q, rl_ptr, rl, max_errors):
     weights |= np.uint64(1)
     rows, counts = K.check(s.nranks, s.nchunks, s.owner, s.phase, s.step, s.src, s.dst, s.lo,
                            s.hi, q, rl_ptr, rl, topo.nlinks, topo.ports, weights, max_errors)
-    msgs = [_message(s, topo, *row) for row in rows.tolist()]
+    msgs = [_message(s, topo, *_locate(s, row)) for row in rows.tolist()]
     return msgs, {_KIND[k]: int(c) for k, c in enumerate(counts) if c}
+
+
+def _locate(s, row):
+    """The replay names a transfer by -1 - (phase * 2^24 + step) and its rank and chunk; find
+    the transfer index the message wants."""
+    kind, a, b, c, d = row
+    if kind in (K.E_EARLY_REDUCE, K.E_EARLY_GATHER) and a < 0:
+        key = -1 - a
+        ph, st = key >> 24, key & ((1 << 24) - 1)
+        side = s.dst if kind == K.E_EARLY_REDUCE else s.src
+        hit = np.flatnonzero((s.phase == ph) & (s.step == st) & (side == b)
+                             & (s.lo <= c) & (s.hi > c))
+        a = int(hit[0])
+    if kind == K.E_EARLY_REDUCE and d >= 0:
+        d = d & ((1 << 24) - 1)
+    return kind, a, b, c, d
 
 
 _KIND = {K.E_LINK: "link", K.E_SEND_PORTS: "ports", K.E_RECV_PORTS: "ports",

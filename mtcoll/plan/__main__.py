@@ -1,0 +1,118 @@
+"""``python -m mtcoll.plan``: plan an allreduce schedule, validate it and report.
+
+Examples::
+
+    python -m mtcoll.plan --topology torus:8x8
+    python -m mtcoll.plan --topology fattree:8x8 --algorithm ring --json
+    python -m mtcoll.plan --topology torus:4x4 --ports 1 --json plan.json --save plan.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import ALGORITHMS, plan, tree_depth, validate
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m mtcoll.plan", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--topology", default="torus:8x8",
+                   help="topology spec, e.g. torus:8x8, mesh:4x4, fattree:8x8 (default: %(default)s)")
+    p.add_argument("--algorithm", default="multitree", choices=ALGORITHMS,
+                   help="default: %(default)s")
+    p.add_argument("--ports", type=int, default=None,
+                   help="per-rank port budget (default: the topology's)")
+    p.add_argument("--engine", default="auto", choices=("auto", "numba", "python"),
+                   help="MultiTree engine (default: %(default)s)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="write one JSON object to FILE (no FILE or '-': stdout, instead of the table)")
+    p.add_argument("--save", metavar="FILE.npz", help="save the schedule (Schedule.load reads it)")
+    return p
+
+
+def run(topology, algorithm="multitree", ports=None, engine="auto"):
+    """Plan and validate; the report as a dict (what ``--json`` prints)."""
+    t0 = time.perf_counter()
+    sched = plan(topology, algorithm, ports=ports, engine=engine)
+    t1 = time.perf_counter()
+    report = validate(sched, topology if ports is None else _with_ports(topology, ports))
+    t2 = time.perf_counter()
+    n = sched.nranks
+    return {
+        "topology": report.topology,
+        "algorithm": algorithm,
+        "nodes": n,
+        "ports": sched.meta.get("ports"),
+        "steps_per_phase": list(sched.steps),
+        "step_cost_per_phase": list(sched.step_cost()),
+        "lower_bound": report.lower_bound,
+        # ring on a contention-free cycle: N-1 steps per phase
+        "ring_steps_per_phase": max(n - 1, 0),
+        "max_tree_depth": tree_depth(sched),
+        "transfers": sched.ntransfers,
+        "valid": report.valid,
+        "errors": report.errors,
+        "plan_seconds": t2 - t0,
+        "planning_seconds": t1 - t0,
+        "validation_seconds": t2 - t1,
+    }, sched
+
+
+def _with_ports(spec, ports):
+    from ..topology import parse
+
+    return parse(spec, ports=ports)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    try:
+        out, sched = run(args.topology, args.algorithm, args.ports, args.engine)
+    except ValueError as e:
+        print(f"mtcoll.plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.save:
+        sched.save(args.save)
+    if args.json is not None:
+        text = json.dumps(out, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    if args.json is None or args.json != "-":
+        _table(out)
+    return 0 if out["valid"] else 1
+
+
+def _table(o):
+    r, g = o["steps_per_phase"]
+    rows = [
+        ("topology", o["topology"]),
+        ("algorithm", o["algorithm"]),
+        ("nodes", o["nodes"]),
+        ("ports", o["ports"]),
+        ("steps per phase", f"{r} reduce-scatter + {g} all-gather"),
+        ("step cost per phase", " + ".join(f"{c:g}" for c in o["step_cost_per_phase"])
+         + "  (steps weighted by transfer size, units of 1/N of the buffer)"),
+        ("lower bound", f"{o['lower_bound']} per phase  (max(diameter, ceil((N-1)/ports)))"),
+        ("ring", f"{o['ring_steps_per_phase']} steps per phase"),
+        ("max tree depth", o["max_tree_depth"]),
+        ("transfers", o["transfers"]),
+        ("valid", "yes" if o["valid"] else "NO"),
+        ("plan + validate", f"{o['plan_seconds']:.3f} s  (plan {o['planning_seconds']:.3f} s, "
+                            f"validate {o['validation_seconds']:.3f} s)"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    for e in o["errors"]:
+        print(f"  error: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
