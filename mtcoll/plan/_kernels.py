@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-J, O, P, V = 0, 1, 2, 3  # fields of grow_trees' per (tree, rank) record
+J, O, P, S = 0, 1, 2, 3  # fields of grow_trees' per (tree, rank) record
 
 
 @njit(cache=True)
@@ -27,39 +27,33 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
     o_alt = np.empty(m, np.int8)
     if n == 1:
         return o_step, o_par, o_child, o_tree, o_alt, 0
-    # per (tree, rank) record, one cache line for the three facts a scan reads:
-    # [J] step it joined the tree (-1: not yet), [O] its place in the tree's join order,
-    # [P] its neighbours not yet in the tree (members with P > 0 are "open"),
-    # [V] the previous open member in join order (-1: none)
+    # per (tree, rank) record: [J] step it joined the tree (-1: not yet), [O] its place in the
+    # tree's join order, [P] its neighbours not yet in the tree, [S] its slot in mem below
     st = np.empty((n, n, 4), np.int16)
     st[:, :, J] = -1
-    st[:, :, V] = -1
-    # open members of each tree, doubly linked in join order (next links apart: only removal
-    # reads them)
-    nxt = np.full((n, n), -1, np.int32)
-    head = np.empty(n, np.int32)
-    tail = np.empty(n, np.int32)
-    nopen_members = np.ones(n, np.int32)
-    # the same open set as a bitset per tree: small enough to stay in cache while the
-    # active-sender scan below tests ranks against it
+    # each tree's open members (P > 0) in join order, packed as rank << 16 | joined step so
+    # that a walk over them reads memory in sequence; -1 marks a member that has closed
+    mem = np.empty((n, n), np.int32)
+    mlen = np.ones(n, np.int32)
+    dead = np.zeros(n, np.int32)
+    # the same open set as a bitset per tree, for the active-sender scan below
     nwords = (n + 63) // 64
     open_bits = np.zeros((n, nwords), np.uint64)
     size = np.ones(n, np.int32)
-    # ranks with a send port left in this step, packed, with their places
-    act = np.empty(n, np.int32)
-    # where each tree's newest-first walk resumes: members newer than it found nothing earlier
-    # in this step, and resources only shrink within a step (removed members keep their prv,
-    # which still leads back to every earlier member)
-    cursor = np.empty(n, np.int32)
-    apos = np.full(n, -1, np.int32)
     deg = nbr_ptr[1:] - nbr_ptr[:-1]
     for r in range(n):
         st[r, r, J] = 0
-        head[r] = r
-        tail[r] = r
-        st[r, r, P] = deg[r]
         st[r, r, O] = 0
+        st[r, r, P] = deg[r]
+        st[r, r, S] = 0
+        mem[r, 0] = r << 16
         open_bits[r, r >> 6] |= np.uint64(1) << np.uint64(r & 63)
+    # ranks with a send port left in this step, packed, with their places
+    act = np.empty(n, np.int32)
+    apos = np.full(n, -1, np.int32)
+    # where each tree's newest-first walk resumes: members after it found nothing earlier in
+    # this step, and resources only shrink within a step
+    cursor = np.empty(n, np.int32)
     link_step = np.full(nlinks, -1, np.int32)
     sent = np.zeros(n, np.int32)
     recv = np.zeros(n, np.int32)
@@ -79,7 +73,7 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                 nact += 1
         for x in range(n):
             alive[x] = size[x] < n
-            cursor[x] = tail[x]
+            cursor[x] = mlen[x] - 1
         added_in_step = 0
         while True:
             added = 0
@@ -94,14 +88,14 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                 fv = -1
                 fq = -1
                 falt = 0
-                if nact < nopen_members[tree]:
+                fslot = -1
+                if nact < mlen[tree] - dead[tree]:
                     best = -1
                     for i in range(nact):
                         u = act[i]
                         if not (open_bits[tree, u >> 6] >> np.uint64(u & 63)) & np.uint64(1):
                             continue
-                        j = st[tree, u, J]
-                        if j < 0 or j > t or st[tree, u, P] == 0 or st[tree, u, O] <= best:
+                        if st[tree, u, J] > t or st[tree, u, O] <= best:
                             continue
                         v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr, nbr,
                                                  edge_route_ptr, route_link_ptr, route_links,
@@ -112,24 +106,30 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                             fv = v
                             fq = q
                             falt = alt
+                    if fu >= 0:
+                        fslot = st[tree, fu, S]
                 else:
-                    u = cursor[tree]
-                    while u != -1:
-                        if st[tree, u, J] <= t and sent[u] < ports[u]:
-                            v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr,
-                                                     nbr, edge_route_ptr, route_link_ptr,
-                                                     route_links, link_step)
-                            if v >= 0:
-                                fu = u
-                                fv = v
-                                fq = q
-                                falt = alt
-                                break
-                        u = st[tree, u, V]
+                    x = cursor[tree]
+                    while x >= 0:
+                        e = mem[tree, x]
+                        if e >= 0:
+                            u = e >> 16
+                            if (e & 0xFFFF) <= t and sent[u] < ports[u]:
+                                v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr,
+                                                         nbr, edge_route_ptr, route_link_ptr,
+                                                         route_links, link_step)
+                                if v >= 0:
+                                    fu = u
+                                    fv = v
+                                    fq = q
+                                    falt = alt
+                                    fslot = x
+                                    break
+                        x -= 1
                 if fu < 0:
                     alive[tree] = False
                     continue
-                cursor[tree] = fu
+                cursor[tree] = fslot
                 for i in range(route_link_ptr[fq], route_link_ptr[fq + 1]):
                     link_step[route_links[i]] = t
                 sent[fu] += 1
@@ -151,7 +151,7 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                 o_alt[k] = falt
                 k += 1
                 added += 1
-                # fv's neighbours in the tree lose an open neighbour; saturated ones leave
+                # fv's neighbours in the tree lose an open neighbour; closed ones leave
                 cnt = 0
                 for e in range(nbr_ptr[fv], nbr_ptr[fv + 1]):
                     w = nbr[e]
@@ -160,30 +160,18 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                     else:
                         st[tree, w, P] -= 1
                         if st[tree, w, P] == 0:
-                            nopen_members[tree] -= 1
+                            mem[tree, st[tree, w, S]] = -1
+                            dead[tree] += 1
                             open_bits[tree, w >> 6] &= ~(np.uint64(1) << np.uint64(w & 63))
-                            a = st[tree, w, V]
-                            b = nxt[tree, w]
-                            if a >= 0:
-                                nxt[tree, a] = b
-                            else:
-                                head[tree] = b
-                            if b >= 0:
-                                st[tree, b, V] = a
-                            else:
-                                tail[tree] = a
                 st[tree, fv, P] = cnt
                 if cnt > 0:
-                    nopen_members[tree] += 1
+                    x = mlen[tree]
+                    mem[tree, x] = (fv << 16) | (t + 1)
+                    st[tree, fv, S] = x
+                    mlen[tree] = x + 1
                     open_bits[tree, fv >> 6] |= np.uint64(1) << np.uint64(fv & 63)
-                    last = tail[tree]
-                    st[tree, fv, V] = last
-                    nxt[tree, fv] = -1
-                    if last >= 0:
-                        nxt[tree, last] = fv
-                    else:
-                        head[tree] = fv
-                    tail[tree] = fv
+                if 2 * dead[tree] > mlen[tree] and mlen[tree] > 32:
+                    cursor[tree] = _compact(mem, st, mlen, dead, tree, cursor[tree])
                 if size[tree] == n:
                     done += 1
                     alive[tree] = False
@@ -194,6 +182,25 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
             return o_step[:0], o_par[:0], o_child[:0], o_tree[:0], o_alt[:0], 1
         t += 1
     return o_step, o_par, o_child, o_tree, o_alt, 0
+
+
+@njit(cache=True)
+def _compact(mem, st, mlen, dead, tree, cur):
+    """Drop the closed members of ``tree``'s open list, keeping order; returns the cursor's new
+    slot (the last live slot at or before it)."""
+    y = 0
+    newcur = -1
+    for x in range(mlen[tree]):
+        e = mem[tree, x]
+        if e >= 0:
+            mem[tree, y] = e
+            st[tree, e >> 16, S] = y
+            y += 1
+        if x == cur:
+            newcur = y - 1
+    mlen[tree] = y
+    dead[tree] = 0
+    return newcur
 
 
 @njit(cache=True, inline="always")

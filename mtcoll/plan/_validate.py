@@ -67,7 +67,8 @@ def validate(schedule, topology, engine="auto", max_errors=MAX_ERRORS):
     ----------
     engine : {"auto", "numba", "python"}
         ``python`` replays exact sets (slow; names missing ranks); ``numba`` uses
-        fingerprints; ``auto`` picks python for up to 16 ranks, numba above.
+        fingerprints; ``auto`` picks python up to 64 ranks (quicker there than compiling the
+        kernels on a fresh machine), numba above.
 
     Returns
     -------
@@ -75,7 +76,7 @@ def validate(schedule, topology, engine="auto", max_errors=MAX_ERRORS):
     """
     topo = parse(topology, nranks=schedule.nranks)
     if engine == "auto":
-        engine = "python" if schedule.nranks <= 16 else "numba"
+        engine = "python" if schedule.nranks <= 64 else "numba"
     if engine not in ("numba", "python"):
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
     rl_ptr, rl, q = _route_table(schedule, topo)

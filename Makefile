@@ -1,0 +1,31 @@
+# The two quickstart commands of the README. Both set everything up on a machine with only
+# Python 3.10+ and a C compiler: a .venv with the package, MPI from the mpich wheel, test tools.
+#
+#   make bench   set up, then run the main job (BENCH)
+#   make test    set up, then the whole suite: serial, mpiexec -n 2 3 4 5 8, a short 16-rank run
+#
+# Developer overrides: make test MPI_SIZES="2 3" PYTEST_ARGS="-k allreduce"
+# (see tests/run_suite.py for the others).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Written after a successful install; older than pyproject.toml means install again.
+STAMP  := $(VENV)/.mtcoll-installed
+
+# The main job: for now the plan for the default topology. Once the benchmark exists:
+# BENCH = $(VENV)/bin/mpiexec -n 64 $(PY) -m mtcoll.bench
+BENCH  = $(PY) -m mtcoll.plan --topology torus:8x8
+
+.PHONY: bench test
+
+bench: $(STAMP)
+	$(BENCH)
+
+test: $(STAMP)
+	$(PY) tests/run_suite.py
+
+$(STAMP): pyproject.toml
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
+	$(PY) -m pip install --quiet -e '.[mpich,test]'
+	touch $@
