@@ -40,7 +40,8 @@ import re
 
 import numpy as np
 
-__all__ = ["Topology", "parse", "auto_spec", "from_comm", "mpi_topology", "SPEC_FORMS",
+__all__ = ["Topology", "parse", "auto_spec", "from_comm", "hosts_spec", "mpi_topology",
+           "SPEC_FORMS",
            "DEFAULT_BANDWIDTH", "DEFAULT_LATENCY"]
 
 DEFAULT_BANDWIDTH = 16e9  # bytes/s per link direction
@@ -476,16 +477,25 @@ def _detect_hosts(comm):
 
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        leader = comm.allgather(comm.Get_rank() - local.Get_rank())
-        nlocal = local.Get_size()
+        leaders = comm.allgather(comm.Get_rank() - local.Get_rank())
     finally:
         local.Free()
-    hosts = sorted(set(leader))
+    return hosts_spec(leaders)
+
+
+def hosts_spec(leaders):
+    """``hier:HxR`` for ranks whose host is known, or None.
+
+    ``leaders[i]`` is the lowest rank sharing rank ``i``'s host (what
+    ``Split_type(COMM_TYPE_SHARED)`` tells each rank). One host, or hosts whose ranks are not
+    consecutive blocks of one size, give None (the caller falls back to the auto torus).
+    """
+    hosts = sorted(set(leaders))
     if len(hosts) < 2:
         return None
-    sizes = {leader.count(h) for h in hosts}
-    r = comm.allreduce(nlocal, op=MPI.MAX)
-    regular = sizes == {r} and all(leader[i] == (i // r) * r for i in range(len(leader)))
+    r = len(leaders) // len(hosts)
+    regular = all(leaders[i] == (i // r) * r for i in range(len(leaders))) \
+        and len(leaders) == r * len(hosts)
     return f"hier:{len(hosts)}x{r}" if regular else None
 
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mtcoll.topology import SPEC_FORMS, auto_spec, parse
+from mtcoll.topology import SPEC_FORMS, auto_spec, hosts_spec, parse
 
 FAMILIES = {
     "torus:4x4": (16, 64, 4, 4),  # nranks, directed links, default ports, diameter
@@ -134,7 +134,7 @@ def test_mpi_virtual_topology():
     try:
         if topo.kind in ("torus", "ring"):
             assert vt.Get_topology() == MPI.CART
-            assert list(vt.Get_dim() and vt.dims) == list(topo.dims)
+            assert list(vt.dims) == list(topo.dims)
             assert all(vt.periods)
         else:
             assert vt.Get_topology() == MPI.DIST_GRAPH
@@ -160,3 +160,17 @@ def test_ranks_are_row_major():
     # rank 5 = (1, 1): neighbours (0,1)=1, (2,1)=9, (1,0)=4, (1,2)=6
     assert sorted(t.tree_neighbors(5)) == [1, 4, 6, 9]
     assert np.array_equal(np.sort(parse("mesh:3x4").tree_neighbors(0)), [1, 4])
+
+
+@pytest.mark.parametrize("leaders,expect", [
+    ([0, 0, 0, 0], None),                          # one host
+    ([0, 0, 2, 2], "hier:2x2"),
+    ([0, 0, 0, 3, 3, 3, 6, 6, 6], "hier:3x3"),
+    ([0, 0, 0, 3], None),                          # unequal hosts
+    ([0, 1, 0, 1], None),                          # ranks of a host not consecutive
+    ([0, 1, 2], "hier:3x1"),                       # one rank per host
+])
+def test_hier_detection_from_host_leaders(leaders, expect):
+    assert hosts_spec(leaders) == expect
+    if expect:
+        assert parse(expect).nranks == len(leaders)
