@@ -202,3 +202,15 @@ def test_cli_json_and_table(tmp_path):
     assert Schedule.load(tmp_path / "p.npz").nranks == 6
     out = _cli("--topology", "torus:4")
     assert out.returncode == 2 and "accepted forms" in out.stderr
+
+
+def test_both_phases_kernel_equals_numpy_path():
+    from mtcoll.plan._kernels import both_phases
+    from mtcoll.plan._multitree import schedule_from_trees
+
+    g = flatten(parse("torus:3x5"))
+    edges = grow_trees_py(g)
+    small = schedule_from_trees(edges, "torus:3x5", 15, {})  # numpy path (few edges)
+    cols = both_phases(*edges)
+    for name, col in zip(("phase", "step", "src", "dst", "lo", "hi", "route"), cols):
+        assert np.array_equal(getattr(small, name), col), name

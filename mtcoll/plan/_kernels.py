@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-J, O, P, S = 0, 1, 2, 3  # fields of grow_trees' per (tree, rank) record
+J, P, S = 0, 1, 2  # fields of grow_trees' per (tree, rank) record
 
 
 @njit(cache=True)
@@ -27,32 +27,25 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
     o_alt = np.empty(m, np.int8)
     if n == 1:
         return o_step, o_par, o_child, o_tree, o_alt, 0
-    # per (tree, rank) record: [J] step it joined the tree (-1: not yet), [O] its place in the
-    # tree's join order, [P] its neighbours not yet in the tree, [S] its slot in mem below
+    # per (tree, rank) record: [J] step it joined the tree (-1: not yet), [P] its neighbours not
+    # yet in the tree, [S] its slot in mem below
     st = np.empty((n, n, 4), np.int16)
     st[:, :, J] = -1
-    # each tree's open members (P > 0) in join order, packed as rank << 16 | joined step so
-    # that a walk over them reads memory in sequence; -1 marks a member that has closed
+    # each tree's open members (P > 0) in join order, packed as rank << 16 | joined step, so
+    # that the newest-first walk reads memory in sequence and skips members without a send
+    # port left at the cost of one look-up; -1 marks a member that has closed since
     mem = np.empty((n, n), np.int32)
     mlen = np.ones(n, np.int32)
     dead = np.zeros(n, np.int32)
-    # the same open set as a bitset per tree, for the active-sender scan below
-    nwords = (n + 63) // 64
-    open_bits = np.zeros((n, nwords), np.uint64)
     size = np.ones(n, np.int32)
     deg = nbr_ptr[1:] - nbr_ptr[:-1]
     for r in range(n):
         st[r, r, J] = 0
-        st[r, r, O] = 0
         st[r, r, P] = deg[r]
         st[r, r, S] = 0
         mem[r, 0] = r << 16
-        open_bits[r, r >> 6] |= np.uint64(1) << np.uint64(r & 63)
-    # ranks with a send port left in this step, packed, with their places
-    act = np.empty(n, np.int32)
-    apos = np.full(n, -1, np.int32)
-    # where each tree's newest-first walk resumes: members after it found nothing earlier in
-    # this step, and resources only shrink within a step
+    # where each tree's walk resumes: members after it found nothing earlier in this step, and
+    # resources only shrink within a step
     cursor = np.empty(n, np.int32)
     link_step = np.full(nlinks, -1, np.int32)
     sent = np.zeros(n, np.int32)
@@ -64,85 +57,34 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
     while done < n:
         sent[:] = 0
         recv[:] = 0
-        nact = 0
-        for x in range(n):
-            apos[x] = -1
-            if ports[x] > 0:
-                act[nact] = x
-                apos[x] = nact
-                nact += 1
+        # ranks with a send port left: none, and every tree's walk would only confirm it
+        senders = 0
         for x in range(n):
             alive[x] = size[x] < n
             cursor[x] = mlen[x] - 1
+            senders += ports[x] > 0
         added_in_step = 0
-        while True:
+        while senders > 0:
             added = 0
             for kk in range(n):
                 tree = (t + kk) % n
                 if not alive[tree]:
                     continue
-                # first edge, members newest first. When fewer ranks can still send than the
-                # tree has open members, look at those ranks instead and keep the newest member
-                # that yields an edge: the same choice, found with less work.
-                fu = -1
-                fv = -1
-                fq = -1
-                falt = 0
-                fslot = -1
-                if nact < mlen[tree] - dead[tree]:
-                    best = -1
-                    for i in range(nact):
-                        u = act[i]
-                        if not (open_bits[tree, u >> 6] >> np.uint64(u & 63)) & np.uint64(1):
-                            continue
-                        if st[tree, u, J] > t or st[tree, u, O] <= best:
-                            continue
-                        v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr, nbr,
-                                                 edge_route_ptr, route_link_ptr, route_links,
-                                                 link_step)
-                        if v >= 0:
-                            best = st[tree, u, O]
-                            fu = u
-                            fv = v
-                            fq = q
-                            falt = alt
-                    if fu >= 0:
-                        fslot = st[tree, fu, S]
-                else:
-                    x = cursor[tree]
-                    while x >= 0:
-                        e = mem[tree, x]
-                        if e >= 0:
-                            u = e >> 16
-                            if (e & 0xFFFF) <= t and sent[u] < ports[u]:
-                                v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr,
-                                                         nbr, edge_route_ptr, route_link_ptr,
-                                                         route_links, link_step)
-                                if v >= 0:
-                                    fu = u
-                                    fv = v
-                                    fq = q
-                                    falt = alt
-                                    fslot = x
-                                    break
-                        x -= 1
+                if senders == 0:
+                    break
+                x, fu, fv, fq, falt = _walk(tree, t, cursor[tree], mem, st, sent, ports, recv,
+                                            nbr_ptr, nbr, edge_route_ptr, route_link_ptr,
+                                            route_links, link_step)
                 if fu < 0:
                     alive[tree] = False
                     continue
-                cursor[tree] = fslot
+                cursor[tree] = x
                 for i in range(route_link_ptr[fq], route_link_ptr[fq + 1]):
                     link_step[route_links[i]] = t
                 sent[fu] += 1
-                if sent[fu] >= ports[fu]:
-                    i = apos[fu]
-                    last_rank = act[nact - 1]
-                    act[i] = last_rank
-                    apos[last_rank] = i
-                    apos[fu] = -1
-                    nact -= 1
+                senders -= sent[fu] == ports[fu]
                 recv[fv] += 1
                 st[tree, fv, J] = t + 1
-                st[tree, fv, O] = size[tree]
                 size[tree] += 1
                 o_step[k] = t
                 o_par[k] = fu
@@ -162,14 +104,12 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                         if st[tree, w, P] == 0:
                             mem[tree, st[tree, w, S]] = -1
                             dead[tree] += 1
-                            open_bits[tree, w >> 6] &= ~(np.uint64(1) << np.uint64(w & 63))
                 st[tree, fv, P] = cnt
                 if cnt > 0:
                     x = mlen[tree]
                     mem[tree, x] = (fv << 16) | (t + 1)
                     st[tree, fv, S] = x
                     mlen[tree] = x + 1
-                    open_bits[tree, fv >> 6] |= np.uint64(1) << np.uint64(fv & 63)
                 if 2 * dead[tree] > mlen[tree] and mlen[tree] > 32:
                     cursor[tree] = _compact(mem, st, mlen, dead, tree, cursor[tree])
                 if size[tree] == n:
@@ -182,6 +122,60 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
             return o_step[:0], o_par[:0], o_child[:0], o_tree[:0], o_alt[:0], 1
         t += 1
     return o_step, o_par, o_child, o_tree, o_alt, 0
+
+
+@njit(cache=True)
+def both_phases(step, parent, child, tree, alt):
+    """The transfers of a MultiTree allreduce from its edges (in creation order), in one pass:
+    the reduce phase (edges reversed in time, child to parent) then the gather phase, as
+    (phase, step, src, dst, lo, hi, route) in (phase, step) order."""
+    m = len(step)
+    nsteps = 0
+    for i in range(m):
+        nsteps = max(nsteps, step[i] + 1)
+    phase = np.empty(2 * m, np.int8)
+    st = np.empty(2 * m, np.int32)
+    src = np.empty(2 * m, np.int32)
+    dst = np.empty(2 * m, np.int32)
+    lo = np.empty(2 * m, np.int32)
+    hi = np.empty(2 * m, np.int32)
+    route = np.empty(2 * m, np.int8)
+    for i in range(m):
+        j = m - 1 - i  # reduce phase: latest edge first
+        phase[i] = 0
+        st[i] = nsteps - 1 - step[j]
+        src[i] = child[j]
+        dst[i] = parent[j]
+        lo[i] = tree[j]
+        hi[i] = tree[j] + 1
+        route[i] = alt[j]
+        k = m + i
+        phase[k] = 1
+        st[k] = step[i]
+        src[k] = parent[i]
+        dst[k] = child[i]
+        lo[k] = tree[i]
+        hi[k] = tree[i] + 1
+        route[k] = alt[i]
+    return phase, st, src, dst, lo, hi, route
+
+
+@njit(cache=True, inline="always")
+def _walk(tree, t, x, mem, st, sent, ports, recv, nbr_ptr, nbr, edge_route_ptr, route_link_ptr,
+          route_links, link_step):
+    """The first edge of ``tree`` in step ``t``, walking its open members newest first from
+    slot ``x``: (slot, parent, child, route id, route index), parent -1 if none."""
+    while x >= 0:
+        e = mem[tree, x]
+        if e >= 0:
+            u = e >> 16
+            if (e & 0xFFFF) <= t and sent[u] < ports[u]:
+                v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr, nbr,
+                                         edge_route_ptr, route_link_ptr, route_links, link_step)
+                if v >= 0:
+                    return x, u, v, q, alt
+        x -= 1
+    return x, -1, -1, -1, 0
 
 
 @njit(cache=True)

@@ -91,20 +91,24 @@ def _find_edge_py(g, nbrs, t, joined, members, link_step, sent, recv):
 
 
 def schedule_from_trees(edges, topo_spec, nranks, meta):
-    """The allreduce :class:`Schedule` of MultiTree edges (step, parent, child, tree, route)."""
+    """The allreduce :class:`Schedule` of MultiTree edges (step, parent, child, tree, route):
+    the gather phase sends chunk r down tree r in creation order, the reduce phase runs the same
+    edges backwards in time."""
     step, parent, child, tree, route = edges
-    nsteps = int(step.max()) + 1 if len(step) else 0
-    # reduce phase: the edges reversed in time, child -> parent; emitted in ascending step order
-    rev = slice(None, None, -1)
-    phase = np.concatenate((np.full(len(step), REDUCE, np.int8), np.full(len(step), GATHER, np.int8)))
-    return Schedule(
-        "multitree", topo_spec, nranks, nranks, np.arange(nranks),
-        phase,
-        np.concatenate((nsteps - 1 - step[rev], step)),
-        np.concatenate((child[rev], parent)),
-        np.concatenate((parent[rev], child)),
-        np.concatenate((tree[rev], tree)),
-        np.concatenate((tree[rev] + 1, tree + 1)),
-        route=np.concatenate((route[rev], route)),
-        meta=meta, copy=False,
-    )
+    if len(step) > 4096:  # the numba pass saves copies of arrays of millions of transfers
+        from ._kernels import both_phases
+
+        cols = both_phases(step, parent, child, tree, route)
+    else:
+        nsteps = int(step.max()) + 1 if len(step) else 0
+        rev = slice(None, None, -1)
+        cols = (np.repeat(np.array([REDUCE, GATHER], np.int8), len(step)),
+                np.concatenate((nsteps - 1 - step[rev], step)),
+                np.concatenate((child[rev], parent)),
+                np.concatenate((parent[rev], child)),
+                np.concatenate((tree[rev], tree)),
+                np.concatenate((tree[rev] + 1, tree + 1)),
+                np.concatenate((route[rev], route)))
+    *cols, route = cols
+    return Schedule("multitree", topo_spec, nranks, nranks, np.arange(nranks), *cols,
+                    route=route, meta=meta, copy=False)
