@@ -1,0 +1,815 @@
+"""The public communicator, :class:`Comm`, and the module-level calls built on it.
+
+A :class:`Comm` wraps an mpi4py intracommunicator. It duplicates it once (its messages never
+mix with the caller's), builds the network topology, plans schedules on demand (on rank 0,
+broadcast to the others) and runs them with :mod:`mtcoll.execute`. Calls it cannot or should
+not run itself go to the MPI library on the duplicate; see :class:`Comm` for the rules.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zlib
+from collections import deque
+
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util import dtlib
+
+from . import _ops, execute
+from .schedule import GATHER, REDUCE, Schedule
+from .topology import from_comm
+
+__all__ = ["Comm", "Request", "Allreduce", "Iallreduce", "waitall", "choose",
+           "SMALL_MESSAGE_BYTES", "ENV_VARS"]
+
+#: ``algorithm="auto"`` leaves messages below this many bytes to the MPI library.
+SMALL_MESSAGE_BYTES = 64 * 1024
+
+#: Environment variables mtcoll reads.
+ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_CHECK", "MTCOLL_DEBUG")
+
+_SPECIAL_ALGORITHMS = ("auto", "native")
+_CALLS = ("Allreduce", "Iallreduce", "Reduce_scatter_block", "Allgather")
+
+
+def choose(nbytes, nranks, topology):
+    """The algorithm ``algorithm="auto"`` uses for a call moving ``nbytes`` bytes per rank.
+
+    The tuning hook: a measured table will replace this rule. Today: the MPI library
+    (``"native"``) below :data:`SMALL_MESSAGE_BYTES` -- where a Python executor's per-message
+    cost dominates -- and MultiTree above, which fits every topology and every rank count.
+
+    Parameters
+    ----------
+    nbytes : int
+        Size of the buffer being reduced, in bytes (the same on every rank).
+    nranks : int
+        Size of the communicator.
+    topology : mtcoll.topology.Topology
+        The communicator's topology.
+
+    Returns
+    -------
+    str
+        ``"native"`` or a name from ``mtcoll.plan.ALGORITHMS``. It must depend only on the
+        arguments, so that every rank chooses the same.
+    """
+    if nranks < 2 or nbytes < SMALL_MESSAGE_BYTES:
+        return "native"
+    return "multitree"
+
+
+def _env_flag(name):
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"environment variable {name}={os.environ[name]!r}: expected 0 or 1")
+
+
+def _code(text):
+    return zlib.crc32(str(text).encode()) & 0x7FFFFFFF
+
+
+# -- buffers -------------------------------------------------------------------------------------
+
+class _Buf:
+    """A buffer argument as a flat array (``flat``); ``orig`` is set when ``flat`` is a copy
+    of a non-contiguous array, which :meth:`copy_back` refreshes."""
+
+    __slots__ = ("flat", "orig", "full")
+
+    def __init__(self, flat, orig=None, full=None):
+        self.flat, self.orig, self.full = flat, orig, full
+
+    def copy_back(self):
+        if self.orig is not None:
+            self.orig[...] = self.full.reshape(self.orig.shape)
+
+
+def _buffer(spec, name, rank, writable):
+    """Parse an mpi4py buffer spec (``buf``, ``[buf, datatype]``, ``[buf, count, datatype]``,
+    ``[buf, (count, displ), datatype]``). Returns a :class:`_Buf`, or None when only the MPI
+    library can handle it (a derived or pair datatype)."""
+    where = f"{name} (rank {rank})"
+    buf, count, displ, dt = spec, None, 0, None
+    if isinstance(spec, (list, tuple)):
+        if not 1 <= len(spec) <= 3:
+            raise TypeError(f"{where}: a buffer spec is buf, [buf, datatype] or "
+                            f"[buf, count, datatype], got a sequence of {len(spec)}")
+        buf, rest = spec[0], list(spec[1:])
+        if len(rest) == 2:
+            count, dt = rest
+        elif len(rest) == 1:
+            if isinstance(rest[0], (int, np.integer, tuple, list)):
+                count = rest[0]
+            else:
+                dt = rest[0]
+        if isinstance(count, (tuple, list)):
+            if len(count) != 2:
+                raise TypeError(f"{where}: expected (count, displacement), got {count!r}")
+            count, displ = count
+    npdt = None
+    if dt is not None:
+        if isinstance(dt, MPI.Datatype):
+            if dt == MPI.DATATYPE_NULL:
+                raise TypeError(f"{where}: MPI.DATATYPE_NULL is not a datatype")
+            if not dt.is_predefined:
+                return None
+            try:
+                npdt = np.dtype(dtlib.to_numpy_dtype(dt))
+            except (ValueError, TypeError):
+                return None
+        else:
+            try:
+                npdt = np.dtype(dt)
+            except TypeError:
+                raise TypeError(f"{where}: {dt!r} is not a datatype") from None
+        if not _ops.simple_dtype(npdt):
+            return None
+    if buf is MPI.IN_PLACE or buf is MPI.BOTTOM:
+        raise TypeError(f"{where}: MPI.IN_PLACE/MPI.BOTTOM are not accepted here")
+    if isinstance(buf, np.ndarray):
+        arr = buf
+    else:
+        try:
+            arr = np.asarray(memoryview(buf))
+        except (TypeError, ValueError, NotImplementedError) as e:
+            raise TypeError(f"{where}: expected a buffer (numpy array, bytearray, "
+                            f"memoryview...), got {type(buf).__name__}: {e}") from None
+    if writable and not arr.flags.writeable:
+        raise ValueError(f"{where} is read-only")
+    if npdt is None and not _ops.simple_dtype(arr.dtype):
+        return None
+    orig = full = None
+    if arr.flags.c_contiguous or arr.flags.f_contiguous:
+        flat = arr.ravel(order="K")  # a view, in memory order (what MPI would see)
+    else:
+        orig = arr
+        flat = full = np.ascontiguousarray(arr).ravel()
+    if npdt is not None and npdt != flat.dtype:
+        if orig is not None:
+            raise TypeError(f"{where}: cannot reinterpret a non-contiguous array as {npdt}")
+        if flat.nbytes % npdt.itemsize:
+            raise ValueError(f"{where}: {flat.nbytes} bytes is not a whole number of "
+                             f"{npdt.name} elements")
+        flat = flat.view(np.uint8).view(npdt)
+    if count is not None:
+        count, displ = int(count), int(displ)
+        if count < 0 or displ < 0 or displ + count > flat.size:
+            raise ValueError(f"{where}: count {count} at displacement {displ} does not fit "
+                             f"in its {flat.size} elements")
+        flat = flat[displ:displ + count]
+    return _Buf(flat, orig, full)
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+class Request:
+    """The handle of a nonblocking mtcoll call (mpi4py-style).
+
+    It keeps the call's buffers alive until the call completes. Until :meth:`Test` returns True
+    or :meth:`Wait` returns, the send buffer must not be modified and the receive buffer must
+    not be read or written. Progress happens only inside mtcoll calls (``Wait``, ``Test``,
+    :func:`waitall` and the start of any other mtcoll call): do not block in other MPI calls
+    on something another rank can only do after its own ``Wait``.
+    """
+
+    def __init__(self, execution=None, native=None, on_done=(), keep=(), seq=None):
+        self._exec = execution
+        self._native = native
+        self._on_done = list(on_done)
+        self._keep = keep
+        self.seq = seq
+        self._complete = execution is None and native is None
+        if execution is not None:
+            execution.on_done.append(self._finish)
+            if execution.done:
+                self._finish()
+        elif self._complete:
+            self._finish()
+
+    def _finish(self):
+        self._complete = True
+        callbacks, self._on_done = self._on_done, []
+        self._keep = None
+        for fn in callbacks:
+            fn()
+
+    def Test(self):
+        """Advance the call (and every other running mtcoll call) without blocking.
+
+        Returns
+        -------
+        bool
+            True once the call is complete; its receive buffer then holds the result.
+        """
+        if self._complete:
+            return True
+        if self._exec is not None:
+            self._exec.test()
+        elif self._native.Test():
+            self._finish()
+        return self._complete
+
+    def Wait(self):
+        """Block until the call is complete (advancing every running mtcoll call). Returns True."""
+        if not self._complete:
+            if self._exec is not None:
+                self._exec.wait()
+            else:
+                self._native.Wait()
+                self._finish()
+        return True
+
+    def __repr__(self):
+        state = "complete" if self._complete else "active"
+        how = "native" if self._native is not None else "mtcoll"
+        return f"<mtcoll.Request {how} {state}>"
+
+
+def waitall(requests):
+    """Wait for every request in ``requests`` (mtcoll :class:`Request` or ``MPI.Request``).
+
+    The mtcoll calls are advanced together (waiting for one advances them all), then the MPI
+    requests are waited for. Returns True.
+    """
+    requests = list(requests)
+    for r in requests:
+        if isinstance(r, Request):
+            r.Wait()
+    rest = [r for r in requests if not isinstance(r, Request)]
+    if rest:
+        MPI.Request.Waitall(rest)
+    return True
+
+
+# -- the communicator ----------------------------------------------------------------------------
+
+class _Call:
+    """One validated call: everything decided before any message is sent."""
+
+    __slots__ = ("kind", "send", "recv", "raw", "count", "dtype", "op", "ufunc", "algorithm",
+                 "why", "nbytes")
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.send = self.recv = self.raw = self.dtype = self.op = self.ufunc = None
+        self.count = -1
+        self.algorithm = "native"
+        self.why = ""
+        self.nbytes = 0
+
+
+class Comm:
+    """A communicator whose collectives run topology-aware schedules (MultiTree and others).
+
+    Parameters
+    ----------
+    comm : MPI.Intracomm, default ``MPI.COMM_WORLD``
+        The communicator to wrap. It is duplicated once; mtcoll's messages travel on the
+        duplicate only.
+    topology : str or mtcoll.topology.Topology, default ``"auto"``
+        The network the ranks sit on (see :mod:`mtcoll.topology` for spec strings);
+        ``MTCOLL_TOPOLOGY`` overrides it.
+    algorithm : str, default ``"auto"``
+        ``"auto"`` (chosen per call by :func:`choose`), ``"native"`` (always the MPI library) or
+        a name from ``mtcoll.plan.ALGORITHMS``; ``MTCOLL_ALGO`` overrides it.
+    ports : int, optional
+        Port budget per rank for planning (default: the topology's).
+    segment_bytes, max_segments : int, optional
+        Pipelining of the executor (defaults :data:`mtcoll.execute.SEGMENT_BYTES`,
+        :data:`mtcoll.execute.MAX_SEGMENTS`).
+
+    Notes
+    -----
+    Collective: every rank of ``comm`` must construct it with the same arguments, and call its
+    collectives in the same order with matching arguments (as with MPI). Set
+    ``MTCOLL_CHECK=1`` to have every call first check that the ranks agree; a disagreement then
+    raises the same error on every rank, naming the ranks, instead of hanging.
+
+    Calls go to the MPI library (on the duplicate communicator) when: the algorithm is
+    ``"native"`` or ``"auto"`` chose it; the op is not one of MPI's predefined arithmetic,
+    logical or bitwise reductions (user-defined ops from ``MPI.Op.Create``, MINLOC, MAXLOC);
+    the datatype is derived or not a plain numeric type; or the schedule would need more
+    messages between two ranks than the tag space allows. ``Reduce_scatter_block`` and
+    ``Allgather`` need a schedule with one chunk per rank and each chunk owned by a different
+    rank: they use the configured algorithm's schedule if it is one, else MultiTree's, else
+    ring's, else the MPI library.
+
+    Every attribute not defined here (``Get_rank``, ``Barrier``, ``Bcast``, ``rank``, ``size``,
+    ``allreduce``...) is the wrapped communicator's, so a Comm can stand in for it.
+    """
+
+    def __init__(self, comm=None, topology="auto", algorithm="auto", ports=None,
+                 segment_bytes=None, max_segments=None):
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if isinstance(comm, Comm):
+            comm = comm._orig
+        if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+            raise TypeError(f"comm must be an MPI intracommunicator, got {comm!r}")
+        env_algo = os.environ.get("MTCOLL_ALGO", "").strip()
+        env_topo = os.environ.get("MTCOLL_TOPOLOGY", "").strip()
+        self._orig = comm
+        self._dup = None
+        algorithm = (env_algo or str(algorithm)).strip().lower()
+        self._dup = comm.Dup()
+        try:
+            self._check_algorithm(algorithm, "MTCOLL_ALGO" if env_algo else "algorithm")
+            try:
+                self.topology = from_comm(self._dup, env_topo or topology, ports)
+            except ValueError as e:
+                if env_topo:
+                    raise ValueError(f"environment variable MTCOLL_TOPOLOGY={env_topo!r}: {e}") \
+                        from None
+                raise
+        except BaseException:
+            self._dup.Free()
+            self._dup = None
+            raise
+        self.algorithm = algorithm
+        self.ports = ports
+        self.segment_bytes = segment_bytes
+        self.max_segments = max_segments
+        self._rank = self._dup.Get_rank()
+        self._size = self._dup.Get_size()
+        self._schedules = {}  # algorithm -> Schedule, or (exception type, message)
+        self._executors = {}
+        self._seq = 0
+        self._requests = deque()  # in flight, oldest first
+
+    def _check_algorithm(self, name, source):
+        # Only rank 0 imports the planner (it may pull in numba); the verdict is broadcast.
+        verdict = None
+        if self._dup.Get_rank() == 0:
+            try:
+                from .plan import ALGORITHMS
+                allowed = _SPECIAL_ALGORITHMS + tuple(ALGORITHMS)
+                if name not in allowed:
+                    what = "environment variable MTCOLL_ALGO" if source == "MTCOLL_ALGO" \
+                        else "algorithm"
+                    verdict = f"{what}={name!r} is not one of {', '.join(allowed)}"
+            except ImportError as e:
+                verdict = ImportError(f"cannot import mtcoll.plan: {e}")
+        verdict = self._dup.bcast(verdict, root=0)
+        if isinstance(verdict, ImportError):
+            raise verdict
+        if verdict:
+            raise ValueError(verdict)
+
+    # -- passthrough and lifetime --------------------------------------------------------------
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._orig, name)
+
+    @property
+    def comm(self):
+        """The wrapped communicator (not the private duplicate)."""
+        return self._orig
+
+    def __repr__(self):
+        state = "freed" if self._dup is None else f"{self._orig.Get_size()} ranks"
+        spec = getattr(getattr(self, "topology", None), "spec", "?")
+        return f"<mtcoll.Comm {state}, topology {spec!r}, algorithm {self.algorithm!r}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.Free()
+        return False
+
+    def Free(self):
+        """Wait for this Comm's calls still in flight, then free its duplicate communicator.
+
+        Collective. The wrapped communicator is left alone. Freeing twice is harmless; any
+        other call after ``Free`` raises RuntimeError.
+        """
+        if self._dup is None:
+            return
+        while self._requests:
+            self._requests.popleft().Wait()
+        self._dup.Free()
+        self._dup = None
+        self._schedules.clear()
+        self._executors.clear()
+
+    def _alive(self):
+        if self._dup is None:
+            raise RuntimeError("this mtcoll.Comm has been freed")
+
+    # -- schedules -------------------------------------------------------------------------------
+
+    def schedule(self, algorithm=None):
+        """The :class:`~mtcoll.schedule.Schedule` of ``algorithm`` (default: this Comm's).
+
+        Collective on first use of an algorithm: rank 0 plans, the others receive the result.
+        Raises ValueError (on every rank) when the algorithm does not fit the topology.
+        """
+        self._alive()
+        name = (algorithm or self.algorithm).strip().lower()
+        if name in _SPECIAL_ALGORITHMS:
+            raise ValueError(f"{name!r} names no schedule; pass an algorithm such as "
+                             f"'multitree'")
+        got = self._schedules.get(name)
+        if got is None:
+            payload = None
+            if self._rank == 0:
+                try:
+                    from .plan import plan
+                    sched = plan(self.topology, name)
+                    out = io.BytesIO()
+                    sched.save(out)
+                    payload = ("ok", out.getvalue())
+                except Exception as e:  # every rank must raise, not only rank 0
+                    payload = ("error", type(e).__name__, str(e))
+            payload = self._dup.bcast(payload, root=0)
+            if payload[0] == "ok":
+                got = sched if self._rank == 0 else Schedule.load(io.BytesIO(payload[1]))
+                if got.nranks != self._size:
+                    raise ValueError(f"plan({self.topology.spec!r}, {name!r}) gave a schedule "
+                                     f"for {got.nranks} ranks, not {self._size}")
+            else:
+                got = payload[1:]
+            self._schedules[name] = got
+        if isinstance(got, tuple):
+            kind, message = got
+            cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
+            raise cls(f"planning {name!r} on {self.topology.spec!r}: {message}")
+        return got
+
+    def _executor(self, name):
+        ex = self._executors.get(name)
+        if ex is None:
+            ex = self._executors[name] = execute.Executor(
+                self._dup, self.schedule(name), self.segment_bytes, self.max_segments)
+        return ex
+
+    # -- the calls -------------------------------------------------------------------------------
+
+    def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):
+        """Combine the ``sendbuf`` of every rank with ``op``; every rank gets the result.
+
+        Parameters
+        ----------
+        sendbuf : buffer spec or ``MPI.IN_PLACE``
+            A numpy array or other buffer, or ``[buf, datatype]``, ``[buf, count, datatype]``
+            as in mpi4py. With ``MPI.IN_PLACE`` the input is taken from ``recvbuf``.
+        recvbuf : buffer spec
+            Writable, same dtype and number of elements as ``sendbuf``; receives the result.
+            Non-contiguous arrays are copied in and out.
+        op : MPI.Op, default ``MPI.SUM``
+            SUM, PROD, MIN, MAX, LAND, LOR, LXOR, BAND, BOR or BXOR run on the chosen
+            schedule; any other op runs in the MPI library.
+
+        Raises
+        ------
+        ValueError, TypeError
+            Before any message is sent, naming the argument and rank: a read-only, too small
+            or too large ``recvbuf``, one of another dtype, overlapping buffers, or an op MPI
+            does not define on the dtype (e.g. ``MPI.MIN`` on complex).
+
+        Notes
+        -----
+        Collective. The result is bitwise identical on every rank and from run to run (for a
+        given algorithm, topology, count and segment settings).
+        """
+        self._start("Allreduce", sendbuf, recvbuf, op, blocking=True).Wait()
+
+    def Iallreduce(self, sendbuf, recvbuf, op=MPI.SUM):
+        """Start an :meth:`Allreduce`; returns a :class:`Request`.
+
+        The buffers must stay untouched (``sendbuf`` unmodified, ``recvbuf`` neither read nor
+        written) until the request completes. The request keeps them alive. Several
+        Iallreduce calls may be in flight at once; completing them in any order is fine.
+        Data moves only inside mtcoll calls (see :class:`Request`). With ``MTCOLL_CHECK=1``
+        the start synchronises the ranks (the agreement check is a small allgather).
+        """
+        return self._start("Iallreduce", sendbuf, recvbuf, op, blocking=False)
+
+    def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
+        """Reduce ``sendbuf`` (``size * k`` elements) over all ranks; rank ``r`` gets block ``r``
+        (elements ``r*k .. r*k+k-1`` of the result) in ``recvbuf`` (``k`` elements).
+
+        With ``sendbuf=MPI.IN_PLACE``, ``recvbuf`` holds the ``size * k`` input elements and
+        gets the block in its first ``k``. Runs the reduce phase of a schedule with one chunk
+        per rank (see the class notes). Collective; errors as for :meth:`Allreduce`.
+        """
+        self._start("Reduce_scatter_block", sendbuf, recvbuf, op, blocking=True).Wait()
+
+    def Allgather(self, sendbuf, recvbuf):
+        """Gather ``sendbuf`` (``k`` elements) of every rank into ``recvbuf`` (``size * k``),
+        rank ``r``'s data in block ``r``, on every rank.
+
+        With ``sendbuf=MPI.IN_PLACE`` each rank's contribution is already in its block of
+        ``recvbuf``. Runs the gather phase of a schedule with one chunk per rank (see the class
+        notes). Collective; errors as for :meth:`Allreduce`.
+        """
+        self._start("Allgather", sendbuf, recvbuf, None, blocking=True).Wait()
+
+    # -- machinery -------------------------------------------------------------------------------
+
+    def _start(self, kind, sendbuf, recvbuf, op, blocking):
+        self._alive()
+        check = _env_flag("MTCOLL_CHECK")
+        debug = _env_flag("MTCOLL_DEBUG")
+        call, err = None, None
+        try:
+            call = self._prepare(kind, sendbuf, recvbuf, op)
+        except (ValueError, TypeError) as e:
+            err = e
+        if check:
+            self._agree(kind, call, err)
+        elif err is not None:
+            raise err
+        self._retire()
+        req = self._launch(call, blocking, debug)
+        if not req._complete:
+            self._requests.append(req)
+        return req
+
+    def _prepare(self, kind, sendbuf, recvbuf, op):
+        c = _Call(kind)
+        c.raw = (sendbuf, recvbuf)
+        rank, size = self._rank, self._size
+        if kind != "Allgather":
+            if not isinstance(op, MPI.Op) or op == MPI.OP_NULL:
+                raise TypeError(f"op (rank {rank}) must be an MPI.Op, got {op!r}")
+            c.op = op
+        if recvbuf is MPI.IN_PLACE or recvbuf is None:
+            raise TypeError(f"recvbuf (rank {rank}) must be a buffer, got {recvbuf!r}")
+        c.recv = _buffer(recvbuf, "recvbuf", rank, writable=True)
+        if sendbuf is not MPI.IN_PLACE:
+            if sendbuf is None:
+                raise TypeError(f"sendbuf (rank {rank}) must be a buffer or MPI.IN_PLACE")
+            c.send = _buffer(sendbuf, "sendbuf", rank, writable=False)
+            if c.send is None and c.recv is not None or c.send is not None and c.recv is None:
+                c.why = "derived datatype"
+                return c
+        if c.recv is None:
+            c.why = "derived datatype"
+            return c
+        recv = c.recv.flat
+        c.dtype = recv.dtype
+        if c.send is not None:
+            send = c.send.flat
+            if send.dtype != recv.dtype:
+                raise TypeError(f"recvbuf (rank {rank}) has dtype {recv.dtype.name} but "
+                                f"sendbuf has {send.dtype.name}")
+            if send.size and np.may_share_memory(send, recv):
+                raise ValueError(f"sendbuf and recvbuf (rank {rank}) overlap; pass "
+                                 f"MPI.IN_PLACE as sendbuf to reduce in place")
+            want = {"Allreduce": send.size, "Iallreduce": send.size,
+                    "Reduce_scatter_block": send.size // size if send.size % size == 0 else None,
+                    "Allgather": send.size * size}[kind]
+            if want is None:
+                raise ValueError(f"sendbuf (rank {rank}) holds {send.size} elements, not a "
+                                 f"multiple of the {size} ranks")
+            if recv.size != want:
+                what = "too small" if recv.size < want else "too large"
+                raise ValueError(f"recvbuf (rank {rank}) is {what}: it holds {recv.size} "
+                                 f"elements, the call needs {want}")
+        elif kind in ("Reduce_scatter_block", "Allgather") and recv.size % size:
+            raise ValueError(f"recvbuf (rank {rank}) holds {recv.size} elements, not a "
+                             f"multiple of the {size} ranks (MPI.IN_PLACE)")
+        # count: the elements of the whole buffer a schedule runs on (for Allgather the
+        # gathered result, for Reduce_scatter_block the input)
+        c.count = c.send.flat.size if c.send is not None and kind != "Allgather" else recv.size
+        c.nbytes = c.count * c.dtype.itemsize
+        if kind != "Allgather":
+            c.ufunc = _ops.lookup(op, c.dtype)  # TypeError for combinations MPI leaves undefined
+            if c.ufunc is None:
+                c.why = f"op {_ops.op_name(op) or 'user-defined'} or dtype {c.dtype}"
+                return c
+        if self.algorithm == "native":
+            c.why = "algorithm 'native'"
+        elif self.algorithm == "auto":
+            c.algorithm = choose(c.nbytes, size, self.topology)
+            c.why = "chosen by auto" if c.algorithm == "native" else ""
+        else:
+            c.algorithm = self.algorithm
+        return c
+
+    def _agree(self, kind, call, err):
+        fields = ("validation", "call", "count", "datatype", "op", "algorithm", "topology")
+        if err is not None:
+            mine = [0, _CALLS.index(kind), -1, -1, -1, -1, -1]
+        else:
+            dcode = _ops.dtype_code(call.dtype) if call.dtype is not None else 0
+            mine = [1, _CALLS.index(kind), call.count, dcode, _ops.op_code(call.op),
+                    _code(self.algorithm), _code(self.topology.spec)]
+        every = np.empty((self._size, len(fields)), dtype=np.int64)
+        self._dup.Allgather(np.array(mine, dtype=np.int64), every)
+        bad = np.flatnonzero(every[:, 0] == 0).tolist()
+        if bad:
+            msgs = self._dup.allgather(None if err is None else (type(err).__name__, str(err)))
+            if err is not None:
+                raise err
+            name, text = msgs[bad[0]]
+            cls = TypeError if name == "TypeError" else ValueError
+            raise cls(f"mtcoll {kind}: rank(s) {bad} rejected their arguments; "
+                      f"rank {bad[0]}: {text}")
+        diff = [j for j in range(1, len(fields)) if (every[:, j] != every[0, j]).any()]
+        if diff:
+            desc = {"call": kind, "count": call.count,
+                    "datatype": None if call.dtype is None else call.dtype.name,
+                    "op": _ops.op_name(call.op) if call.op is not None else None,
+                    "algorithm": self.algorithm, "topology": self.topology.spec}
+            descs = self._dup.allgather(desc)
+            parts = []
+            for j in diff:
+                f = fields[j]
+                others = np.flatnonzero(every[:, j] != every[0, j]).tolist()
+                shown = ", ".join(f"rank {r}: {descs[r][f]!r}" for r in others[:8])
+                parts.append(f"{f}: rank 0 has {descs[0][f]!r} but ranks {others} differ "
+                             f"({shown})")
+            raise ValueError(f"mtcoll {kind}: the ranks disagree on " + "; ".join(parts))
+
+    def _retire(self):
+        # Drop finished calls; wait for any call old enough that a new one would reuse its tag
+        # slot (the same decision on every rank: sequence numbers agree).
+        reqs = self._requests
+        while reqs and (reqs[0]._complete or (
+                reqs[0].seq is not None and reqs[0].seq <= self._seq + 1 - execute.TAG_SLOTS)):
+            reqs.popleft().Wait()
+
+    def _launch(self, c, blocking, debug):
+        kind = c.kind
+        size = self._size
+        if c.dtype is not None and (c.count == 0 or size == 1):
+            if debug and self._rank == 0:
+                self._debug(c, "algorithm=none (nothing to exchange)")
+            return self._trivial(c)
+        if c.algorithm != "native":
+            if kind in ("Allreduce", "Iallreduce"):
+                ex = self._executor(c.algorithm)
+                phases = (REDUCE, GATHER)
+            else:
+                ex = self._block_executor(c.algorithm)
+                phases = (REDUCE,) if kind == "Reduce_scatter_block" else (GATHER,)
+            if ex is None:
+                c.why = "no schedule with one chunk per rank"
+            else:
+                lay = ex.layout(c.count, c.dtype.itemsize, phases)
+                if not ex.fits_tags(lay):
+                    c.why = f"{lay.max_stream} messages per rank pair exceed MPI.TAG_UB"
+                else:
+                    if debug and self._rank == 0:
+                        self._debug(c, (
+                            f"algorithm={ex.schedule.algorithm} steps={ex.schedule.steps} "
+                            f"segment={ex.segment_bytes or execute.SEGMENT_BYTES}B"
+                            f"x{ex.max_segments or execute.MAX_SEGMENTS} "
+                            f"messages={lay.nmessages}"))
+                    return self._run_schedule(c, ex, phases, blocking)
+        if debug and self._rank == 0:
+            self._debug(c, f"algorithm=native ({c.why})")
+        return self._native(c, blocking)
+
+    def _debug(self, c, how):
+        op = _ops.op_name(c.op) or "user-defined" if c.op is not None else "-"
+        print(f"mtcoll[rank 0]: {c.kind} count={c.count} "
+              f"dtype={getattr(c.dtype, 'name', 'derived')} op={op} bytes={c.nbytes} "
+              f"topology={self.topology.spec} {how}", file=sys.stderr, flush=True)
+
+    def _block_executor(self, name):
+        """An executor whose schedule has one chunk per rank, each owned by another rank."""
+        for cand in dict.fromkeys((name, "multitree", "ring")):
+            try:
+                sched = self.schedule(cand)
+            except ValueError:
+                continue
+            if sched.nchunks == self._size and \
+                    np.array_equal(np.sort(sched.owner), np.arange(self._size)):
+                return self._executor(cand)
+        return None
+
+    def _trivial(self, c):
+        # Nothing to exchange: no elements, or a single rank.
+        if c.count and c.send is not None:
+            np.copyto(c.recv.flat, c.send.flat)
+        c.recv.copy_back()
+        return Request()
+
+    def _native(self, c, blocking):
+        comm = self._dup
+        if c.recv is None or (c.send is None and c.raw[0] is not MPI.IN_PLACE):
+            sendspec, recvspec = c.raw  # derived datatypes: as given
+            recv = None
+        else:
+            sendspec = MPI.IN_PLACE if c.send is None else c.send.flat
+            recvspec = c.recv.flat
+            recv = c.recv
+        done = [recv.copy_back] if recv is not None and recv.orig is not None else []
+        if c.kind == "Allgather":
+            if not blocking:
+                raise AssertionError("no nonblocking Allgather")
+            comm.Allgather(sendspec, recvspec)
+        elif c.kind == "Reduce_scatter_block":
+            comm.Reduce_scatter_block(sendspec, recvspec, c.op)
+        elif blocking:
+            comm.Allreduce(sendspec, recvspec, c.op)
+        else:
+            return Request(native=comm.Iallreduce(sendspec, recvspec, c.op), on_done=done,
+                           keep=(c.raw, sendspec, recvspec))
+        return Request(on_done=done)
+
+    def _run_schedule(self, c, ex, phases, blocking):
+        self._seq += 1
+        size, rank = self._size, self._rank
+        recv = c.recv
+        sched = ex.schedule
+        done = []
+        if c.kind in ("Allreduce", "Iallreduce"):
+            acc = recv.flat
+            if not acc.flags.c_contiguous:  # a 1-element or F-order view: work on a copy
+                acc = np.ascontiguousarray(acc)
+                done.append(lambda: np.copyto(recv.flat, acc))
+            if c.send is not None:
+                np.copyto(acc, c.send.flat)
+        else:
+            k = c.count // size
+            owner = sched.owner
+            mine = int(np.flatnonzero(owner == rank)[0])
+            if c.kind == "Reduce_scatter_block":
+                src = recv.flat if c.send is None else c.send.flat
+                acc = np.empty(c.count, dtype=c.dtype)
+                # chunk j of the working buffer carries the block of rank owner[j], so that
+                # each rank ends up owning its own block
+                acc.reshape(size, k)[...] = src.reshape(size, k)[owner]
+                out = recv.flat[:k]
+                done.append(lambda: np.copyto(out, acc[mine * k:(mine + 1) * k]))
+            else:
+                identity = np.array_equal(owner, np.arange(size))
+                if identity and recv.flat.flags.c_contiguous:
+                    acc = recv.flat
+                else:
+                    acc = np.empty(c.count, dtype=c.dtype)
+                    full = recv.flat
+                    done.append(lambda: full.reshape(size, k).__setitem__(
+                        owner, acc.reshape(size, k)))
+                own = (recv.flat[rank * k:(rank + 1) * k] if c.send is None else c.send.flat)
+                if acc is not recv.flat or c.send is not None:
+                    acc[mine * k:(mine + 1) * k] = own
+        done.append(recv.copy_back)
+        execution = ex.start(acc, c.ufunc, self._seq, phases)
+        return Request(execution=execution, on_done=done, keep=(c.raw, c.send, recv, acc),
+                       seq=self._seq)
+
+
+# -- module level --------------------------------------------------------------------------------
+
+_KEYVAL = None
+
+
+def _drop_cache(comm, keyval, cache):
+    # Runs when the user's communicator is freed (or at MPI_Finalize): forget the wrappers
+    # without calling MPI from inside the callback.
+    cache.clear()
+
+
+def _comm_for(comm, options):
+    global _KEYVAL
+    if isinstance(comm, Comm):
+        if options:
+            raise TypeError("options are set when constructing an mtcoll.Comm; got both a Comm "
+                            f"and {sorted(options)}")
+        return comm
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise TypeError(f"comm must be an MPI intracommunicator, got {comm!r}")
+    if _KEYVAL is None:
+        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_drop_cache)
+    cache = comm.Get_attr(_KEYVAL)
+    if cache is None:
+        cache = {}
+        comm.Set_attr(_KEYVAL, cache)
+    key = (tuple(sorted(options.items())), os.environ.get("MTCOLL_ALGO", ""),
+           os.environ.get("MTCOLL_TOPOLOGY", ""))
+    got = cache.get(key)
+    if got is None or got._dup is None:
+        got = cache[key] = Comm(comm, **options)
+    return got
+
+
+def Allreduce(sendbuf, recvbuf, op=MPI.SUM, comm=MPI.COMM_WORLD, **options):
+    """:meth:`Comm.Allreduce` on ``comm`` through a cached :class:`Comm`.
+
+    The first call for a (communicator, options) pair constructs the Comm (collective); later
+    calls reuse it until the communicator is freed. ``options`` are :class:`Comm`'s keyword
+    arguments (``topology``, ``algorithm``, ``ports``, ``segment_bytes``, ``max_segments``).
+    """
+    _comm_for(comm, options).Allreduce(sendbuf, recvbuf, op)
+
+
+def Iallreduce(sendbuf, recvbuf, op=MPI.SUM, comm=MPI.COMM_WORLD, **options):
+    """:meth:`Comm.Iallreduce` on ``comm`` through a cached :class:`Comm`; returns a
+    :class:`Request` (see :func:`Allreduce` for the caching)."""
+    return _comm_for(comm, options).Iallreduce(sendbuf, recvbuf, op)

@@ -1,0 +1,492 @@
+"""Run a :class:`~mtcoll.schedule.Schedule` with nonblocking point-to-point messages.
+
+The executor knows nothing of topologies or planners: it takes any schedule, a communicator of
+the schedule's size and a working buffer, and carries out this rank's part of the schedule.
+
+How a call runs
+---------------
+1. **Pieces.** Every operation of this rank's :class:`~mtcoll.schedule.RankView` (a send or a
+   receive of the chunk range ``[lo, hi)``) covers an element interval of the buffer, which is
+   cut into *pieces*, one MPI message each: ``ceil(bytes / segment_bytes)`` pieces, at most
+   ``max_segments`` of them, but never a message of more than :data:`MAX_MESSAGE_ELEMENTS`
+   elements. Sender and receiver cut a transfer the same way, since both know its size.
+2. **Dependencies**, in program order (the order of the RankView): a send piece reading
+   ``acc[a:b]`` waits until every earlier receive piece overlapping ``[a, b)`` has been applied;
+   a receive piece writing ``acc[a:b]`` waits until every earlier overlapping piece is done
+   (sends completed, receives applied). Nothing else orders them, so a piece moves on as soon as
+   its own data is ready: the segments of one transfer pipeline through the steps of the
+   schedule, and there is no barrier between steps.
+3. **Receives.** A reduce-phase piece lands in a scratch buffer and is combined into the
+   working buffer with the ufunc, ``ufunc(acc[a:b], tmp, out=acc[a:b])``, once its dependencies
+   are met. These receives are posted ahead in program order, at most :data:`RECV_WINDOW`
+   outstanding at a time. A gather-phase piece is received straight into the working buffer,
+   posted when its dependencies are met (nothing else may touch that region meanwhile).
+4. **Progress.** All outstanding requests of all running executions go to one
+   ``MPI.Request.Waitsome`` (blocking wait) or ``Testsome`` (test); each completion releases
+   the pieces that depend on it.
+
+Because overlapping receives are applied in program order, every run of the same schedule on
+the same inputs performs the same floating-point operations in the same order: the result is
+reproducible bitwise. The gather phase copies each owner's reduced chunk, so every rank ends
+with the same bits.
+
+Tags
+----
+The pieces sent from one rank to another in one call are numbered ``0, 1, ...`` in program
+order (the receiver numbers its receives from that rank the same way). A call also gets a slot,
+its sequence number modulo :data:`TAG_SLOTS`; the tag is ``number * TAG_SLOTS + slot``. Calls
+in flight at the same time on one communicator thus never match each other's messages, as long
+as fewer than :data:`TAG_SLOTS` calls are in flight (the caller, :class:`mtcoll.Comm`, waits for
+the oldest before reusing its slot). A layout needing tags above the communicator's
+``MPI.TAG_UB`` is reported by :meth:`Executor.fits_tags`; the caller then uses the MPI library.
+
+Progress happens only inside mtcoll calls (``Wait``, ``Test``, starting another call): there
+is no progress thread.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+import numpy as np
+from mpi4py import MPI
+
+from .schedule import GATHER, RECV, REDUCE, SEND
+
+__all__ = ["Executor", "Execution", "Layout", "progress", "MAX_MESSAGE_ELEMENTS",
+           "SEGMENT_BYTES", "MAX_SEGMENTS", "RECV_WINDOW", "TAG_SLOTS"]
+
+#: No MPI message carries more elements than this, whatever the segment settings: counts stay
+#: far below 2**31 so that the plain (not large-count) MPI calls always suffice. Lower it in
+#: tests to exercise the splitting.
+MAX_MESSAGE_ELEMENTS = 2**30
+
+#: Default target size of one message (one piece of a transfer), in bytes.
+SEGMENT_BYTES = 256 * 1024
+
+#: Default maximum number of pieces a transfer is cut into for pipelining (the message size
+#: limit may still cut it into more).
+MAX_SEGMENTS = 16
+
+#: Reduce-phase receives posted ahead of need, per execution.
+RECV_WINDOW = 64
+
+#: Calls in flight at once on one communicator that are told apart by their tags.
+TAG_SLOTS = 64
+
+_LAYOUT_CACHE = 32  # shapes remembered per executor
+_SCRATCH_CACHE = 4  # scratch buffers kept per executor for reuse
+
+
+def _npieces(sizes, itemsize, segment_bytes, max_segments, max_elements):
+    sizes = np.asarray(sizes, dtype=np.int64)
+    k = -(-(sizes * itemsize) // segment_bytes)
+    k = np.clip(k, 1, max_segments)
+    k = np.maximum(k, -(-sizes // max_elements))
+    return np.where(sizes > 0, k, 0)
+
+
+class Layout:
+    """The pieces of one rank's part of a schedule for one buffer shape, and their dependencies.
+
+    Built by :meth:`Executor.layout` and cached there; read-only afterwards. Per piece ``p``
+    (in program order): ``kind[p]`` (SEND or RECV), ``phase[p]``, ``peer[p]``, element interval
+    ``a[p]:b[p]``, ``tagnum[p]`` (its number in the stream of pieces between this rank and the
+    peer), ``scratch[p]`` (offset in the scratch buffer for a reduce-phase receive, else -1),
+    ``npending[p]`` (pieces it waits for) and ``dependents[p]`` (pieces waiting for it).
+    """
+
+    def __init__(self, schedule, rank, count, itemsize, phases, segment_bytes, max_segments,
+                 max_elements):
+        s = schedule
+        self.count = int(count)
+        self.itemsize = int(itemsize)
+        self.phases = tuple(phases)
+        bounds = s.chunk_bounds(count)
+        self.bounds = bounds
+
+        # Across the whole schedule: the longest stream of pieces between two ranks (tags).
+        sel = np.isin(s.phase, self.phases)
+        k_all = _npieces(bounds[s.hi[sel]] - bounds[s.lo[sel]], itemsize, segment_bytes,
+                         max_segments, max_elements)
+        if k_all.size:
+            pair = s.src[sel].astype(np.int64) * s.nranks + s.dst[sel]
+            self.max_stream = int(np.bincount(pair, weights=k_all).max())
+        else:
+            self.max_stream = 0
+        self.nmessages = int(k_all.sum())  # over all ranks
+
+        view = s.rank_view(rank)
+        ops = np.flatnonzero(np.isin(view.phase, self.phases))
+        lo = bounds[view.lo[ops]]
+        hi = bounds[view.hi[ops]]
+        kv = _npieces(hi - lo, itemsize, segment_bytes, max_segments, max_elements)
+
+        kind, phase, peer, a, b, tagnum, scratch = [], [], [], [], [], [], []
+        stream = {}
+        nscratch = 0
+        for i, op in enumerate(ops.tolist()):
+            n = int(kv[i])
+            if n == 0:
+                continue
+            kd, pr, ph = int(view.kind[op]), int(view.peer[op]), int(view.phase[op])
+            t0 = stream.get((kd, pr), 0)
+            stream[(kd, pr)] = t0 + n
+            start, size = int(lo[i]), int(hi[i] - lo[i])
+            base, extra = divmod(size, n)
+            for j in range(n):
+                end = start + base + (j < extra)
+                kind.append(kd)
+                phase.append(ph)
+                peer.append(pr)
+                a.append(start)
+                b.append(end)
+                tagnum.append(t0 + j)
+                if kd == RECV and ph == REDUCE:
+                    scratch.append(nscratch)
+                    nscratch += end - start
+                else:
+                    scratch.append(-1)
+                start = end
+
+        npieces = len(kind)
+        # Dependencies over elementary intervals (between consecutive piece boundaries): on each,
+        # a piece waits for the last receive before it and, if it is a receive, for the sends
+        # since that receive. Earlier pieces are covered transitively: that last receive itself
+        # waited for them.
+        pts = np.unique(np.asarray(a + b, dtype=np.int64))
+        ea = np.searchsorted(pts, np.asarray(a, dtype=np.int64)).tolist()
+        eb = np.searchsorted(pts, np.asarray(b, dtype=np.int64)).tolist()
+        last_recv = [-1] * len(pts)
+        sends_since = [None] * len(pts)
+        npending = [0] * npieces
+        dependents = [[] for _ in range(npieces)]
+        for p in range(npieces):
+            deps = set()
+            is_send = kind[p] == SEND
+            for e in range(ea[p], eb[p]):
+                if last_recv[e] >= 0:
+                    deps.add(last_recv[e])
+                if is_send:
+                    if sends_since[e] is None:
+                        sends_since[e] = [p]
+                    else:
+                        sends_since[e].append(p)
+                else:
+                    if sends_since[e]:
+                        deps.update(sends_since[e])
+                        sends_since[e] = None
+                    last_recv[e] = p
+            npending[p] = len(deps)
+            for q in deps:
+                dependents[q].append(p)
+
+        self.npieces = npieces
+        self.kind = tuple(kind)
+        self.phase = tuple(phase)
+        self.peer = tuple(peer)
+        self.a = tuple(a)
+        self.b = tuple(b)
+        self.tagnum = tuple(tagnum)
+        self.scratch = tuple(scratch)
+        self.scratch_size = nscratch
+        self.npending = tuple(npending)
+        self.dependents = tuple(tuple(sorted(d)) for d in dependents)
+        self.reduce_recvs = tuple(p for p in range(npieces)
+                                  if kind[p] == RECV and phase[p] == REDUCE)
+        # Pieces ready at the start, other than reduce-phase receives (posted separately).
+        self.ready = tuple(p for p in range(npieces) if npending[p] == 0
+                           and not (kind[p] == RECV and phase[p] == REDUCE))
+        self.max_message = max((y - x for x, y in zip(a, b)), default=0)
+
+    def __repr__(self):
+        return (f"Layout(count={self.count}, itemsize={self.itemsize}, pieces={self.npieces}, "
+                f"scratch={self.scratch_size}, max_stream={self.max_stream})")
+
+
+class Executor:
+    """Runs one schedule on one communicator, for the calling rank.
+
+    Parameters
+    ----------
+    comm : MPI.Intracomm
+        A communicator of ``schedule.nranks`` ranks reserved for mtcoll (its tags are ours).
+    schedule : Schedule
+        Any valid schedule; ``rank_view(comm.Get_rank())`` is this rank's part.
+    segment_bytes, max_segments : int, optional
+        Pipelining: target bytes per message and most pieces per transfer (defaults
+        :data:`SEGMENT_BYTES`, :data:`MAX_SEGMENTS`, read when a shape is first laid out).
+
+    Notes
+    -----
+    Layouts (pieces and dependency tables) are cached per (count, itemsize, phases, segment
+    settings, :data:`MAX_MESSAGE_ELEMENTS`), so repeated calls of one shape skip the planning.
+    """
+
+    def __init__(self, comm, schedule, segment_bytes=None, max_segments=None):
+        if comm.Get_size() != schedule.nranks:
+            raise ValueError(f"schedule {schedule!r} is for {schedule.nranks} ranks but the "
+                             f"communicator has {comm.Get_size()}")
+        if segment_bytes is not None and int(segment_bytes) < 1:
+            raise ValueError(f"segment_bytes must be positive, got {segment_bytes!r}")
+        if max_segments is not None and int(max_segments) < 1:
+            raise ValueError(f"max_segments must be positive, got {max_segments!r}")
+        self.comm = comm
+        self.schedule = schedule
+        self.rank = comm.Get_rank()
+        self.segment_bytes = segment_bytes
+        self.max_segments = max_segments
+        self.tag_ub = int(comm.Get_attr(MPI.TAG_UB))
+        self._layouts = OrderedDict()
+        self._scratch = []
+
+    def layout(self, count, itemsize, phases=(REDUCE, GATHER)):
+        """The (cached) :class:`Layout` of a buffer of ``count`` elements of ``itemsize`` bytes."""
+        seg = int(self.segment_bytes or SEGMENT_BYTES)
+        nseg = int(self.max_segments or MAX_SEGMENTS)
+        key = (int(count), int(itemsize), tuple(phases), seg, nseg, int(MAX_MESSAGE_ELEMENTS))
+        lay = self._layouts.get(key)
+        if lay is None:
+            lay = Layout(self.schedule, self.rank, count, itemsize, phases, seg, nseg,
+                         int(MAX_MESSAGE_ELEMENTS))
+            self._layouts[key] = lay
+            if len(self._layouts) > _LAYOUT_CACHE:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        return lay
+
+    def fits_tags(self, layout):
+        """Whether every tag of ``layout`` stays within the communicator's ``MPI.TAG_UB``."""
+        return layout.max_stream * TAG_SLOTS - 1 <= self.tag_ub
+
+    def start(self, acc, ufunc, seq, phases=(REDUCE, GATHER)):
+        """Start this rank's part of the schedule on ``acc``; returns an :class:`Execution`.
+
+        Parameters
+        ----------
+        acc : numpy.ndarray
+            1-D, C-contiguous, writable: holds this rank's contribution on entry and the result
+            on completion. It must not be touched until the execution is complete.
+        ufunc : numpy.ufunc or None
+            The reduction (``ufunc(x, y, out=x)``); may be None when ``phases`` is only GATHER.
+        seq : int
+            Sequence number of the call on this communicator, the same on every rank.
+        phases : tuple
+            ``(REDUCE, GATHER)`` for an allreduce, ``(REDUCE,)`` for the reduce-scatter part,
+            ``(GATHER,)`` for the all-gather part.
+
+        Every rank of the communicator must start the same schedule with the same count,
+        dtype, phases and seq. Raises RuntimeError if the layout needs tags beyond
+        ``MPI.TAG_UB`` (check :meth:`fits_tags` first).
+        """
+        if acc.ndim != 1 or not acc.flags.c_contiguous or not acc.flags.writeable:
+            raise ValueError("the working buffer must be 1-D, C-contiguous and writable")
+        lay = self.layout(acc.size, acc.itemsize, phases)
+        if not self.fits_tags(lay):
+            raise RuntimeError(f"{lay.max_stream} messages between two ranks need tags beyond "
+                               f"MPI.TAG_UB={self.tag_ub}; raise the segment size")
+        if REDUCE in phases and lay.reduce_recvs and ufunc is None:
+            raise ValueError("a reduce phase needs a ufunc")
+        return Execution(self, lay, acc, ufunc, int(seq) % TAG_SLOTS)
+
+    def run(self, acc, ufunc, seq, phases=(REDUCE, GATHER)):
+        """:meth:`start` and wait for completion."""
+        self.start(acc, ufunc, seq, phases).wait()
+
+    # A few scratch buffers are kept: fresh large allocations cost page faults on every call.
+    def _get_scratch(self, nbytes):
+        for i, buf in enumerate(self._scratch):
+            if buf.nbytes == nbytes:
+                return self._scratch.pop(i)
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def _put_scratch(self, buf):
+        self._scratch.append(buf)
+        if len(self._scratch) > _SCRATCH_CACHE:
+            self._scratch.pop(0)
+
+
+_active = []  # running executions, oldest first, over all communicators
+_ARRIVED, _APPLIED = 1, 2  # states of a reduce-phase receive (0: not arrived)
+
+
+class Execution:
+    """One running call of an :class:`Executor` (see :meth:`Executor.start`).
+
+    ``done`` tells whether it completed; :meth:`test` and :meth:`wait` advance it -- and every
+    other running execution, since a peer may be waiting for one of those.
+    ``on_done`` callbacks run once, when it completes.
+    """
+
+    def __init__(self, executor, layout, acc, ufunc, slot):
+        self.executor = executor
+        self.layout = layout
+        self.acc = acc
+        self.ufunc = ufunc
+        self.slot = slot
+        self.on_done = []
+        self.reqs = []  # outstanding MPI requests
+        self._req_piece = []  # the piece of each
+        self._pending = list(layout.npending)
+        self._state = bytearray(layout.npieces)  # of reduce-phase receives
+        self._remaining = layout.npieces
+        self._next_recv = 0
+        self._recvs_out = 0
+        self._comm = executor.comm
+        self._tmp = None
+        if layout.scratch_size:
+            raw = executor._get_scratch(layout.scratch_size * acc.itemsize)
+            self._raw = raw
+            self._tmp = raw.view(acc.dtype)
+        self.done = layout.npieces == 0
+        if not self.done:
+            _active.append(self)
+            self._post_recvs()
+            self._run(deque(layout.ready))
+
+    # -- posting -----------------------------------------------------------------------------
+
+    def _post_recvs(self):
+        lay = self.layout
+        order = lay.reduce_recvs
+        while self._recvs_out < RECV_WINDOW and self._next_recv < len(order):
+            p = order[self._next_recv]
+            self._next_recv += 1
+            off = lay.scratch[p]
+            buf = self._tmp[off:off + lay.b[p] - lay.a[p]]
+            self.reqs.append(self._comm.Irecv(buf, lay.peer[p], lay.tagnum[p] * TAG_SLOTS
+                                              + self.slot))
+            self._req_piece.append(p)
+            self._recvs_out += 1
+
+    def _run(self, work):
+        """Act on pieces whose dependencies are all met."""
+        lay = self.layout
+        acc = self.acc
+        comm = self._comm
+        while work:
+            p = work.popleft()
+            if lay.kind[p] == SEND:
+                req = comm.Isend(acc[lay.a[p]:lay.b[p]], lay.peer[p],
+                                 lay.tagnum[p] * TAG_SLOTS + self.slot)
+            elif lay.phase[p] == GATHER:
+                req = comm.Irecv(acc[lay.a[p]:lay.b[p]], lay.peer[p],
+                                 lay.tagnum[p] * TAG_SLOTS + self.slot)
+            else:
+                # a reduce-phase receive: combine it once it has arrived (it may be queued
+                # twice, by its last dependency and by its arrival: the state says)
+                if self._state[p] == _ARRIVED:
+                    self._state[p] = _APPLIED
+                    self._apply(p)
+                    self._finish(p, work)
+                continue
+            self.reqs.append(req)
+            self._req_piece.append(p)
+
+    def _apply(self, p):
+        lay = self.layout
+        a, b = lay.a[p], lay.b[p]
+        off = lay.scratch[p]
+        x = self.acc[a:b]
+        self.ufunc(x, self._tmp[off:off + b - a], out=x)
+
+    def _finish(self, p, work):
+        self._remaining -= 1
+        pending = self._pending
+        for q in self.layout.dependents[p]:
+            pending[q] -= 1
+            if pending[q] == 0:
+                work.append(q)
+
+    # -- completion --------------------------------------------------------------------------
+
+    def _complete(self, indices):
+        """Requests ``indices`` (positions in :attr:`reqs`) have completed."""
+        lay = self.layout
+        work = deque()
+        gone = set(indices)
+        for i in indices:
+            p = self._req_piece[i]
+            if lay.kind[p] == RECV and lay.phase[p] == REDUCE:
+                self._state[p] = _ARRIVED
+                self._recvs_out -= 1
+                if self._pending[p] == 0:
+                    work.append(p)
+            else:
+                self._finish(p, work)
+        keep = [i for i in range(len(self.reqs)) if i not in gone]
+        self.reqs = [self.reqs[i] for i in keep]
+        self._req_piece = [self._req_piece[i] for i in keep]
+        self._run(work)
+        self._post_recvs()
+        if self._remaining == 0:
+            self._close()
+        elif not self.reqs:
+            self._close()
+            raise RuntimeError(f"mtcoll executor stalled on rank {self.executor.rank} with "
+                               f"{self._remaining} pieces left: the schedule "
+                               f"{self.executor.schedule!r} is inconsistent")
+
+    def _close(self):
+        self.done = True
+        if self in _active:
+            _active.remove(self)
+        if self._tmp is not None:
+            self.executor._put_scratch(self._raw)
+            self._tmp = self._raw = None
+        callbacks, self.on_done = self.on_done, []
+        for fn in callbacks:
+            fn()
+
+    def test(self):
+        """Advance all running executions without blocking; True once this one is complete."""
+        if not self.done:
+            progress(block=False)
+        return self.done
+
+    def wait(self):
+        """Advance all running executions until this one is complete."""
+        while not self.done:
+            progress(block=True)
+
+
+def progress(block=False):
+    """Advance every running execution once.
+
+    With ``block``, wait until at least one outstanding message completes (one
+    ``MPI.Request.Waitsome`` over the requests of all running executions); otherwise only test
+    (``Testsome``). Returns True if anything completed.
+    """
+    execs = list(_active)
+    if not execs:
+        return False
+    wait = MPI.Request.Waitsome if block else MPI.Request.Testsome
+    if len(execs) == 1:
+        e = execs[0]
+        if not e.reqs:
+            raise RuntimeError("mtcoll executor stalled with no outstanding message")
+        idx = wait(e.reqs)
+        if idx:
+            e._complete(idx)
+        return bool(idx)
+    allreqs, offsets = [], []
+    for e in execs:
+        offsets.append(len(allreqs))
+        allreqs.extend(e.reqs)
+    if not allreqs:
+        raise RuntimeError("mtcoll executor stalled with no outstanding message")
+    idx = wait(allreqs)
+    if not idx:
+        return False
+    idx = sorted(idx)
+    j = 0
+    for k, e in enumerate(execs):
+        end = offsets[k] + len(e.reqs)
+        mine = []
+        while j < len(idx) and idx[j] < end:
+            mine.append(idx[j] - offsets[k])
+            j += 1
+        if mine:
+            e._complete(mine)
+    return True
