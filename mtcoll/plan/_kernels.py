@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-J, P, S = 0, 1, 2  # fields of grow_trees' per (tree, rank) record
 
 
 @njit(cache=True)
@@ -27,22 +26,20 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
     o_alt = np.empty(m, np.int8)
     if n == 1:
         return o_step, o_par, o_child, o_tree, o_alt, 0
-    # per (tree, rank) record: [J] step it joined the tree (-1: not yet), [P] its neighbours not
-    # yet in the tree, [S] its slot in mem below
-    st = np.empty((n, n, 4), np.int16)
-    st[:, :, J] = -1
-    # each tree's open members (P > 0) in join order, packed as rank << 16 | joined step, so
-    # that the newest-first walk reads memory in sequence and skips members without a send
-    # port left at the cost of one look-up; -1 marks a member that has closed since
+    # Per tree, two small structures (a turn lands on a different tree each time, so what a
+    # turn reads must be small to stay in cache):
+    # * inb[tree]: the members, one bit per rank (n/8 bytes);
+    # * mem[tree, :mlen]: the members that may still have a neighbour outside the tree, in
+    #   join order, packed as rank << 16 | step joined; -1 where one turned out to have none
+    #   (found lazily, by a walk).
+    nwords = (n + 63) // 64
+    inb = np.zeros((n, nwords), np.uint64)
     mem = np.empty((n, n), np.int32)
     mlen = np.ones(n, np.int32)
     dead = np.zeros(n, np.int32)
     size = np.ones(n, np.int32)
-    deg = nbr_ptr[1:] - nbr_ptr[:-1]
     for r in range(n):
-        st[r, r, J] = 0
-        st[r, r, P] = deg[r]
-        st[r, r, S] = 0
+        inb[r, r >> 6] |= np.uint64(1) << np.uint64(r & 63)
         mem[r, 0] = r << 16
     # where each tree's walk resumes: members after it found nothing earlier in this step, and
     # resources only shrink within a step
@@ -72,8 +69,8 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                     continue
                 if senders == 0:
                     break
-                x, fu, fv, fq, falt = _walk(tree, t, cursor[tree], mem, st, sent, ports, recv,
-                                            nbr_ptr, nbr, edge_route_ptr, route_link_ptr,
+                x, fu, fv, fq, falt = _walk(tree, t, cursor[tree], mem, dead, inb, sent, ports,
+                                            recv, nbr_ptr, nbr, edge_route_ptr, route_link_ptr,
                                             route_links, link_step)
                 if fu < 0:
                     alive[tree] = False
@@ -84,7 +81,7 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                 sent[fu] += 1
                 senders -= sent[fu] == ports[fu]
                 recv[fv] += 1
-                st[tree, fv, J] = t + 1
+                inb[tree, fv >> 6] |= np.uint64(1) << np.uint64(fv & 63)
                 size[tree] += 1
                 o_step[k] = t
                 o_par[k] = fu
@@ -93,25 +90,14 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                 o_alt[k] = falt
                 k += 1
                 added += 1
-                # fv's neighbours in the tree lose an open neighbour; closed ones leave
-                cnt = 0
                 for e in range(nbr_ptr[fv], nbr_ptr[fv + 1]):
-                    w = nbr[e]
-                    if st[tree, w, J] < 0:
-                        cnt += 1
-                    else:
-                        st[tree, w, P] -= 1
-                        if st[tree, w, P] == 0:
-                            mem[tree, st[tree, w, S]] = -1
-                            dead[tree] += 1
-                st[tree, fv, P] = cnt
-                if cnt > 0:
-                    x = mlen[tree]
-                    mem[tree, x] = (fv << 16) | (t + 1)
-                    st[tree, fv, S] = x
-                    mlen[tree] = x + 1
+                    if not _has(inb, tree, nbr[e]):
+                        x = mlen[tree]
+                        mem[tree, x] = (fv << 16) | (t + 1)
+                        mlen[tree] = x + 1
+                        break
                 if 2 * dead[tree] > mlen[tree] and mlen[tree] > 32:
-                    cursor[tree] = _compact(mem, st, mlen, dead, tree, cursor[tree])
+                    cursor[tree] = _compact(mem, mlen, dead, tree, cursor[tree])
                 if size[tree] == n:
                     done += 1
                     alive[tree] = False
@@ -122,6 +108,63 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
             return o_step[:0], o_par[:0], o_child[:0], o_tree[:0], o_alt[:0], 1
         t += 1
     return o_step, o_par, o_child, o_tree, o_alt, 0
+
+
+@njit(cache=True, inline="always")
+def _has(inb, tree, v):
+    return (inb[tree, v >> 6] >> np.uint64(v & 63)) & np.uint64(1)
+
+
+@njit(cache=True, inline="always")
+def _walk(tree, t, x, mem, dead, inb, sent, ports, recv, nbr_ptr, nbr, edge_route_ptr,
+          route_link_ptr, route_links, link_step):
+    """The first edge of ``tree`` in step ``t``, walking its open members newest first from
+    slot ``x``: (slot, parent, child, route id, route index), parent -1 if none. Members found
+    with every neighbour in the tree are struck from the list on the way."""
+    while x >= 0:
+        e = mem[tree, x]
+        if e >= 0:
+            u = e >> 16
+            if (e & 0xFFFF) <= t and sent[u] < ports[u]:
+                outside = False
+                for i in range(nbr_ptr[u], nbr_ptr[u + 1]):
+                    v = nbr[i]
+                    if _has(inb, tree, v):
+                        continue
+                    outside = True
+                    if recv[v] >= ports[v]:
+                        continue
+                    for q in range(edge_route_ptr[i], edge_route_ptr[i + 1]):
+                        free = True
+                        for j in range(route_link_ptr[q], route_link_ptr[q + 1]):
+                            if link_step[route_links[j]] == t:
+                                free = False
+                                break
+                        if free:
+                            return x, u, v, q, q - edge_route_ptr[i]
+                if not outside:
+                    mem[tree, x] = -1
+                    dead[tree] += 1
+        x -= 1
+    return x, -1, -1, -1, 0
+
+
+@njit(cache=True)
+def _compact(mem, mlen, dead, tree, cur):
+    """Drop the struck members of ``tree``'s open list, keeping order; returns the cursor's new
+    slot (the last live slot at or before it)."""
+    y = 0
+    newcur = -1
+    for x in range(mlen[tree]):
+        e = mem[tree, x]
+        if e >= 0:
+            mem[tree, y] = e
+            y += 1
+        if x == cur:
+            newcur = y - 1
+    mlen[tree] = y
+    dead[tree] = 0
+    return newcur
 
 
 @njit(cache=True)
@@ -158,62 +201,6 @@ def both_phases(step, parent, child, tree, alt):
         hi[k] = tree[i] + 1
         route[k] = alt[i]
     return phase, st, src, dst, lo, hi, route
-
-
-@njit(cache=True, inline="always")
-def _walk(tree, t, x, mem, st, sent, ports, recv, nbr_ptr, nbr, edge_route_ptr, route_link_ptr,
-          route_links, link_step):
-    """The first edge of ``tree`` in step ``t``, walking its open members newest first from
-    slot ``x``: (slot, parent, child, route id, route index), parent -1 if none."""
-    while x >= 0:
-        e = mem[tree, x]
-        if e >= 0:
-            u = e >> 16
-            if (e & 0xFFFF) <= t and sent[u] < ports[u]:
-                v, q, alt = _first_child(u, tree, t, st, ports, recv, nbr_ptr, nbr,
-                                         edge_route_ptr, route_link_ptr, route_links, link_step)
-                if v >= 0:
-                    return x, u, v, q, alt
-        x -= 1
-    return x, -1, -1, -1, 0
-
-
-@njit(cache=True)
-def _compact(mem, st, mlen, dead, tree, cur):
-    """Drop the closed members of ``tree``'s open list, keeping order; returns the cursor's new
-    slot (the last live slot at or before it)."""
-    y = 0
-    newcur = -1
-    for x in range(mlen[tree]):
-        e = mem[tree, x]
-        if e >= 0:
-            mem[tree, y] = e
-            st[tree, e >> 16, S] = y
-            y += 1
-        if x == cur:
-            newcur = y - 1
-    mlen[tree] = y
-    dead[tree] = 0
-    return newcur
-
-
-@njit(cache=True, inline="always")
-def _first_child(u, tree, t, st, ports, recv, nbr_ptr, nbr, edge_route_ptr, route_link_ptr,
-                 route_links, link_step):
-    """The first (child, route, route index) that ``u`` can add to ``tree`` now, or -1s."""
-    for e in range(nbr_ptr[u], nbr_ptr[u + 1]):
-        v = nbr[e]
-        if st[tree, v, J] >= 0 or recv[v] >= ports[v]:
-            continue
-        for q in range(edge_route_ptr[e], edge_route_ptr[e + 1]):
-            free = True
-            for i in range(route_link_ptr[q], route_link_ptr[q + 1]):
-                if link_step[route_links[i]] == t:
-                    free = False
-                    break
-            if free:
-                return v, q, q - edge_route_ptr[e]
-    return -1, -1, 0
 
 
 # -- the validator's kernels --------------------------------------------------------------------
