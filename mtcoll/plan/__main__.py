@@ -10,10 +10,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
+from .._cli import add_json_option, report
 from . import ALGORITHMS, plan, tree_depth, validate
 
 
@@ -28,8 +28,7 @@ def _parser():
                    help="per-rank port budget (default: the topology's)")
     p.add_argument("--engine", default="auto", choices=("auto", "numba", "python"),
                    help="MultiTree engine (default: %(default)s)")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
-                   help="write one JSON object to FILE (no FILE or '-': stdout, instead of the table)")
+    add_json_option(p)
     p.add_argument("--save", metavar="FILE.npz", help="save the schedule (Schedule.load reads it)")
     return p
 
@@ -77,15 +76,7 @@ def main(argv=None):
         return 2
     if args.save:
         sched.save(args.save)
-    if args.json is not None:
-        text = json.dumps(out, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
-    if args.json is None or args.json != "-":
-        _table(out)
+    report(out, args.json, lambda: _table(out))
     return 0 if out["valid"] else 1
 
 

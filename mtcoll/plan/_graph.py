@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _kernels
+
 
 @dataclass(frozen=True)
 class Graph:
@@ -43,3 +45,34 @@ def flatten(topo):
     i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
     return Graph(n, topo.nlinks, i32(topo.ports), i32(nbr_ptr), i32(nbr), i32(erp), i32(rlp),
                  i32(links))
+
+
+def route_ids(schedule, topo):
+    """The links every transfer of ``schedule`` crosses on ``topo``.
+
+    Returns ``(q, route_link_ptr, route_links)``: transfer ``i`` crosses
+    ``route_links[route_link_ptr[q[i]] : route_link_ptr[q[i] + 1]]``. Tree edges come straight
+    from the flattened graph; the few other pairs (a baseline's long hops) from
+    :meth:`Topology.routes`.
+    """
+    g = flatten(topo)
+    q = _kernels.lookup_routes(schedule.src, schedule.dst, schedule.route, g.nbr_ptr, g.nbr,
+                               g.edge_route_ptr)  # int32, -1 where not a tree edge
+    miss = np.flatnonzero(q < 0)
+    rl_ptr, rl = g.route_link_ptr, g.route_links
+    if miss.size:
+        keys = np.unique(np.stack((schedule.src[miss], schedule.dst[miss],
+                                   schedule.route[miss].astype(np.int32)), axis=1), axis=0)
+        ptr, links, ids = list(rl_ptr), list(rl), {}
+        for s, d, a in keys.tolist():
+            routes = topo.routes(s, d)
+            if a >= len(routes):
+                raise ValueError(f"{schedule.algorithm} schedule: transfer {s}->{d} uses route "
+                                 f"{a}, but {topo.spec} has {len(routes)} between them")
+            links.extend(routes[a])
+            ptr.append(len(links))
+            ids[(s, d, a)] = len(ptr) - 2
+        for i in miss.tolist():
+            q[i] = ids[(int(schedule.src[i]), int(schedule.dst[i]), int(schedule.route[i]))]
+        rl_ptr, rl = np.array(ptr, np.int64), np.array(links, np.int64)
+    return q, rl_ptr, rl

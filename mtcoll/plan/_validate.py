@@ -27,7 +27,7 @@ import numpy as np
 
 from ..topology import parse
 from . import _kernels as K
-from ._graph import flatten
+from ._graph import route_ids
 
 MAX_ERRORS = 20
 _PHASE = ("reduce", "gather")
@@ -79,7 +79,7 @@ def validate(schedule, topology, engine="auto", max_errors=MAX_ERRORS):
         engine = "python" if schedule.nranks <= 64 else "numba"
     if engine not in ("numba", "python"):
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
-    rl_ptr, rl, q = _route_table(schedule, topo)
+    q, rl_ptr, rl = route_ids(schedule, topo)
     fn = check_py if engine == "python" else _check_numba
     errs, counts = fn(schedule, topo, q, rl_ptr, rl, max_errors)
     lb = topo.lower_bound()
@@ -91,32 +91,6 @@ def validate(schedule, topology, engine="auto", max_errors=MAX_ERRORS):
                         f"bound {lb} of {topo.spec} with these ports")
     return Report(schedule.algorithm, topo.spec, schedule.nranks, schedule.steps, cost, lb,
                   errs[:max_errors], counts)
-
-
-def _route_table(schedule, topo):
-    """Route ids per transfer, with the link table they index: tree edges straight from the
-    flattened graph, the few other pairs (baselines' long hops) from the topology."""
-    g = flatten(topo)
-    q = K.lookup_routes(schedule.src, schedule.dst, schedule.route, g.nbr_ptr, g.nbr,
-                        g.edge_route_ptr)  # int32: one per transfer
-    miss = np.flatnonzero(q < 0)
-    rl_ptr, rl = g.route_link_ptr, g.route_links
-    if miss.size:
-        keys = np.unique(np.stack((schedule.src[miss], schedule.dst[miss],
-                                   schedule.route[miss].astype(np.int32)), axis=1), axis=0)
-        ptr, links, ids = list(rl_ptr), list(rl), {}
-        for s, d, a in keys.tolist():
-            routes = topo.routes(s, d)
-            if a >= len(routes):
-                raise ValueError(f"{schedule.algorithm} schedule: transfer {s}->{d} uses route "
-                                 f"{a}, but {topo.spec} has {len(routes)} between them")
-            links.extend(routes[a])
-            ptr.append(len(links))
-            ids[(s, d, a)] = len(ptr) - 2
-        for i in miss.tolist():
-            q[i] = ids[(int(schedule.src[i]), int(schedule.dst[i]), int(schedule.route[i]))]
-        rl_ptr, rl = np.array(ptr, np.int64), np.array(links, np.int64)
-    return rl_ptr, rl, q
 
 
 def _check_numba(s, topo, q, rl_ptr, rl, max_errors):
