@@ -132,6 +132,20 @@ class Topology:
         t.ports = p
         return t
 
+    def with_links(self, bandwidth=None, latency=None):
+        """A copy of this topology with every link's bandwidth (bytes/s, > 0) and/or latency
+        (s, >= 0) set to one value."""
+        t = object.__new__(Topology)
+        t.__dict__.update(self.__dict__)
+        for name, value in (("bandwidth", bandwidth), ("latency", latency)):
+            if value is not None:
+                if not (float(value) > 0 or (name == "latency" and float(value) == 0)):
+                    raise ValueError(f"{name} must be positive, got {value!r}")
+                a = np.full(self.nlinks, float(value))
+                a.setflags(write=False)
+                setattr(t, name, a)
+        return t
+
     def lower_bound(self):
         """Steps per phase no schedule can beat: ``max(diameter, ceil((N-1)/ports))``.
 

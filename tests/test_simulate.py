@@ -1,0 +1,379 @@
+"""The simulator: closed forms on hand-built schedules, the fluid sharing model against hand
+arithmetic and against its pure-Python twin, the dependency rule against a brute-force
+twin, MultiTree against the baselines, the CLI, and SimGrid where it is installed."""
+
+import json
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from mtcoll.plan import plan
+from mtcoll.schedule import REDUCE, Schedule
+from mtcoll.simulate import (OVERHEAD, ROUTER_DELAY, busbw, ceiling, parse_sizes, simgrid_python,
+                             simgrid_replay, simulate)
+from mtcoll.simulate import __main__ as cli
+from mtcoll.simulate._engine import dataflow_deps
+from mtcoll.topology import DEFAULT_BANDWIDTH as B, DEFAULT_LATENCY as LAT, parse
+
+MiB = 1 << 20
+NO_EXTRAS = dict(overhead=0.0, router_delay=0.0)
+BOTH_ENGINES = pytest.mark.parametrize("engine", ["numba", "python"])
+
+
+def hand(spec, nranks, nchunks, rows, owner=None):
+    """A schedule from rows (phase, step, src, dst, lo, hi[, route])."""
+    rows = [r if len(r) == 7 else (*r, 0) for r in rows]
+    cols = list(zip(*rows))
+    return Schedule("hand", spec, nranks, nchunks,
+                    owner if owner is not None else np.zeros(nchunks, int), *cols[:6],
+                    route=cols[6])
+
+
+_plans = {}
+
+
+def planned(spec, algorithm, ports=None):
+    key = (spec, algorithm, ports)
+    if key not in _plans:
+        _plans[key] = plan(spec, algorithm, ports=ports)
+    return _plans[key]
+
+
+# -- hand arithmetic -----------------------------------------------------------------------------
+
+@BOTH_ENGINES
+@pytest.mark.parametrize("mode", ["step", "dataflow"])
+def test_one_transfer_on_one_link(engine, mode):
+    s = hand("ring:2", 2, 1, [(REDUCE, 0, 0, 1, 0, 1)], owner=[1])
+    nbytes = 3 * MiB
+    r = simulate(s, "ring:2", nbytes, mode, engine=engine, **NO_EXTRAS)
+    assert r.time == pytest.approx(LAT + nbytes / B, rel=1e-12)
+    # the documented extras, added exactly once
+    r = simulate(s, "ring:2", nbytes, mode, engine=engine, overhead=2e-6, router_delay=5e-8)
+    assert r.time == pytest.approx(2e-6 + LAT + 5e-8 + nbytes / B, rel=1e-12)
+    assert r.slowed == 0
+    # and the defaults are the documented ones
+    r = simulate(s, "ring:2", nbytes, mode, engine=engine)
+    assert r.time == pytest.approx(OVERHEAD + LAT + ROUTER_DELAY + nbytes / B, rel=1e-12)
+
+
+@BOTH_ENGINES
+def test_two_transfers_on_one_link_take_twice_as_long(engine):
+    # step 0 carries two chunks from rank 0: both over link 0->1, or over 0->1 and 0->3
+    shared = hand("ring:4", 4, 2, [(REDUCE, 0, 0, 1, 0, 1), (REDUCE, 0, 0, 1, 1, 2)])
+    apart = hand("ring:4", 4, 2, [(REDUCE, 0, 0, 1, 0, 1), (REDUCE, 0, 0, 3, 1, 2)])
+    nbytes = 8 * MiB  # 4 MiB per transfer
+    kw = dict(latency=0.0, engine=engine, **NO_EXTRAS)
+    t_shared = simulate(shared, "ring:4", nbytes, **kw)
+    t_apart = simulate(apart, "ring:4", nbytes, **kw)
+    assert t_apart.time == pytest.approx(4 * MiB / B, rel=1e-12)
+    assert t_shared.time == pytest.approx(2 * t_apart.time, rel=1e-12)
+    assert (t_shared.slowed, t_apart.slowed) == (2, 0)
+    # with latency and the extras the bandwidth term doubles, the rest does not
+    lat = OVERHEAD + LAT + ROUTER_DELAY
+    assert simulate(shared, "ring:4", nbytes, engine=engine).time == \
+        pytest.approx(lat + 2 * 4 * MiB / B, rel=1e-12)
+
+
+@BOTH_ENGINES
+def test_staggered_sharing_is_max_min_fluid(engine):
+    # a 1-hop and a 2-hop transfer meet on link 1->2 of ring:4 (route 0->2 is 0->1->2): the
+    # 1-hop one has the link alone for one latency, then they split it, then the 2-hop one is
+    # alone again
+    s = hand("ring:4", 4, 2, [(REDUCE, 0, 1, 2, 0, 1), (REDUCE, 0, 0, 2, 1, 2)])
+    nbytes = 2 * MiB
+    b = MiB  # per transfer
+    r = simulate(s, "ring:4", nbytes, engine=engine, **NO_EXTRAS)
+    alone = LAT * B  # bytes the 1-hop transfer moves before the other arrives
+    t_first = 2 * LAT + (b - alone) / (B / 2)
+    t_second = t_first + (b - (t_first - 2 * LAT) * B / 2) / B
+    assert r.finish[0] == pytest.approx(t_first, rel=1e-12)
+    assert r.finish[1] == pytest.approx(t_second, rel=1e-12)
+    assert r.time == pytest.approx(t_second, rel=1e-12)
+
+
+@BOTH_ENGINES
+@pytest.mark.parametrize("mode", ["step", "dataflow"])
+@pytest.mark.parametrize("n", [2, 5, 8])
+def test_ring_matches_closed_form(engine, mode, n):
+    spec = f"ring:{n}"
+    s = planned(spec, "ring")
+    m = 24 * n * MiB // 8  # a multiple of n elements, so chunks are equal
+    r = simulate(s, spec, m, mode, engine=engine)
+    alpha = OVERHEAD + LAT + ROUTER_DELAY  # one hop per step
+    closed = 2 * (n - 1) * (alpha + m / (n * B))
+    assert r.time == pytest.approx(closed, rel=0.01)
+    assert r.time == pytest.approx(closed, rel=1e-9)  # the model is exact here
+    if mode == "step":
+        assert r.step_times.sum() == pytest.approx(r.time, rel=1e-12)
+        assert np.allclose(r.step_times, alpha + m / (n * B), rtol=1e-9)
+
+
+def test_zero_bytes_and_empty_chunks():
+    s = planned("torus:4x4", "multitree")
+    r = simulate(s, "torus:4x4", 0)
+    steps = sum(s.steps)
+    assert r.time == pytest.approx(steps * (OVERHEAD + LAT + ROUTER_DELAY), rel=1e-12)
+    r = simulate(s, "torus:4x4", 8)  # 2 elements for 16 chunks
+    assert r.time > 0
+
+
+def test_bad_inputs():
+    s = planned("torus:4x4", "ring")
+    with pytest.raises(ValueError, match="multiple of itemsize"):
+        simulate(s, "torus:4x4", 1001)
+    with pytest.raises(ValueError, match="mode must be"):
+        simulate(s, "torus:4x4", 1024, "eager")
+    with pytest.raises(ValueError, match="sharing must be"):
+        simulate(s, "torus:4x4", 1024, sharing="fifo")
+    with pytest.raises(ValueError, match="has 8 ranks"):
+        simulate(s, "torus:2x4", 1024)
+    bad = hand("fattree:2x2", 4, 1, [(REDUCE, 0, 0, 3, 0, 1, 5)])
+    with pytest.raises(ValueError, match="uses route 5"):
+        simulate(bad, "fattree:2x2", 1024)
+
+
+# -- the dependency rule and the engines ---------------------------------------------------------
+
+def deps_brute(s):
+    """Transfer i waits for j when j is a receive of i's sender, earlier in (phase, step), with
+    overlapping chunks."""
+    out = set()
+    for i in range(s.ntransfers):
+        for j in range(s.ntransfers):
+            if (s.dst[j] == s.src[i] and (s.phase[j], s.step[j]) < (s.phase[i], s.step[i])
+                    and s.lo[j] < s.hi[i] and s.lo[i] < s.hi[j]):
+                out.add((j, i))
+    return out
+
+
+def random_schedule(rng, spec, nchunks, ntransfers):
+    """Transfers between random ranks over random routes: they contend."""
+    topo = parse(spec)
+    n = topo.nranks
+    rows = []
+    for _ in range(ntransfers):
+        src, dst = (int(x) for x in rng.choice(n, 2, replace=False))
+        lo = int(rng.integers(0, nchunks))
+        hi = int(rng.integers(lo + 1, nchunks + 1))
+        route = int(rng.integers(0, len(topo.routes(src, dst))))
+        rows.append((int(rng.integers(0, 2)), int(rng.integers(0, 4)), src, dst, lo, hi, route))
+    return hand(spec, n, nchunks, rows, owner=rng.integers(0, n, nchunks))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dataflow_deps_match_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    s = random_schedule(rng, "torus:3x3", 5, 60)
+    before, after = dataflow_deps(s.phase, s.step, s.src, s.dst, s.lo, s.hi, s.nranks, s.nchunks)
+    got = set(zip(before.tolist(), after.tolist()))
+    assert len(got) == len(before)  # no duplicate edges
+    assert got == deps_brute(s)
+    for spec, algorithm in (("torus:4x4", "multitree"), ("torus:4x4", "rhd"),
+                            ("mesh:3x4", "dbtree")):
+        p = planned(spec, algorithm)
+        before, after = dataflow_deps(p.phase, p.step, p.src, p.dst, p.lo, p.hi, p.nranks,
+                                      p.nchunks)
+        assert set(zip(before.tolist(), after.tolist())) == deps_brute(p)
+
+
+@pytest.mark.parametrize("mode", ["step", "dataflow"])
+@pytest.mark.parametrize("sharing", ["fair", "priority"])
+@pytest.mark.parametrize("spec", ["torus:3x3", "mesh:2x3x2", "fattree:2x3", "bigraph:2x4"])
+def test_numba_engine_equals_python_twin(mode, sharing, spec):
+    rng = np.random.default_rng(zlib.crc32(f"{mode} {sharing} {spec}".encode()))
+    slowed = 0
+    for _ in range(3):
+        s = random_schedule(rng, spec, 7, 40)
+        kw = dict(mode=mode, sharing=sharing)
+        a = simulate(s, spec, 7 * 4096, engine="numba", **kw)
+        b = simulate(s, spec, 7 * 4096, engine="python", **kw)
+        assert a.slowed == b.slowed
+        slowed += a.slowed
+        np.testing.assert_allclose(a.finish, b.finish, rtol=1e-9)
+        np.testing.assert_allclose(a.release, b.release, rtol=1e-9)
+    assert slowed > 0  # the comparison did cover sharing
+
+
+def test_planned_schedules_do_not_contend_in_step_mode():
+    for algorithm in ("multitree", "ring", "ring2d", "dbtree", "rhd"):
+        r = simulate(planned("torus:4x4", algorithm), "torus:4x4", 4 * MiB)
+        assert r.slowed == 0, algorithm
+        assert r.time >= r.busiest_link_time
+
+
+def test_priority_sharing_lets_earlier_steps_go_first():
+    # two transfers of one rank on one link: with priority the step-0 one gets it all first
+    s = hand("ring:4", 4, 2, [(REDUCE, 0, 0, 1, 0, 1), (REDUCE, 1, 0, 1, 1, 2)])
+    kw = dict(mode="dataflow", latency=0.0, **NO_EXTRAS)
+    fair = simulate(s, "ring:4", 8 * MiB, sharing="fair", **kw)
+    prio = simulate(s, "ring:4", 8 * MiB, sharing="priority", **kw)
+    one = 4 * MiB / B
+    np.testing.assert_allclose(fair.finish, [2 * one, 2 * one], rtol=1e-12)
+    np.testing.assert_allclose(prio.finish, [one, 2 * one], rtol=1e-12)
+
+
+def test_dataflow_never_slower_than_step_without_contention():
+    # ring's dependencies chain exactly one hop per step: dataflow equals step
+    s = planned("torus:4x4", "ring")
+    a = simulate(s, "torus:4x4", 4 * MiB, "step")
+    b = simulate(s, "torus:4x4", 4 * MiB, "dataflow")
+    assert b.time == pytest.approx(a.time, rel=1e-12)
+    # MultiTree with step priority in the routers: no slower than the strict schedule
+    s = planned("torus:4x4", "multitree")
+    a = simulate(s, "torus:4x4", 4 * MiB, "step")
+    b = simulate(s, "torus:4x4", 4 * MiB, "dataflow", sharing="priority")
+    assert b.time <= a.time * (1 + 1e-9)
+
+
+# -- MultiTree against the baselines -------------------------------------------------------------
+
+def test_multitree_near_its_ceiling_on_8x8_torus():
+    mt = planned("torus:8x8", "multitree", ports=4)
+    ring = planned("torus:8x8", "ring", ports=4)
+    t_mt = simulate(mt, "torus:8x8", 64 * MiB).time
+    t_ring = simulate(ring, "torus:8x8", 64 * MiB).time
+    assert t_ring / t_mt >= 0.9 * 63 / 17
+    assert t_ring / t_mt <= ceiling(mt) * 1.001  # no faster than its step count allows
+
+
+@pytest.mark.parametrize("spec", ["torus:4x4", "torus:8x8", "mesh:4x4", "mesh:8x8"])
+def test_multitree_beats_every_baseline_from_1mib(spec):
+    mt = planned(spec, "multitree")
+    for size in parse_sizes("1M:64M"):
+        t_mt = simulate(mt, spec, size).time
+        for algorithm in ("ring", "ring2d", "dbtree", "rhd"):
+            t = simulate(planned(spec, algorithm), spec, size).time
+            assert t_mt < t, f"{spec} {size} B: multitree {t_mt:.3e} s, {algorithm} {t:.3e} s"
+
+
+# -- sizes, helpers, CLI -------------------------------------------------------------------------
+
+def test_parse_sizes():
+    assert parse_sizes("32K:64M") == [1 << k for k in range(15, 27)]
+    assert parse_sizes("1M,3M, 8K") == [MiB, 3 * MiB, 8192]
+    assert parse_sizes("1G") == [1 << 30]
+    assert parse_sizes("100:1000") == [128, 256, 512]
+    for bad in ("", "3X", "64M:1M", "K"):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+    assert busbw(100, 1.0, 4) == pytest.approx(150.0)
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json(capsys):
+    code, out, err = run_cli(capsys, "--topology", "torus:4x4", "--sizes", "1M,2M", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["meta"]["topologies"][0]["topology"] == "torus:4x4"
+    res = doc["results"]
+    assert {r["algorithm"] for r in res} == {"multitree", "ring", "ring2d", "dbtree", "rhd"}
+    assert len(res) == 10
+    for r in res:
+        assert {"algorithm", "bytes", "time_s", "speedup_vs_ring", "busbw_GBps"} <= set(r)
+        assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 2 * 15 / 16)
+        assert r["algbw_GBps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
+        if r["algorithm"] == "ring":
+            assert r["speedup_vs_ring"] == 1.0
+        else:
+            ring = next(x for x in res if x["algorithm"] == "ring" and x["bytes"] == r["bytes"])
+            assert r["speedup_vs_ring"] == pytest.approx(ring["time_s"] / r["time_s"])
+    direct = simulate(planned("torus:4x4", "multitree"), "torus:4x4", MiB).time
+    assert next(r for r in res if r["algorithm"] == "multitree")["time_s"] == direct
+
+
+def test_cli_table_file_skips_and_errors(capsys, tmp_path):
+    path = tmp_path / "out.json"
+    code, out, err = run_cli(capsys, "--topology", "fattree:2x2", "--algorithms",
+                             "multitree,ring2d", "--sizes", "64K", "--json", str(path))
+    assert code == 0
+    assert "ring2d skipped on fattree:2x2" in err
+    assert "multitree" in out and "vs ring" in out  # the table is still printed
+    doc = json.loads(path.read_text())
+    assert [r["algorithm"] for r in doc["results"]] == ["multitree"]  # ring: reference only
+    code, out, err = run_cli(capsys, "--sizes", "12Q")
+    assert code == 2 and "bad size" in err
+    code, out, err = run_cli(capsys, "--algorithms", "ring,bogus")
+    assert code == 2 and "bogus" in err
+
+
+def test_cli_weak_scaling_and_plot(capsys, tmp_path):
+    png = tmp_path / "weak.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        code, out, err = run_cli(capsys, "--topology", "torus:2x2", "--sizes", "1K",
+                                 "--plot", str(png))
+        assert code == 2 and "needs matplotlib" in err
+        return
+    code, out, err = run_cli(capsys, "--topology", "torus:2x2,torus:2x4", "--sizes", "1K",
+                             "--per-node", "--algorithms", "multitree,ring", "--json",
+                             "--plot", str(png))
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads(out)
+    assert [r["bytes"] for r in doc["results"]] == [4096, 4096, 8192, 8192]
+
+
+def test_cli_as_module():
+    r = subprocess.run([sys.executable, "-m", "mtcoll.simulate", "--topology", "ring:4",
+                        "--sizes", "4K", "--algorithms", "ring", "--json", "-"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (rec,) = json.loads(r.stdout)["results"]
+    assert rec["time_s"] == pytest.approx(6 * (OVERHEAD + LAT + ROUTER_DELAY + 1024 / B))
+
+
+# -- SimGrid -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def simgrid():
+    # looked up when a SimGrid test runs, not at collection: that spawns interpreters
+    python = simgrid_python()
+    if python is None:
+        pytest.skip("SimGrid's Python bindings not found (Debian: apt-get install "
+                    "python3-simgrid; or set MTCOLL_SIMGRID_PYTHON to an interpreter that has "
+                    "them)")
+    return python
+
+
+@pytest.mark.parametrize("mode", ["step", "dataflow"])
+def test_simgrid_agrees_on_torus(simgrid, mode):
+    spec = "torus:4x4"
+    times = {}
+    for algorithm in ("multitree", "ring"):
+        s = planned(spec, algorithm)
+        ours = simulate(s, spec, MiB, mode).time
+        theirs = simgrid_replay(s, spec, MiB, mode)["time"]
+        times[algorithm] = ours, theirs
+        # same platform, same max-min sharing (every route here is one hop, so SimGrid's
+        # RTT-weighted shares are equal shares): the same time up to rounding
+        assert theirs == pytest.approx(ours, rel=1e-6), algorithm
+    ratio_ours = times["ring"][0] / times["multitree"][0]
+    ratio_sg = times["ring"][1] / times["multitree"][1]
+    assert ratio_sg == pytest.approx(ratio_ours, rel=0.15)
+
+
+def test_simgrid_sees_contention(simgrid):
+    # two transfers on one link in one step: SimGrid shares it as we do
+    s = hand("ring:4", 4, 2, [(REDUCE, 0, 0, 1, 0, 1), (REDUCE, 0, 0, 1, 1, 2)])
+    ours = simulate(s, "ring:4", 8 * MiB).time
+    theirs = simgrid_replay(s, "ring:4", 8 * MiB)["time"]
+    assert theirs == pytest.approx(ours, rel=1e-6)
+    assert ours > 2 * 4 * MiB / B
+
+
+def test_simgrid_missing_is_a_clear_error(monkeypatch):
+    from mtcoll.simulate import _simgrid
+
+    monkeypatch.setattr(_simgrid, "find_python", lambda: None)
+    with pytest.raises(RuntimeError, match="python3-simgrid"):
+        simgrid_replay(planned("ring:4", "ring"), "ring:4", 4096)
