@@ -74,6 +74,8 @@ def grow_trees(n, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, route_lin
                                             route_links, link_step)
                 if fu < 0:
                     alive[tree] = False
+                    if 2 * dead[tree] > mlen[tree] and mlen[tree] > 32:
+                        _compact(mem, mlen, dead, tree, -1)
                     continue
                 cursor[tree] = x
                 for i in range(route_link_ptr[fq], route_link_ptr[fq + 1]):
@@ -120,31 +122,34 @@ def _walk(tree, t, x, mem, dead, inb, sent, ports, recv, nbr_ptr, nbr, edge_rout
           route_link_ptr, route_links, link_step):
     """The first edge of ``tree`` in step ``t``, walking its open members newest first from
     slot ``x``: (slot, parent, child, route id, route index), parent -1 if none. Members found
-    with every neighbour in the tree are struck from the list on the way."""
+    with every neighbour in the tree are struck from the list on the way (checked for every
+    member passed, not only those that can send: otherwise closed members pile up)."""
     while x >= 0:
         e = mem[tree, x]
-        if e >= 0:
+        if e >= 0 and (e & 0xFFFF) <= t:
             u = e >> 16
-            if (e & 0xFFFF) <= t and sent[u] < ports[u]:
-                outside = False
-                for i in range(nbr_ptr[u], nbr_ptr[u + 1]):
-                    v = nbr[i]
-                    if _has(inb, tree, v):
-                        continue
-                    outside = True
-                    if recv[v] >= ports[v]:
-                        continue
-                    for q in range(edge_route_ptr[i], edge_route_ptr[i + 1]):
-                        free = True
-                        for j in range(route_link_ptr[q], route_link_ptr[q + 1]):
-                            if link_step[route_links[j]] == t:
-                                free = False
-                                break
-                        if free:
-                            return x, u, v, q, q - edge_route_ptr[i]
-                if not outside:
-                    mem[tree, x] = -1
-                    dead[tree] += 1
+            can_send = sent[u] < ports[u]
+            outside = False
+            for i in range(nbr_ptr[u], nbr_ptr[u + 1]):
+                v = nbr[i]
+                if _has(inb, tree, v):
+                    continue
+                outside = True
+                if not can_send:
+                    break  # still open; nothing to send with
+                if recv[v] >= ports[v]:
+                    continue
+                for q in range(edge_route_ptr[i], edge_route_ptr[i + 1]):
+                    free = True
+                    for j in range(route_link_ptr[q], route_link_ptr[q + 1]):
+                        if link_step[route_links[j]] == t:
+                            free = False
+                            break
+                    if free:
+                        return x, u, v, q, q - edge_route_ptr[i]
+            if not outside:
+                mem[tree, x] = -1
+                dead[tree] += 1
         x -= 1
     return x, -1, -1, -1, 0
 
