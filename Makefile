@@ -27,5 +27,5 @@ test: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
-	$(PY) -m pip install --quiet -e '.[mpich,test]'
+	$(PY) -m pip install --quiet -e '.[mpich,test,train,plot]'
 	touch $@
