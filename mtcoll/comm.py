@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 import zlib
 from collections import deque
 
@@ -18,9 +19,9 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import dtlib
 
-from . import _ops, execute
+from . import _ops, _tuning, execute
 from .schedule import GATHER, REDUCE, Schedule
-from .topology import from_comm
+from .topology import from_comm, mpi_topology
 
 __all__ = ["Comm", "Request", "Allreduce", "Iallreduce", "waitall", "choose",
            "SMALL_MESSAGE_BYTES", "ENV_VARS"]
@@ -29,16 +30,19 @@ __all__ = ["Comm", "Request", "Allreduce", "Iallreduce", "waitall", "choose",
 SMALL_MESSAGE_BYTES = 64 * 1024
 
 #: Environment variables mtcoll reads.
-ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_CHECK", "MTCOLL_DEBUG")
+ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "MTCOLL_CHECK",
+            "MTCOLL_DEBUG")
 
 _SPECIAL_ALGORITHMS = ("auto", "native")
 _CALLS = ("Allreduce", "Iallreduce", "Reduce_scatter_block", "Allgather")
 
 
-def choose(nbytes, nranks, topology):
+def choose(nbytes, nranks, topology, tuning=None):
     """The algorithm ``algorithm="auto"`` uses for a call moving ``nbytes`` bytes per rank.
 
-    The tuning hook: a measured table will replace this rule. Today: the MPI library
+    The tuning hook. A measured tuning table (``tuning``, written by
+    ``python -m mtcoll.bench --tune``; see :mod:`mtcoll._tuning`) decides when it has a table
+    for ``nranks`` ranks on this topology. Otherwise the built-in rule: the MPI library
     (``"native"``) below :data:`SMALL_MESSAGE_BYTES` -- where a Python executor's per-message
     cost dominates -- and MultiTree above, which fits every topology and every rank count.
 
@@ -48,8 +52,11 @@ def choose(nbytes, nranks, topology):
         Size of the buffer being reduced, in bytes (the same on every rank).
     nranks : int
         Size of the communicator.
-    topology : mtcoll.topology.Topology
-        The communicator's topology.
+    topology : mtcoll.topology.Topology or str
+        The communicator's topology (or its spec).
+    tuning : dict, optional
+        A tuning table as :func:`mtcoll._tuning.load` returns it, keyed by
+        ``(nranks, topology spec)``. :class:`Comm` passes the table it read at construction.
 
     Returns
     -------
@@ -57,7 +64,13 @@ def choose(nbytes, nranks, topology):
         ``"native"`` or a name from ``mtcoll.plan.ALGORITHMS``. It must depend only on the
         arguments, so that every rank chooses the same.
     """
-    if nranks < 2 or nbytes < SMALL_MESSAGE_BYTES:
+    if nranks < 2:
+        return "native"
+    spec = getattr(topology, "spec", topology)
+    tuned = _tuning.lookup(tuning, nbytes, nranks, spec)
+    if tuned is not None:
+        return tuned
+    if nbytes < SMALL_MESSAGE_BYTES:
         return "native"
     return "multitree"
 
@@ -283,7 +296,27 @@ class Comm:
         Port budget per rank for planning (default: the topology's).
     segment_bytes, max_segments : int, optional
         Pipelining of the executor (defaults :data:`mtcoll.execute.SEGMENT_BYTES`,
-        :data:`mtcoll.execute.MAX_SEGMENTS`).
+        :data:`mtcoll.execute.MAX_SEGMENTS`, or their ``SLEEP_`` twins when waiting sleeps).
+    wait : {"auto", "busy", "sleep"}, optional
+        How ranks wait for messages (see :data:`mtcoll.execute.WAIT`). ``"auto"`` (default):
+        ``"sleep"`` when a host runs more ranks than it has cores. The ranks agree on one
+        mode (sleep if any rank asks for it); ``MTCOLL_WAIT`` overrides this argument.
+
+    Attributes
+    ----------
+    topology : mtcoll.topology.Topology
+    virtual_topology : MPI.Cartcomm or MPI.Distgraphcomm
+        The topology as an MPI virtual topology over the same ranks, never reordered:
+        ``Create_cart`` with periods for torus, mesh and ring, ``Create_dist_graph_adjacent``
+        (tree neighbours) otherwise. mtcoll's own messages do not use it; it is there for
+        coordinates and neighbour queries. Freed by :meth:`Free`.
+    tuning, tuning_path
+        The tuning table for ``algorithm="auto"`` read at construction (the entry for this
+        communicator's size and topology, or None) and the file it came from; see
+        :mod:`mtcoll._tuning` (``MTCOLL_TUNING``). A bad tuning file raises ValueError on every
+        rank, naming the file.
+    wait : str
+        ``"busy"`` or ``"sleep"``, as decided.
 
     Notes
     -----
@@ -306,7 +339,7 @@ class Comm:
     """
 
     def __init__(self, comm=None, topology="auto", algorithm="auto", ports=None,
-                 segment_bytes=None, max_segments=None):
+                 segment_bytes=None, max_segments=None, wait=None):
         if comm is None:
             comm = MPI.COMM_WORLD
         if isinstance(comm, Comm):
@@ -320,6 +353,7 @@ class Comm:
         algorithm = (env_algo or str(algorithm)).strip().lower()
         self._dup = comm.Dup()
         try:
+            self.wait = self._wait_mode(wait)
             self._check_algorithm(algorithm, "MTCOLL_ALGO" if env_algo else "algorithm")
             try:
                 self.topology = from_comm(self._dup, env_topo or topology, ports)
@@ -328,6 +362,10 @@ class Comm:
                     raise ValueError(f"environment variable MTCOLL_TOPOLOGY={env_topo!r}: {e}") \
                         from None
                 raise
+            self.tuning, self.tuning_path = self._load_tuning()
+            # the topology as an MPI virtual topology (Create_cart for torus, mesh and ring, a
+            # distributed graph otherwise), for users who want coordinates or neighbours
+            self.virtual_topology = mpi_topology(self._dup, self.topology)
         except BaseException:
             self._dup.Free()
             self._dup = None
@@ -356,11 +394,73 @@ class Comm:
                     verdict = f"{what}={name!r} is not one of {', '.join(allowed)}"
             except ImportError as e:
                 verdict = ImportError(f"cannot import mtcoll.plan: {e}")
+        self._gate()
         verdict = self._dup.bcast(verdict, root=0)
         if isinstance(verdict, ImportError):
             raise verdict
         if verdict:
             raise ValueError(verdict)
+
+    def _gate(self):
+        # Before a broadcast of what rank 0 alone computes (imports, plans, files): with more
+        # ranks than cores, the others wait sleeping rather than polling in the broadcast,
+        # which would leave rank 0 a sliver of a core (64 ranks on 2 cores: the first Comm
+        # took 13.5 s that way, 1.9 s this way).
+        if getattr(self, "wait", "busy") != "sleep":
+            return
+        req = self._dup.Ibarrier()
+        delay = 50e-6
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(2 * delay, 2e-3)
+
+    def _wait_mode(self, wait):
+        # "sleep" when a host runs more ranks than it has cores: a rank waiting for a message
+        # then gives its core to one with work instead of polling (see mtcoll.execute.WAIT).
+        # The ranks agree (sleep if any rank asks for it): the mode also sets the segment
+        # defaults, and every rank must cut messages the same way.
+        env = os.environ.get("MTCOLL_WAIT", "").strip().lower()
+        mode = env or (wait or "auto").strip().lower()
+        bad = None
+        if mode not in ("auto", "busy", "sleep"):
+            where = f"environment variable MTCOLL_WAIT={os.environ['MTCOLL_WAIT']!r}" if env \
+                else f"wait={wait!r}"
+            bad = f"{where} is not one of auto, busy, sleep"
+        local = self._dup.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            nlocal = local.Get_size()
+        finally:
+            local.Free()
+        if mode == "auto":
+            mode = "sleep" if nlocal > (os.cpu_count() or 1) else "busy"
+        flags = self._dup.allreduce((mode == "sleep") | (bad is not None) << 1, op=MPI.BOR)
+        if flags & 2:
+            raise ValueError(bad or "MTCOLL_WAIT or wait is not one of auto, busy, sleep "
+                                    "on some rank")
+        return "sleep" if flags & 1 else "busy"
+
+    def _load_tuning(self):
+        # Rank 0 reads the file and broadcasts the table for this communicator: every rank must
+        # choose the same algorithm for a call, or the call deadlocks.
+        payload = None
+        if self._dup.Get_rank() == 0:
+            try:
+                path, required = _tuning.resolve_path()
+                if path is None or (not required and not path.is_file()):
+                    payload = ("ok", None, None)
+                else:
+                    from .plan import ALGORITHMS
+                    table = _tuning.load(path, ALGORITHMS)
+                    key = (self._dup.Get_size(), self.topology.spec.strip().lower())
+                    mine = {key: table[key]} if key in table else None
+                    payload = ("ok", mine, str(path))
+            except (ValueError, ImportError) as e:
+                payload = ("error", str(e))
+        self._gate()
+        payload = self._dup.bcast(payload, root=0)
+        if payload[0] == "error":
+            raise ValueError(payload[1] + " (MTCOLL_TUNING=off ignores tuning files)")
+        return payload[1], payload[2]
 
     # -- passthrough and lifetime --------------------------------------------------------------
 
@@ -396,6 +496,8 @@ class Comm:
             return
         while self._requests:
             self._requests.popleft().Wait()
+        self.virtual_topology.Free()
+        self.virtual_topology = None
         self._dup.Free()
         self._dup = None
         self._schedules.clear()
@@ -430,6 +532,7 @@ class Comm:
                     payload = ("ok", out.getvalue())
                 except Exception as e:  # every rank must raise, not only rank 0
                     payload = ("error", type(e).__name__, str(e))
+            self._gate()
             payload = self._dup.bcast(payload, root=0)
             if payload[0] == "ok":
                 got = sched if self._rank == 0 else Schedule.load(io.BytesIO(payload[1]))
@@ -449,7 +552,8 @@ class Comm:
         ex = self._executors.get(name)
         if ex is None:
             ex = self._executors[name] = execute.Executor(
-                self._dup, self.schedule(name), self.segment_bytes, self.max_segments)
+                self._dup, self.schedule(name), self.segment_bytes, self.max_segments,
+                self.wait)
         return ex
 
     # -- the calls -------------------------------------------------------------------------------
@@ -591,8 +695,12 @@ class Comm:
         if self.algorithm == "native":
             c.why = "algorithm 'native'"
         elif self.algorithm == "auto":
-            c.algorithm = choose(c.nbytes, size, self.topology)
-            c.why = "chosen by auto" if c.algorithm == "native" else ""
+            # the hook takes the table only when there is one, so that a three-argument
+            # replacement of choose() keeps working
+            c.algorithm = (choose(c.nbytes, size, self.topology, tuning=self.tuning)
+                           if self.tuning else choose(c.nbytes, size, self.topology))
+            how = "tuning table" if self.tuning else "built-in rule"
+            c.why = f"chosen by auto, {how}"
         else:
             c.algorithm = self.algorithm
         return c
@@ -664,9 +772,10 @@ class Comm:
                     if debug and self._rank == 0:
                         self._debug(c, (
                             f"algorithm={ex.schedule.algorithm} steps={ex.schedule.steps} "
-                            f"segment={ex.segment_bytes or execute.SEGMENT_BYTES}B"
-                            f"x{ex.max_segments or execute.MAX_SEGMENTS} "
-                            f"messages={lay.nmessages}"))
+                            f"segment={ex.segmenting()[0]}Bx{ex.segmenting()[1]} "
+                            f"wait={self.wait} "
+                            f"messages={lay.nmessages}"
+                            + (f" ({c.why})" if c.why else "")))
                     return self._run_schedule(c, ex, phases, blocking)
         if debug and self._rank == 0:
             self._debug(c, f"algorithm=native ({c.why})")
@@ -726,23 +835,26 @@ class Comm:
         recv = c.recv
         sched = ex.schedule
         done = []
+        src = None  # the input, when not in acc: the executor reads it without a first copy
         if c.kind in ("Allreduce", "Iallreduce"):
             acc = recv.flat
             if not acc.flags.c_contiguous:  # a 1-element or F-order view: work on a copy
                 acc = np.ascontiguousarray(acc)
                 done.append(lambda: np.copyto(recv.flat, acc))
             if c.send is not None:
-                np.copyto(acc, c.send.flat)
+                src = c.send.flat
+                if not src.flags.c_contiguous:
+                    src = np.ascontiguousarray(src)
         else:
             k = c.count // size
             owner = sched.owner
             mine = int(np.flatnonzero(owner == rank)[0])
             if c.kind == "Reduce_scatter_block":
-                src = recv.flat if c.send is None else c.send.flat
+                given = recv.flat if c.send is None else c.send.flat
                 acc = np.empty(c.count, dtype=c.dtype)
                 # chunk j of the working buffer carries the block of rank owner[j], so that
                 # each rank ends up owning its own block
-                acc.reshape(size, k)[...] = src.reshape(size, k)[owner]
+                acc.reshape(size, k)[...] = given.reshape(size, k)[owner]
                 out = recv.flat[:k]
                 done.append(lambda: np.copyto(out, acc[mine * k:(mine + 1) * k]))
             else:
@@ -758,8 +870,8 @@ class Comm:
                 if acc is not recv.flat or c.send is not None:
                     acc[mine * k:(mine + 1) * k] = own
         done.append(recv.copy_back)
-        execution = ex.start(acc, c.ufunc, self._seq, phases)
-        return Request(execution=execution, on_done=done, keep=(c.raw, c.send, recv, acc),
+        execution = ex.start(acc, c.ufunc, self._seq, phases, src)
+        return Request(execution=execution, on_done=done, keep=(c.raw, c.send, recv, acc, src),
                        seq=self._seq)
 
 

@@ -21,9 +21,14 @@ How a call runs
    are met. These receives are posted ahead in program order, at most :data:`RECV_WINDOW`
    outstanding at a time. A gather-phase piece is received straight into the working buffer,
    posted when its dependencies are met (nothing else may touch that region meanwhile).
-4. **Progress.** All outstanding requests of all running executions go to one
-   ``MPI.Request.Waitsome`` (blocking wait) or ``Testsome`` (test); each completion releases
-   the pieces that depend on it.
+4. **The input.** For an out-of-place call the caller passes its input as ``src``: a send, or
+   a combine, of elements that no receive has written yet reads ``src`` directly
+   (``ufunc(src[a:b], tmp, out=acc[a:b])``), so the input is never copied into the working
+   buffer as a whole (:attr:`Layout.src_read`, :attr:`Layout.precopy`).
+5. **Progress.** All outstanding requests of all running executions are tested together; each
+   completion releases the pieces that depend on it. A blocking wait either blocks in
+   ``MPI.Request.Waitsome`` (``wait="busy"``) or tests with ``Testsome`` and sleeps between
+   tests (``wait="sleep"``, for more ranks than cores; see :data:`WAIT`).
 
 Because overlapping receives are applied in program order, every run of the same schedule on
 the same inputs performs the same floating-point operations in the same order: the result is
@@ -46,6 +51,8 @@ is no progress thread.
 
 from __future__ import annotations
 
+import os
+import time
 from collections import OrderedDict, deque
 
 import numpy as np
@@ -54,7 +61,9 @@ from mpi4py import MPI
 from .schedule import GATHER, RECV, REDUCE, SEND
 
 __all__ = ["Executor", "Execution", "Layout", "progress", "MAX_MESSAGE_ELEMENTS",
-           "SEGMENT_BYTES", "MAX_SEGMENTS", "RECV_WINDOW", "TAG_SLOTS"]
+           "SEGMENT_BYTES", "MAX_SEGMENTS", "SLEEP_SEGMENT_BYTES", "SLEEP_MAX_SEGMENTS",
+           "RECV_WINDOW", "TAG_SLOTS", "WAIT", "SPIN_POLLS", "YIELD_POLLS", "SLEEP_MIN",
+           "SLEEP_MAX"]
 
 #: No MPI message carries more elements than this, whatever the segment settings: counts stay
 #: far below 2**31 so that the plain (not large-count) MPI calls always suffice. Lower it in
@@ -68,11 +77,31 @@ SEGMENT_BYTES = 256 * 1024
 #: limit may still cut it into more).
 MAX_SEGMENTS = 16
 
+#: The defaults when the executor sleeps while waiting (``wait="sleep"``, more ranks than
+#: cores): fewer, larger messages. Pipelining buys nothing when the ranks share a few cores,
+#: and every message costs the receiver and the sender a turn on a core.
+SLEEP_SEGMENT_BYTES = 1024 * 1024
+SLEEP_MAX_SEGMENTS = 4
+
 #: Reduce-phase receives posted ahead of need, per execution.
 RECV_WINDOW = 64
 
 #: Calls in flight at once on one communicator that are told apart by their tags.
 TAG_SLOTS = 64
+
+#: How a blocking wait waits, unless an :class:`Executor` says otherwise: ``"busy"`` blocks in
+#: ``MPI.Request.Waitsome`` (the MPI library polls, keeping its core busy); ``"sleep"`` tests
+#: (``Testsome``) :data:`SPIN_POLLS` times, then :data:`YIELD_POLLS` times with a
+#: ``sched_yield`` before each, then sleeps between tests, from :data:`SLEEP_MIN` seconds
+#: doubling up to :data:`SLEEP_MAX`. Sleeping gives the core to the ranks that have work, which
+#: is what counts when there are more ranks than cores (measured in docs/performance.md: 8 ranks
+#: on 2 cores, an 8-byte MultiTree allreduce takes 33 ms polling and 1 ms sleeping); it adds up
+#: to ``SLEEP_MAX`` (plus the kernel's timer slack) of latency to a wait.
+WAIT = "busy"
+SPIN_POLLS = 2
+YIELD_POLLS = 0
+SLEEP_MIN = 20e-6
+SLEEP_MAX = 200e-6
 
 _LAYOUT_CACHE = 32  # shapes remembered per executor
 _SCRATCH_CACHE = 4  # scratch buffers kept per executor for reuse
@@ -181,6 +210,45 @@ class Layout:
             for q in deps:
                 dependents[q].append(p)
 
+        # Which pieces may read the caller's input buffer directly (``src_read``): a send, or
+        # a reduce-phase combine, whose elements no earlier receive has written. This spares
+        # copying the input into the working buffer first. Elements read partly from each (only
+        # when pieces of different transfers are cut at different points), and elements no
+        # receive ever writes, are copied up front instead (``precopy``).
+        written = [False] * len(pts)
+        precopy = set()
+        src_read = [False] * npieces
+        for p in range(npieces):
+            span = range(ea[p], eb[p])
+            if kind[p] == SEND or phase[p] == REDUCE:
+                done = [written[e] for e in span]
+                if not any(done):
+                    src_read[p] = True
+                elif not all(done):
+                    precopy.update(e for e in span if not written[e])
+            if kind[p] == RECV:
+                for e in span:
+                    written[e] = True
+        precopy.update(e for e in range(len(pts) - 1) if not written[e])
+        runs = []
+        for e in sorted(precopy):
+            lo_e, hi_e = int(pts[e]), int(pts[e + 1])
+            if runs and runs[-1][1] == lo_e:
+                runs[-1][1] = hi_e
+            else:
+                runs.append([lo_e, hi_e])
+        lo_all = int(pts[0]) if len(pts) else 0
+        hi_all = int(pts[-1]) if len(pts) else 0
+        # elements outside every piece (none for an allreduce over N > 1 ranks) hold the input
+        if lo_all > 0:
+            runs.insert(0, [0, lo_all])
+        if hi_all < count and npieces:
+            runs.append([hi_all, int(count)])
+        if not npieces and count:
+            runs = [[0, int(count)]]
+        self.src_read = tuple(src_read)
+        self.precopy = tuple((a_, b_) for a_, b_ in runs if b_ > a_)
+
         self.npieces = npieces
         self.kind = tuple(kind)
         self.phase = tuple(phase)
@@ -215,7 +283,12 @@ class Executor:
         Any valid schedule; ``rank_view(comm.Get_rank())`` is this rank's part.
     segment_bytes, max_segments : int, optional
         Pipelining: target bytes per message and most pieces per transfer (defaults
-        :data:`SEGMENT_BYTES`, :data:`MAX_SEGMENTS`, read when a shape is first laid out).
+        :data:`SEGMENT_BYTES`, :data:`MAX_SEGMENTS`, or :data:`SLEEP_SEGMENT_BYTES`,
+        :data:`SLEEP_MAX_SEGMENTS` with ``wait="sleep"``; read when a shape is first laid out).
+        Every rank must use the same settings: they decide how transfers are cut into messages.
+    wait : {"busy", "sleep"}, optional
+        How blocking waits wait (default :data:`WAIT`). Ranks may differ, but the segment
+        defaults follow it, so pass explicit segment settings if they do.
 
     Notes
     -----
@@ -223,7 +296,9 @@ class Executor:
     settings, :data:`MAX_MESSAGE_ELEMENTS`), so repeated calls of one shape skip the planning.
     """
 
-    def __init__(self, comm, schedule, segment_bytes=None, max_segments=None):
+    def __init__(self, comm, schedule, segment_bytes=None, max_segments=None, wait=None):
+        if wait not in (None, "busy", "sleep"):
+            raise ValueError(f"wait must be 'busy' or 'sleep', got {wait!r}")
         if comm.Get_size() != schedule.nranks:
             raise ValueError(f"schedule {schedule!r} is for {schedule.nranks} ranks but the "
                              f"communicator has {comm.Get_size()}")
@@ -237,13 +312,13 @@ class Executor:
         self.segment_bytes = segment_bytes
         self.max_segments = max_segments
         self.tag_ub = int(comm.Get_attr(MPI.TAG_UB))
+        self.sleep = (wait or WAIT) == "sleep"
         self._layouts = OrderedDict()
         self._scratch = []
 
     def layout(self, count, itemsize, phases=(REDUCE, GATHER)):
         """The (cached) :class:`Layout` of a buffer of ``count`` elements of ``itemsize`` bytes."""
-        seg = int(self.segment_bytes or SEGMENT_BYTES)
-        nseg = int(self.max_segments or MAX_SEGMENTS)
+        seg, nseg = self.segmenting()
         key = (int(count), int(itemsize), tuple(phases), seg, nseg, int(MAX_MESSAGE_ELEMENTS))
         lay = self._layouts.get(key)
         if lay is None:
@@ -256,18 +331,32 @@ class Executor:
             self._layouts.move_to_end(key)
         return lay
 
+    def segmenting(self):
+        """``(segment_bytes, max_segments)`` in effect: the executor's own settings, else the
+        module defaults (:data:`SEGMENT_BYTES`, :data:`MAX_SEGMENTS`, or their ``SLEEP_``
+        twins when the executor sleeps while waiting)."""
+        seg = self.segment_bytes or (SLEEP_SEGMENT_BYTES if self.sleep else SEGMENT_BYTES)
+        nseg = self.max_segments or (SLEEP_MAX_SEGMENTS if self.sleep else MAX_SEGMENTS)
+        return int(seg), int(nseg)
+
     def fits_tags(self, layout):
         """Whether every tag of ``layout`` stays within the communicator's ``MPI.TAG_UB``."""
         return layout.max_stream * TAG_SLOTS - 1 <= self.tag_ub
 
-    def start(self, acc, ufunc, seq, phases=(REDUCE, GATHER)):
+    def start(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None):
         """Start this rank's part of the schedule on ``acc``; returns an :class:`Execution`.
 
         Parameters
         ----------
         acc : numpy.ndarray
-            1-D, C-contiguous, writable: holds this rank's contribution on entry and the result
-            on completion. It must not be touched until the execution is complete.
+            1-D, C-contiguous, writable: holds this rank's contribution on entry (unless
+            ``src`` is given) and the result on completion. It must not be touched until the
+            execution is complete.
+        src : numpy.ndarray, optional
+            This rank's contribution, when it is not in ``acc`` (an out-of-place allreduce):
+            same dtype and size as ``acc``, not overlapping it, unmodified until completion.
+            Pieces read it directly until a receive has written their elements, which saves
+            copying it into ``acc`` first.
         ufunc : numpy.ufunc or None
             The reduction (``ufunc(x, y, out=x)``); may be None when ``phases`` is only GATHER.
         seq : int
@@ -288,11 +377,14 @@ class Executor:
                                f"MPI.TAG_UB={self.tag_ub}; raise the segment size")
         if REDUCE in phases and lay.reduce_recvs and ufunc is None:
             raise ValueError("a reduce phase needs a ufunc")
-        return Execution(self, lay, acc, ufunc, int(seq) % TAG_SLOTS)
+        if src is not None and (src.shape != acc.shape or src.dtype != acc.dtype
+                                or not src.flags.c_contiguous):
+            raise ValueError("src must be 1-D, C-contiguous and of acc's dtype and size")
+        return Execution(self, lay, acc, ufunc, int(seq) % TAG_SLOTS, src)
 
-    def run(self, acc, ufunc, seq, phases=(REDUCE, GATHER)):
+    def run(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None):
         """:meth:`start` and wait for completion."""
-        self.start(acc, ufunc, seq, phases).wait()
+        self.start(acc, ufunc, seq, phases, src).wait()
 
     # A few scratch buffers are kept: fresh large allocations cost page faults on every call.
     def _get_scratch(self, nbytes):
@@ -319,15 +411,25 @@ class Execution:
     ``on_done`` callbacks run once, when it completes.
     """
 
-    def __init__(self, executor, layout, acc, ufunc, slot):
+    def __init__(self, executor, layout, acc, ufunc, slot, src=None):
         self.executor = executor
         self.layout = layout
         self.acc = acc
+        if src is None:
+            src = acc
+        else:
+            for a, b in layout.precopy:
+                acc[a:b] = src[a:b]
+        self.src = src
         self.ufunc = ufunc
         self.slot = slot
         self.on_done = []
-        self.reqs = []  # outstanding MPI requests
-        self._req_piece = []  # the piece of each
+        # MPI requests of this execution and the piece of each. Testsome turns completed ones
+        # into MPI.REQUEST_NULL in place, which later tests skip; the lists are compacted only
+        # when such holes make up most of them, so that a completion costs O(1), not O(list).
+        self.reqs = []
+        self._req_piece = []
+        self._active_reqs = 0
         self._pending = list(layout.npending)
         self._state = bytearray(layout.npieces)  # of reduce-phase receives
         self._remaining = layout.npieces
@@ -358,6 +460,7 @@ class Execution:
             self.reqs.append(self._comm.Irecv(buf, lay.peer[p], lay.tagnum[p] * TAG_SLOTS
                                               + self.slot))
             self._req_piece.append(p)
+            self._active_reqs += 1
             self._recvs_out += 1
 
     def _run(self, work):
@@ -368,7 +471,8 @@ class Execution:
         while work:
             p = work.popleft()
             if lay.kind[p] == SEND:
-                req = comm.Isend(acc[lay.a[p]:lay.b[p]], lay.peer[p],
+                buf = self.src if lay.src_read[p] else acc
+                req = comm.Isend(buf[lay.a[p]:lay.b[p]], lay.peer[p],
                                  lay.tagnum[p] * TAG_SLOTS + self.slot)
             elif lay.phase[p] == GATHER:
                 req = comm.Irecv(acc[lay.a[p]:lay.b[p]], lay.peer[p],
@@ -383,13 +487,15 @@ class Execution:
                 continue
             self.reqs.append(req)
             self._req_piece.append(p)
+            self._active_reqs += 1
 
     def _apply(self, p):
         lay = self.layout
         a, b = lay.a[p], lay.b[p]
         off = lay.scratch[p]
         x = self.acc[a:b]
-        self.ufunc(x, self._tmp[off:off + b - a], out=x)
+        mine = self.src[a:b] if lay.src_read[p] else x
+        self.ufunc(mine, self._tmp[off:off + b - a], out=x)
 
     def _finish(self, p, work):
         self._remaining -= 1
@@ -405,24 +511,27 @@ class Execution:
         """Requests ``indices`` (positions in :attr:`reqs`) have completed."""
         lay = self.layout
         work = deque()
-        gone = set(indices)
+        kind, phase, pieces = lay.kind, lay.phase, self._req_piece
+        self._active_reqs -= len(indices)
         for i in indices:
-            p = self._req_piece[i]
-            if lay.kind[p] == RECV and lay.phase[p] == REDUCE:
+            p = pieces[i]
+            if kind[p] == RECV and phase[p] == REDUCE:
                 self._state[p] = _ARRIVED
                 self._recvs_out -= 1
                 if self._pending[p] == 0:
                     work.append(p)
             else:
                 self._finish(p, work)
-        keep = [i for i in range(len(self.reqs)) if i not in gone]
-        self.reqs = [self.reqs[i] for i in keep]
-        self._req_piece = [self._req_piece[i] for i in keep]
+        if len(self.reqs) > 2 * self._active_reqs + 16:
+            # compact: drop the completed requests (MPI.REQUEST_NULL by now)
+            keep = [i for i, r in enumerate(self.reqs) if r]
+            self.reqs = [self.reqs[i] for i in keep]
+            self._req_piece = [pieces[i] for i in keep]
         self._run(work)
         self._post_recvs()
         if self._remaining == 0:
             self._close()
-        elif not self.reqs:
+        elif not self._active_reqs:
             self._close()
             raise RuntimeError(f"mtcoll executor stalled on rank {self.executor.rank} with "
                                f"{self._remaining} pieces left: the schedule "
@@ -454,19 +563,23 @@ class Execution:
 def progress(block=False):
     """Advance every running execution once.
 
-    With ``block``, wait until at least one outstanding message completes (one
-    ``MPI.Request.Waitsome`` over the requests of all running executions); otherwise only test
-    (``Testsome``). Returns True if anything completed.
+    With ``block``, wait until at least one outstanding message completes: in one
+    ``MPI.Request.Waitsome`` over the requests of all running executions, or, when one of them
+    asks to sleep (``wait="sleep"``, see :data:`WAIT`), by testing and sleeping in turn.
+    Otherwise only test (``Testsome``). Returns True if anything completed.
     """
     execs = list(_active)
     if not execs:
         return False
-    wait = MPI.Request.Waitsome if block else MPI.Request.Testsome
     if len(execs) == 1:
         e = execs[0]
-        if not e.reqs:
+        reqs = e.reqs
+        if not e._active_reqs:
             raise RuntimeError("mtcoll executor stalled with no outstanding message")
-        idx = wait(e.reqs)
+        if block and e.executor.sleep:
+            idx = _test_and_sleep(reqs)
+        else:
+            idx = (MPI.Request.Waitsome if block else MPI.Request.Testsome)(reqs)
         if idx:
             e._complete(idx)
         return bool(idx)
@@ -474,9 +587,12 @@ def progress(block=False):
     for e in execs:
         offsets.append(len(allreqs))
         allreqs.extend(e.reqs)
-    if not allreqs:
+    if not any(e._active_reqs for e in execs):
         raise RuntimeError("mtcoll executor stalled with no outstanding message")
-    idx = wait(allreqs)
+    if block and any(e.executor.sleep for e in execs):
+        idx = _test_and_sleep(allreqs)
+    else:
+        idx = (MPI.Request.Waitsome if block else MPI.Request.Testsome)(allreqs)
     if not idx:
         return False
     idx = sorted(idx)
@@ -490,3 +606,24 @@ def progress(block=False):
         if mine:
             e._complete(mine)
     return True
+
+
+def _test_and_sleep(reqs):
+    """Indices of completed requests, found by testing and, between tests, sleeping."""
+    test = MPI.Request.Testsome
+    for _ in range(SPIN_POLLS):
+        idx = test(reqs)
+        if idx:
+            return idx
+    for _ in range(YIELD_POLLS):
+        os.sched_yield()
+        idx = test(reqs)
+        if idx:
+            return idx
+    delay = SLEEP_MIN
+    while True:
+        time.sleep(delay)
+        idx = test(reqs)
+        if idx:
+            return idx
+        delay = min(2 * delay, SLEEP_MAX)

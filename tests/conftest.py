@@ -29,6 +29,8 @@ import pytest
 # The library's cross-rank agreement check is always on in the tests; it must be set before
 # any test module imports mtcoll.
 os.environ["MTCOLL_CHECK"] = "1"
+# Tests choose their algorithms themselves: a developer's tuning file must not change them.
+os.environ["MTCOLL_TUNING"] = "off"
 
 _rank = 0
 _size = 1

@@ -462,3 +462,20 @@ def test_public_api():
         ["Comm", "Allreduce", "Iallreduce", "waitall", "Request", "Schedule"])
     for name in mtcoll.__all__:
         assert getattr(mtcoll, name).__doc__
+
+
+@pytest.mark.mpi
+@pytest.mark.mpi_short
+def test_virtual_topology(comm):
+    from mtcoll.topology import auto_spec
+
+    with mtcoll.Comm(comm) as c:
+        vt = c.virtual_topology
+        assert vt.Get_rank() == comm.Get_rank() and vt.Get_size() == comm.Get_size()
+        assert c.topology.spec == auto_spec(comm.Get_size())
+        assert vt.Get_topology() == MPI.CART and list(vt.dims) == list(c.topology.dims)
+        assert all(vt.periods)
+    assert c.virtual_topology is None
+    n = comm.Get_size()
+    with mtcoll.Comm(comm, topology=f"full:{n}") as c:
+        assert c.virtual_topology.Get_topology() == MPI.DIST_GRAPH

@@ -1,0 +1,79 @@
+"""``python -m mtcoll --info``: what this installation is and what mtcoll would do here.
+
+Prints the versions of mtcoll, mpi4py, the MPI library, numba and numpy; the topology
+``auto`` chooses for the communicator it runs on (so run it under ``mpiexec -n N`` to see
+what N ranks get); where the tuning table and numba's compiled-kernel cache live. Only rank 0
+prints. ``--json`` follows the tools' convention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import metadata
+
+from ._cli import add_json_option, report
+
+
+def info(comm=None):
+    """The facts ``--info`` prints, as a dict. Collective over ``comm`` (topology detection)."""
+    from mpi4py import MPI
+
+    from . import _tuning
+    from .topology import from_comm
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    topo = from_comm(comm, "auto")
+    tuning, required = _tuning.resolve_path()
+    # numba caches compiled kernels beside each module that has them, unless told otherwise
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    cache_dir = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(pkg, "*", "__pycache__")
+    return {
+        "mtcoll": version("mtcoll"),
+        "mpi4py": version("mpi4py"),
+        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi_standard": "%d.%d" % MPI.Get_version(),
+        "numba": version("numba"),
+        "numpy": version("numpy"),
+        "python": sys.version.split()[0],
+        "ranks": comm.Get_size(),
+        "auto_topology": topo.spec,
+        "ports": sorted(set(topo.ports.tolist())),
+        "tuning_file": None if tuning is None else str(tuning),
+        "tuning_file_exists": bool(tuning is not None and tuning.is_file()),
+        "tuning_source": "MTCOLL_TUNING" if required else ("off" if tuning is None else "default"),
+        "numba_cache_dir": cache_dir,
+        "environment": {k: v for k, v in os.environ.items() if k.startswith("MTCOLL_")},
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mtcoll", description=__doc__.splitlines()[0])
+    p.add_argument("--info", action="store_true", help="print versions, topology and paths")
+    add_json_option(p)
+    args = p.parse_args(argv)
+    if not args.info:
+        p.print_help()
+        return 0
+    from mpi4py import MPI
+
+    facts = info()
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        def table():
+            w = max(len(k) for k in facts)
+            for k, v in facts.items():
+                print(f"{k:<{w}}  {v}")
+        report(facts, args.json, table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
