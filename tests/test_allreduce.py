@@ -226,23 +226,26 @@ def test_message_limit_splits(comm, monkeypatch):
             assert np.array_equal(got, native(comm, x))
 
 
+class FakeComm:
+    """Enough of a communicator for laying out a schedule: rank, size and TAG_UB."""
+
+    def __init__(self, n, r):
+        self.n, self.r = n, r
+
+    def Get_size(self):
+        return self.n
+
+    def Get_rank(self):
+        return self.r
+
+    def Get_attr(self, key):
+        return 2**29 - 1
+
+
 def test_layout_of_huge_count():
     """Counts above 2**31 are laid out in messages within the limit, covering every element
     (planned only: no buffer of that size is allocated)."""
     from mtcoll.plan import plan
-
-    class FakeComm:  # the layout needs only rank, size and TAG_UB
-        def __init__(self, n, r):
-            self.n, self.r = n, r
-
-        def Get_size(self):
-            return self.n
-
-        def Get_rank(self):
-            return self.r
-
-        def Get_attr(self, key):
-            return 2**29 - 1
 
     count = 2**31 + 5
     sched = plan("ring:4", "ring")
@@ -348,19 +351,6 @@ def test_layout_reads_the_input_in_place():
     nothing up front (planned only, serial)."""
     from mtcoll.plan import plan
     from mtcoll.schedule import RECV, REDUCE, SEND
-
-    class FakeComm:
-        def __init__(self, n, r):
-            self.n, self.r = n, r
-
-        def Get_size(self):
-            return self.n
-
-        def Get_rank(self):
-            return self.r
-
-        def Get_attr(self, key):
-            return 2**29 - 1
 
     for spec, algorithm in [("torus:4x4", "multitree"), ("ring:6", "rhd"),
                             ("torus:2x3", "dbtree"), ("torus:2x3", "ring2d")]:

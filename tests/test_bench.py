@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import _mpirun
 import pytest
 
 import mtcoll.comm
@@ -24,30 +22,15 @@ from mtcoll.topology import parse
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _mpiexec():
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
 def _serial_only():
-    from mpi4py import MPI
-
-    if MPI.COMM_WORLD.Get_size() > 1:
-        pytest.skip("starts its own mpiexec; run it serially")
-    if _mpiexec() is None:
-        pytest.skip("no mpiexec")
+    _mpirun.require()
 
 
 def _bench(n, args, tmp_path, timeout=240, **env_extra):
     """Run the benchmark on n ranks in a clean environment; returns the CompletedProcess."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "HYDRA_", "MPIR_CVAR_", "MTCOLL_", "OMPI_"))}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # never the user's tuning file
-    env.pop("PYTHONUNBUFFERED", None)
-    env.update(env_extra)
-    return subprocess.run([_mpiexec(), "-n", str(n), sys.executable, "-m", "mtcoll.bench",
-                           *args], capture_output=True, text=True, env=env, timeout=timeout)
+    # never the user's tuning file
+    return _mpirun.run(n, ["-m", "mtcoll.bench", *args], timeout,
+                       XDG_CACHE_HOME=str(tmp_path / "cache"), **env_extra)
 
 
 def _rows(table):

@@ -8,12 +8,9 @@ and train on digits to the accuracy docs/training.md promises.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import _mpirun
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -166,24 +163,8 @@ def test_config_rejects_bad_layouts():
 
 # ---- serial tests that launch mpiexec -n 4 -------------------------------------------------
 
-def _mpiexec():
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
 def _launch(n, args, timeout=240):
-    if MPI.COMM_WORLD.Get_size() > 1:
-        pytest.skip("starts its own mpiexec; run it serially")
-    launcher = _mpiexec()
-    if launcher is None:
-        pytest.skip("no mpiexec")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "HYDRA_", "MPIR_CVAR_", "MTCOLL_", "OMPI_"))}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = "1"
-    out = subprocess.run([launcher, "-n", str(n), sys.executable, "-m", "mpi4py", "-m",
-                          "mtcoll.train", *args, "--json"],
-                         capture_output=True, text=True, env=env, timeout=timeout)
+    out = _mpirun.run(n, ["-m", "mpi4py", "-m", "mtcoll.train", *args, "--json"], timeout)
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)
 
