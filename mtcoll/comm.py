@@ -21,7 +21,7 @@ from mpi4py.util import dtlib
 
 from . import _ops, _tuning, execute
 from .schedule import GATHER, REDUCE, Schedule
-from .topology import from_comm, mpi_topology
+from .topology import from_comm, host_leaders, mpi_topology
 
 __all__ = ["Comm", "Request", "Allreduce", "Iallreduce", "waitall", "choose",
            "SMALL_MESSAGE_BYTES", "ENV_VARS"]
@@ -353,10 +353,12 @@ class Comm:
         algorithm = (env_algo or str(algorithm)).strip().lower()
         self._dup = comm.Dup()
         try:
-            self.wait = self._wait_mode(wait)
+            leaders = host_leaders(self._dup)
+            ranks_here = leaders.count(leaders[self._dup.Get_rank()])
+            self.wait = self._wait_mode(wait, ranks_here)
             self._check_algorithm(algorithm, "MTCOLL_ALGO" if env_algo else "algorithm")
             try:
-                self.topology = from_comm(self._dup, env_topo or topology, ports)
+                self.topology = from_comm(self._dup, env_topo or topology, ports, leaders)
             except ValueError as e:
                 if env_topo:
                     raise ValueError(f"environment variable MTCOLL_TOPOLOGY={env_topo!r}: {e}") \
@@ -414,7 +416,7 @@ class Comm:
             time.sleep(delay)
             delay = min(2 * delay, 2e-3)
 
-    def _wait_mode(self, wait):
+    def _wait_mode(self, wait, ranks_here):
         # "sleep" when a host runs more ranks than it has cores: a rank waiting for a message
         # then gives its core to one with work instead of polling (see mtcoll.execute.WAIT).
         # The ranks agree (sleep if any rank asks for it): the mode also sets the segment
@@ -426,13 +428,8 @@ class Comm:
             where = f"environment variable MTCOLL_WAIT={os.environ['MTCOLL_WAIT']!r}" if env \
                 else f"wait={wait!r}"
             bad = f"{where} is not one of auto, busy, sleep"
-        local = self._dup.Split_type(MPI.COMM_TYPE_SHARED)
-        try:
-            nlocal = local.Get_size()
-        finally:
-            local.Free()
         if mode == "auto":
-            mode = "sleep" if nlocal > (os.cpu_count() or 1) else "busy"
+            mode = "sleep" if ranks_here > (os.cpu_count() or 1) else "busy"
         flags = self._dup.allreduce((mode == "sleep") | (bad is not None) << 1, op=MPI.BOR)
         if flags & 2:
             raise ValueError(bad or "MTCOLL_WAIT or wait is not one of auto, busy, sleep "

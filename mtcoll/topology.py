@@ -40,7 +40,8 @@ import re
 
 import numpy as np
 
-__all__ = ["Topology", "parse", "auto_spec", "from_comm", "hosts_spec", "mpi_topology",
+__all__ = ["Topology", "parse", "auto_spec", "from_comm", "host_leaders", "hosts_spec",
+           "mpi_topology",
            "SPEC_FORMS",
            "DEFAULT_BANDWIDTH", "DEFAULT_LATENCY"]
 
@@ -472,29 +473,35 @@ _BUILDERS = {
 
 # -- communicators -------------------------------------------------------------------------------
 
-def from_comm(comm, spec="auto", ports=None):
+def from_comm(comm, spec="auto", ports=None, leaders=None):
     """The topology for communicator ``comm``.
 
-    ``auto`` detects several hosts with ``Split_type(COMM_TYPE_SHARED)``: when the ranks of
-    each host are consecutive and every host has the same number of them, the result is
-    ``hier:HxR``; otherwise (one host, or an irregular layout) the auto torus. Collective over
-    ``comm`` when ``spec`` is ``auto``.
+    ``auto`` looks at which ranks share a host (``leaders``, as :func:`host_leaders` returns
+    them; asked for here when not given): when the ranks of each host are consecutive and every
+    host has the same number of them, the result is ``hier:HxR``; otherwise (one host, or an
+    irregular layout) the auto torus. Collective over ``comm`` when ``spec`` is ``auto`` and
+    ``leaders`` is not given.
     """
     size = comm.Get_size()
     if isinstance(spec, str) and spec.strip().lower() == "auto":
-        spec = _detect_hosts(comm) or auto_spec(size)
+        if leaders is None:
+            leaders = host_leaders(comm)
+        spec = hosts_spec(leaders) or auto_spec(size)
     return parse(spec, nranks=size, ports=ports)
 
 
-def _detect_hosts(comm):
+def host_leaders(comm):
+    """For every rank of ``comm``, the lowest rank on its host (one ``Split_type`` and one
+    allgather; collective). :class:`mtcoll.Comm` asks once and uses the answer twice: for the
+    topology and for how ranks wait (more ranks than cores on a host)."""
     from mpi4py import MPI
 
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
-        leaders = comm.allgather(comm.Get_rank() - local.Get_rank())
+        leader = local.allreduce(comm.Get_rank(), op=MPI.MIN)
     finally:
         local.Free()
-    return hosts_spec(leaders)
+    return comm.allgather(leader)
 
 
 def hosts_spec(leaders):

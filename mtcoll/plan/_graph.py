@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _kernels
-
 
 @dataclass(frozen=True)
 class Graph:
@@ -55,8 +53,10 @@ def route_ids(schedule, topo):
     from the flattened graph; the few other pairs (a baseline's long hops) from
     :meth:`Topology.routes`.
     """
+    from ._kernels import lookup_routes
+
     g = flatten(topo)
-    q = _kernels.lookup_routes(schedule.src, schedule.dst, schedule.route, g.nbr_ptr, g.nbr,
+    q = lookup_routes(schedule.src, schedule.dst, schedule.route, g.nbr_ptr, g.nbr,
                                g.edge_route_ptr)  # int32, -1 where not a tree edge
     miss = np.flatnonzero(q < 0)
     rl_ptr, rl = g.route_link_ptr, g.route_links

@@ -211,8 +211,8 @@ def both_phases(step, parent, child, tree, alt):
 # -- the validator's kernels --------------------------------------------------------------------
 
 # error kinds, shared with the Python twin in _validate.py
-E_LINK, E_SEND_PORTS, E_RECV_PORTS, E_EARLY_REDUCE, E_EARLY_GATHER, E_OWNER, E_MISSING = range(7)
-NKINDS = 7
+from ._validate import (E_EARLY_GATHER, E_EARLY_REDUCE, E_LINK, E_MISSING,  # noqa: E402
+                        E_OWNER, E_RECV_PORTS, E_SEND_PORTS, NKINDS)
 
 
 @njit(cache=True)

@@ -26,8 +26,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..topology import parse
-from . import _kernels as K
 from ._graph import route_ids
+
+# error kinds, shared with the numba kernel (which is imported only when it runs, so that
+# planning and validating small schedules never loads numba)
+E_LINK, E_SEND_PORTS, E_RECV_PORTS, E_EARLY_REDUCE, E_EARLY_GATHER, E_OWNER, E_MISSING = range(7)
+NKINDS = 7
 
 MAX_ERRORS = 20
 _PHASE = ("reduce", "gather")
@@ -96,7 +100,9 @@ def validate(schedule, topology, engine="auto", max_errors=MAX_ERRORS):
 def _check_numba(s, topo, q, rl_ptr, rl, max_errors):
     weights = np.random.default_rng(0x5eed).integers(1, 2**63, size=s.nranks, dtype=np.uint64)
     weights |= np.uint64(1)
-    rows, counts = K.check(s.nranks, s.nchunks, s.owner, s.phase, s.step, s.src, s.dst, s.lo,
+    from ._kernels import check
+
+    rows, counts = check(s.nranks, s.nchunks, s.owner, s.phase, s.step, s.src, s.dst, s.lo,
                            s.hi, q, rl_ptr, rl, topo.nlinks, topo.ports, weights, max_errors)
     msgs = [_message(s, topo, *_locate(s, row)) for row in rows.tolist()]
     return msgs, {_KIND[k]: int(c) for k, c in enumerate(counts) if c}
@@ -106,21 +112,21 @@ def _locate(s, row):
     """The replay names a transfer by -1 - (phase * 2^24 + step) and its rank and chunk; find
     the transfer index the message wants."""
     kind, a, b, c, d = row
-    if kind in (K.E_EARLY_REDUCE, K.E_EARLY_GATHER) and a < 0:
+    if kind in (E_EARLY_REDUCE, E_EARLY_GATHER) and a < 0:
         key = -1 - a
         ph, st = key >> 24, key & ((1 << 24) - 1)
-        side = s.dst if kind == K.E_EARLY_REDUCE else s.src
+        side = s.dst if kind == E_EARLY_REDUCE else s.src
         hit = np.flatnonzero((s.phase == ph) & (s.step == st) & (side == b)
                              & (s.lo <= c) & (s.hi > c))
         a = int(hit[0])
-    if kind == K.E_EARLY_REDUCE and d >= 0:
+    if kind == E_EARLY_REDUCE and d >= 0:
         d = d & ((1 << 24) - 1)
     return kind, a, b, c, d
 
 
-_KIND = {K.E_LINK: "link", K.E_SEND_PORTS: "ports", K.E_RECV_PORTS: "ports",
-         K.E_EARLY_REDUCE: "early", K.E_EARLY_GATHER: "early", K.E_OWNER: "contribution",
-         K.E_MISSING: "missing"}
+_KIND = {E_LINK: "link", E_SEND_PORTS: "ports", E_RECV_PORTS: "ports",
+         E_EARLY_REDUCE: "early", E_EARLY_GATHER: "early", E_OWNER: "contribution",
+         E_MISSING: "missing"}
 
 
 def _describe(s, i):
@@ -130,26 +136,26 @@ def _describe(s, i):
 
 
 def _message(s, topo, kind, a, b, c, d, detail=""):
-    if kind == K.E_LINK:
+    if kind == E_LINK:
         return (f"link used twice in one step: link {topo.link_src[b]}->{topo.link_dst[b]} "
                 f"carries {_describe(s, c)} and {_describe(s, a)}")
-    if kind == K.E_SEND_PORTS:
+    if kind == E_SEND_PORTS:
         return (f"port budget exceeded: rank {b} sends more than {c} transfers at step "
                 f"{s.step[a]} of the {_PHASE[s.phase[a]]} phase ({_describe(s, a)})")
-    if kind == K.E_RECV_PORTS:
+    if kind == E_RECV_PORTS:
         return (f"port budget exceeded: rank {b} receives more than {c} transfers at step "
                 f"{s.step[a]} of the {_PHASE[s.phase[a]]} phase ({_describe(s, a)})")
-    if kind == K.E_EARLY_REDUCE:
+    if kind == E_EARLY_REDUCE:
         return (f"sent before its data is complete: rank {b} sends its partial chunk {c} at "
                 f"step {d} of the reduce phase but receives more of it afterwards "
                 f"({_describe(s, a)})")
-    if kind == K.E_EARLY_GATHER:
+    if kind == E_EARLY_GATHER:
         return (f"sent before its data is complete: rank {b} forwards chunk {c} before it "
                 f"holds the reduced chunk ({_describe(s, a)})")
-    if kind == K.E_OWNER:
+    if kind == E_OWNER:
         return (f"missing or doubled contribution: chunk {a} at its owner rank {b} has {c} "
                 f"contributions, expected each of {d} ranks exactly once{detail}")
-    if kind == K.E_MISSING:
+    if kind == E_MISSING:
         return f"missing chunk: rank {a} never receives reduced chunk {b}"
     raise AssertionError(kind)
 
@@ -170,15 +176,15 @@ def check_py(s, topo, q, rl_ptr, rl, max_errors):
         key = (int(s.phase[i]), int(s.step[i]))
         for ln in rl[rl_ptr[q[i]]:rl_ptr[q[i] + 1]].tolist():
             if (key, ln) in link_seen:
-                record(K.E_LINK, i, ln, link_seen[(key, ln)], 0)
+                record(E_LINK, i, ln, link_seen[(key, ln)], 0)
             link_seen[(key, ln)] = i
         sr, dr = int(s.src[i]), int(s.dst[i])
         send_n[key, sr] = send_n.get((key, sr), 0) + 1
         if send_n[key, sr] == topo.ports[sr] + 1:
-            record(K.E_SEND_PORTS, i, sr, int(topo.ports[sr]), 0)
+            record(E_SEND_PORTS, i, sr, int(topo.ports[sr]), 0)
         recv_n[key, dr] = recv_n.get((key, dr), 0) + 1
         if recv_n[key, dr] == topo.ports[dr] + 1:
-            record(K.E_RECV_PORTS, i, dr, int(topo.ports[dr]), 0)
+            record(E_RECV_PORTS, i, dr, int(topo.ports[dr]), 0)
     # reduce phase on sets of contributing ranks (ints as bit sets), counted with multiplicity
     held = [[{r: 1} for _ in range(s.nchunks)] for r in range(n)]
     first_send = {}
@@ -196,7 +202,7 @@ def check_py(s, topo, q, rl_ptr, rl, max_errors):
         for i, c, contrib in moving:
             d = int(s.dst[i])
             if (d, c) in first_send:
-                record(K.E_EARLY_REDUCE, i, d, c, first_send[d, c])
+                record(E_EARLY_REDUCE, i, d, c, first_send[d, c])
             for r, k in contrib.items():
                 held[d][c][r] = held[d][c].get(r, 0) + k
     for c in range(s.nchunks):
@@ -207,16 +213,16 @@ def check_py(s, topo, q, rl_ptr, rl, max_errors):
             doubled = sorted(r for r, k in h.items() if k > 1)
             detail = "".join([f"; missing ranks {missing}" if missing else "",
                               f"; doubled ranks {doubled}" if doubled else ""])
-            record(K.E_OWNER, c, o, sum(h.values()), n, detail)
+            record(E_OWNER, c, o, sum(h.values()), n, detail)
     have = {(int(s.owner[c]), c): -1 for c in range(s.nchunks)}
     for i in gat:
         for c in range(s.lo[i], s.hi[i]):
             if have.get((int(s.src[i]), c), 1 << 40) >= s.step[i]:
-                record(K.E_EARLY_GATHER, i, int(s.src[i]), c, 0)
+                record(E_EARLY_GATHER, i, int(s.src[i]), c, 0)
             key = (int(s.dst[i]), c)
             have[key] = min(have.get(key, 1 << 40), int(s.step[i]))
     for r in range(n):
         for c in range(s.nchunks):
             if (r, c) not in have:
-                record(K.E_MISSING, r, c, 0, 0)
+                record(E_MISSING, r, c, 0, 0)
     return rows, counts
