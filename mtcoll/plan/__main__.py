@@ -5,6 +5,13 @@ Examples::
     python -m mtcoll.plan --topology torus:8x8
     python -m mtcoll.plan --topology fattree:8x8 --algorithm ring --json
     python -m mtcoll.plan --topology torus:4x4 --ports 1 --json plan.json --save plan.npz
+    python -m mtcoll.plan --topology torus:4x4 --draw trees.png            # one panel per step
+    python -m mtcoll.plan --topology torus:4x4 --draw tree0.png --tree 0   # one whole tree
+    python -m mtcoll.plan --topology torus:4x4 --draw grow.png --tree 0 --steps 0-3  # growing
+    python -m mtcoll.plan --topology ring:8 --algorithm rhd --draw rhd.png --phase reduce
+
+--draw needs matplotlib (pip install 'mtcoll[plot]') and draws topologies of at most 64 ranks;
+see mtcoll/plan/_draw.py for the layouts.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 
 from .._cli import add_json_option, report
 from . import ALGORITHMS, plan, tree_depth, validate
+from ._draw import MAX_PANELS
 
 
 def _parser():
@@ -30,7 +38,30 @@ def _parser():
                    help="MultiTree engine (default: %(default)s)")
     add_json_option(p)
     p.add_argument("--save", metavar="FILE.npz", help="save the schedule (Schedule.load reads it)")
+    d = p.add_argument_group("drawing (needs matplotlib, the 'plot' extra)")
+    d.add_argument("--draw", metavar="FILE.png",
+                   help="draw the schedule: one panel per step of a phase, arrows colored by tree")
+    d.add_argument("--phase", choices=("gather", "reduce"), default="gather",
+                   help="the phase drawn (default: %(default)s, where trees grow from their roots)")
+    d.add_argument("--steps", metavar="LIST", type=_int_list,
+                   help=f"steps to draw, e.g. 0-3,7 (default: the first {MAX_PANELS}); with "
+                        "--tree, one panel per tree and step: the tree as it grows")
+    d.add_argument("--tree", metavar="ROOTS", type=_int_list,
+                   help="draw whole trees instead, one panel per root, e.g. 0 or 0,5: every "
+                        "transfer carrying a chunk owned by the root, labelled with its step "
+                        "(with --steps: one panel per step)")
     return p
+
+
+def _int_list(text):
+    out = []
+    try:
+        for part in text.split(","):
+            a, sep, b = part.partition("-")
+            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers like 0-3,7: {text!r}") from None
+    return out
 
 
 def run(topology, algorithm="multitree", ports=None, engine="auto"):
@@ -70,8 +101,26 @@ def _with_ports(spec, ports):
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
+        if args.draw:
+            from ._draw import _matplotlib, check_size
+
+            _matplotlib()  # fail before planning, not after
+            check_size(args.topology)
         out, sched = run(args.topology, args.algorithm, args.ports, args.engine)
-    except ValueError as e:
+        if args.draw:
+            from ._draw import draw
+
+            try:
+                d = draw(sched, args.topology, args.draw, phase=args.phase, steps=args.steps,
+                         trees=args.tree)
+            except OSError as e:
+                raise ValueError(f"--draw: cannot write {args.draw}: {e.strerror or e}") from None
+            out["draw"] = {"path": d.path, "phase": args.phase, "steps": list(d.steps),
+                           "trees": list(d.trees),
+                           "panels": [{"title": t, "arrows": a} for t, a in d.panels]}
+            print(f"mtcoll.plan: drew {len(d.panels)} panels, {d.arrows} transfers, "
+                  f"to {d.path}", file=sys.stderr)
+    except (ValueError, RuntimeError) as e:
         print(f"mtcoll.plan: error: {e}", file=sys.stderr)
         return 2
     if args.save:
