@@ -25,3 +25,19 @@ def test_dropin_snippet_runs_on_4_ranks():
 def test_readme_shows_the_snippet_verbatim():
     readme = (ROOT / "README.md").read_text()
     assert SNIPPET.read_text() in readme
+
+
+def _quickstart_commands(text: str) -> list[str]:
+    # the first sh block after the "## Quickstart" heading, comments stripped
+    section = text.split("## Quickstart", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    return [line.split("#", 1)[0].strip() for line in block.splitlines()
+            if line.split("#", 1)[0].strip()]
+
+
+def test_ci_runs_the_readme_quickstart_as_written():
+    readme = _quickstart_commands((ROOT / "README.md").read_text())
+    assert readme == ["make bench", "make test"], readme
+    ci = [line.split("<", 1)[0].strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if re.match(r"make\b", line)]
+    assert ci == readme, ci
