@@ -15,11 +15,18 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 ranks=("$@")
 [ ${#ranks[@]} -gt 0 ] || ranks=(2 4 8 16)
+per_node=${MTCOLL_SWEEP_PER_NODE:-}  # ranks per node; unset: bench.slurm's one node
+# checked before anything is made or submitted, so that a typo leaves no half sweep behind
+for n in "${ranks[@]}"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] \
+        || { echo "sweep.sh: rank count '$n' is not a positive integer" >&2; exit 2; }
+done
+[[ -z $per_node || $per_node =~ ^[1-9][0-9]*$ ]] \
+    || { echo "sweep.sh: MTCOLL_SWEEP_PER_NODE='$per_node' is not a positive integer" >&2; exit 2; }
 dir=${MTCOLL_SWEEP_DIR:-$PWD/mtcoll-sweep-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 extra=(${MTCOLL_SBATCH_ARGS:-})
-per_node=${MTCOLL_SWEEP_PER_NODE:-}  # ranks per node; unset: bench.slurm's one node
 
 # One run at a time (afterany: the next runs even if one fails), so that runs never share
 # nodes or the network.

@@ -105,7 +105,7 @@ def test_steps_subset_and_cap(tmp_path):
 def test_bad_input(tmp_path):
     s = plan("torus:4x4")
     with pytest.raises(ValueError, match=f"at most {MAX_RANKS} ranks.*torus:9x9 has 81"):
-        draw(s, "torus:9x9", tmp_path / "x.png")  # refused before anything is planned or drawn
+        draw(s, "torus:9x9", tmp_path / "x.png")  # refused before anything is drawn
     with pytest.raises(ValueError, match="has 9 ranks but the schedule has 16"):
         draw(s, "torus:3x3", tmp_path / "x.png")
     with pytest.raises(ValueError, match="roots must be ranks in"):
@@ -141,10 +141,11 @@ def test_without_matplotlib(monkeypatch, tmp_path, capsys):
     s = plan("ring:4")
     with pytest.raises(RuntimeError, match=r"needs matplotlib.*'plot' extra.*mtcoll\[plot\]"):
         draw(s, "ring:4", tmp_path / "x.png")
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("planned before the check"))
     code = cli.main(["--topology", "ring:4", "--draw", str(tmp_path / "x.png")])
     out, err = capsys.readouterr()
     assert code == 2 and "needs matplotlib" in err and "mtcoll[plot]" in err
-    assert out == ""  # failed before planning, no report
+    assert out == ""  # no report
     assert not (tmp_path / "x.png").exists()
 
 
@@ -175,3 +176,6 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--topology", "torus:4x4", "--draw", str(png), "--steps", "one"])
     assert "not a list of integers" in capsys.readouterr()[1]
+    with pytest.raises(SystemExit):
+        cli.main(["--topology", "torus:4x4", "--draw", str(png), "--tree", "0,3-1"])
+    assert "--tree: range '3-1' runs backwards" in capsys.readouterr()[1]

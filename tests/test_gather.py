@@ -88,10 +88,12 @@ def test_wrong_and_missing_results(runs, tmp_path, capsys):
     ('{"meta": {}, "results": []}', "meta has no 'nranks'"),
     ('{"meta": {"nranks": 2}, "results": [{"algorithm": "ring", "bytes": 8}]}',
      "results[0] has no busbw_GBps, wrong"),
+    ('{"meta": {"nranks": 2}, "results": [3]}', "results[0] is not an object"),
+    (PNG_MAGIC + b"\xff\xfe", "not JSON"),  # a binary file given by mistake
 ])
 def test_bad_input_names_the_file(tmp_path, capsys, content, message):
     path = tmp_path / "bad.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert gather.main([str(tmp_path / "t"), str(path)]) == 2
     err = capsys.readouterr().err
     assert f"error: {path}: {message}" in err
@@ -103,6 +105,12 @@ def test_two_files_of_one_run_are_refused(runs, tmp_path, capsys):
     assert gather.main([str(tmp_path / "t"), *runs, again]) == 2
     err = capsys.readouterr().err
     assert f"{runs[1]} and {again} both have 2 ranks on ring:2 at 1024 B" in err
+
+
+def test_unwritable_prefix_is_named(runs, tmp_path, capsys):
+    prefix = str(tmp_path / "no" / "such" / "sweep")
+    assert gather.main([prefix, *runs]) == 2
+    assert f"error: OUT_PREFIX: cannot write {prefix}.md" in capsys.readouterr().err
 
 
 def test_nothing_to_read(tmp_path, capsys):
@@ -122,10 +130,7 @@ def test_module_entry_point(runs, tmp_path):
 
 
 def test_without_matplotlib_the_table_stands(runs, tmp_path, capsys, monkeypatch):
-    def no_matplotlib(*args):
-        raise RuntimeError("the plot needs matplotlib: pip install 'mtcoll[plot]'")
-
-    monkeypatch.setattr(gather, "plot_scaling", no_matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     prefix = str(tmp_path / "t")
     assert gather.main([prefix, *runs]) == 1
     assert Path(prefix + ".md").read_text().count("\n| ") == 3

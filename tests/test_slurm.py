@@ -8,6 +8,8 @@ leftover daemon can interfere), submits ``jobs/bench.slurm``, ``jobs/train.slurm
 
 The tests skip, with the reason, where Slurm or munge is not installed or the user is not root
 (``slurmd`` must be root to start jobs). ``.ci/run`` installs both packages, so CI runs them.
+Only the check that ``jobs/sweep.sh`` refuses bad rank counts before submitting anything runs
+everywhere: it needs no cluster.
 """
 
 from __future__ import annotations
@@ -379,6 +381,26 @@ def test_train_job(cluster, tmp_path):
     # the table the job printed: one line per epoch
     lines = [ln.split() for ln in out.read_text().splitlines()]
     assert [int(ln[0]) for ln in lines if ln and ln[0].isdigit()] == list(range(1, epochs + 1))
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["2", "8x"], {}, "rank count '8x' is not a positive integer"),
+    (["2"], {"MTCOLL_SWEEP_PER_NODE": "0"}, "MTCOLL_SWEEP_PER_NODE='0' is not a positive"),
+])
+def test_sweep_refuses_bad_input_before_submitting(tmp_path, args, env, message):
+    # no cluster needed: sbatch is a stand-in that records a call, and none may happen
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/sh\ntouch "$0.called"\nexit 1\n')
+    (fake / "sbatch").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, PATH=os.pathsep.join([str(fake), "/usr/bin", "/bin"]), **env)
+    out = subprocess.run(["bash", str(JOBS / "sweep.sh"), *args], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not (fake / "sbatch.called").exists()
+    assert list(work.iterdir()) == []  # no sweep directory made
 
 
 def test_sweep(cluster, tmp_path):

@@ -10,8 +10,9 @@ written to ``OUT_PREFIX.md``; the plot (``OUT_PREFIX.png``, needs ``mtcoll[plot]
 per size with busbw against the rank count, one line per algorithm.
 
 Exit status: 0; 1 if any result was wrong, a FILE is missing (the table is still made from
-the others) or the plot could not be made (no matplotlib); 2 on bad input (no readable FILE, a FILE that is not benchmark JSON, two FILEs
-with the same ranks, topology and size).
+the others) or the plot could not be made (no matplotlib); 2 on bad input (no readable FILE, a
+FILE that is not benchmark JSON, two FILEs with the same ranks, topology and size, an
+OUT_PREFIX.md that cannot be written).
 
 This is plain Python on one process: it does not use MPI (importing :mod:`mtcoll` initialises
 MPI as a singleton, which needs no launcher).
@@ -36,7 +37,7 @@ def load(path):
     try:
         with open(path) as f:
             obj = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GatherError(f"{path}: not JSON ({e})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("meta"), dict) \
             or not isinstance(obj.get("results"), list):
@@ -45,6 +46,8 @@ def load(path):
     if "nranks" not in meta:
         raise GatherError(f"{path}: meta has no 'nranks'")
     for i, r in enumerate(obj["results"]):
+        if not isinstance(r, dict):
+            raise GatherError(f"{path}: results[{i}] is not an object")
         missing = [k for k in ("algorithm", "bytes", "busbw_GBps", "wrong") if k not in r]
         if missing:
             raise GatherError(f"{path}: results[{i}] has no {', '.join(missing)}")
@@ -182,7 +185,12 @@ def main(argv=None):
     if any(r["wrong"] for row in table for r in row["cells"].values()):
         status = 1
     text = format_markdown(algorithms, table, notes)
-    Path(args.out_prefix + ".md").write_text(text)
+    try:
+        Path(args.out_prefix + ".md").write_text(text)
+    except OSError as e:
+        print(f"mtcoll.bench.gather: error: OUT_PREFIX: cannot write {args.out_prefix}.md: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 2
     sys.stdout.write(text)
     if not args.no_plot:
         try:

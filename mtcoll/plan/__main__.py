@@ -58,7 +58,10 @@ def _int_list(text):
     try:
         for part in text.split(","):
             a, sep, b = part.partition("-")
-            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+            lo, hi = int(a), int(b) if sep else int(a)
+            if hi < lo:
+                raise argparse.ArgumentTypeError(f"range {part!r} runs backwards: {text!r}")
+            out += list(range(lo, hi + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of integers like 0-3,7: {text!r}") from None
     return out

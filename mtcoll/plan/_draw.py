@@ -251,7 +251,7 @@ def draw(schedule, topology, path, phase=GATHER, steps=None, trees=None, dpi=100
         Trees mode instead: one panel per listed rank, showing every transfer of the phase that
         carries a chunk owned by that rank, labelled with its step. With ``steps`` too, one
         row of panels per tree and one panel per step: that step's transfers of the tree in
-        bold, the earlier ones faint, and filled the ranks the tree has reached so far.
+        bold, the earlier ones faint, and the ranks the tree has reached so far filled.
     dpi : int
 
     Returns
