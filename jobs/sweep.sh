@@ -42,12 +42,8 @@ for n in "${ranks[@]}"; do
 done
 
 # The gather job runs after all of them; a run that failed shows as missing in the table.
-gather='if [ -n "${MTCOLL_MODULES:-}" ]; then module load ${MTCOLL_MODULES}; fi
-if [ -n "${MTCOLL_VENV:-}" ]; then . "${MTCOLL_VENV}/bin/activate"; fi
-exec python3 -m mtcoll.bench.gather'
 gid=$(sbatch --parsable --dependency="afterany:$(IFS=:; echo "${ids[*]}")" "${extra[@]}" \
-      --ntasks=1 --job-name=mtcoll-gather --output="$dir/gather-%j.out" \
-      --wrap="$gather $(printf '%q ' "$dir/sweep" "${files[@]}")")
+      --output="$dir/gather-%j.out" "$here/gather.slurm" "$dir/sweep" "${files[@]}")
 gid=${gid%%;*}
 echo "sweep: ranks ${ranks[*]}: bench jobs ${ids[*]}, gather job $gid; output in $dir" >&2
 echo "$gid"  # alone on stdout, like sbatch --parsable
