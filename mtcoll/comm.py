@@ -9,7 +9,9 @@ not run itself go to the MPI library on the duplicate; see :class:`Comm` for the
 from __future__ import annotations
 
 import io
+import math
 import os
+import pickle
 import sys
 import time
 import zlib
@@ -23,7 +25,7 @@ from . import _ops, _tuning, execute
 from .schedule import GATHER, REDUCE, Schedule
 from .topology import from_comm, host_leaders, mpi_topology
 
-__all__ = ["Comm", "Request", "Allreduce", "Iallreduce", "waitall", "choose",
+__all__ = ["Comm", "Request", "Allreduce", "Iallreduce", "waitall", "choose", "StallError",
            "SMALL_MESSAGE_BYTES", "ENV_VARS"]
 
 #: ``algorithm="auto"`` leaves messages below this many bytes to the MPI library.
@@ -31,7 +33,7 @@ SMALL_MESSAGE_BYTES = 64 * 1024
 
 #: Environment variables mtcoll reads.
 ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "MTCOLL_CHECK",
-            "MTCOLL_DEBUG")
+            "MTCOLL_DEBUG", "MTCOLL_TIMEOUT")
 
 _SPECIAL_ALGORITHMS = ("auto", "native")
 _CALLS = ("Allreduce", "Iallreduce", "Reduce_scatter_block", "Allgather")
@@ -81,7 +83,108 @@ def _env_flag(name):
         return False
     if raw in ("1", "true", "yes", "on"):
         return True
-    raise ValueError(f"environment variable {name}={os.environ[name]!r}: expected 0 or 1")
+    raise ValueError(f"environment variable {name}={os.environ[name]!r} (rank "
+                     f"{MPI.COMM_WORLD.Get_rank()} of MPI.COMM_WORLD): expected 0 or 1")
+
+
+def _positive_int(name, value, rank, per_rank=False):
+    # None (the default) or a positive int; ``ports`` may also be one int per rank.
+    if value is None:
+        return None
+    if per_rank and not isinstance(value, (int, np.integer)):
+        try:
+            values = [int(v) for v in value if isinstance(v, (int, np.integer))]
+            ok = len(values) == len(value)
+        except TypeError:
+            ok = False
+        if ok and values and min(values) >= 1:
+            return value
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    what = "a positive int or one per rank" if per_rank else "a positive int"
+    raise ValueError(f"{name} (rank {rank}) must be {what} or None, got {value!r}")
+
+
+def _env_timeout():
+    # MTCOLL_TIMEOUT: seconds (float > 0) for the stall watchdog; unset or empty: none.
+    raw = os.environ.get("MTCOLL_TIMEOUT", "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"environment variable MTCOLL_TIMEOUT={os.environ['MTCOLL_TIMEOUT']!r} "
+                         f"(rank {MPI.COMM_WORLD.Get_rank()} of MPI.COMM_WORLD): expected a "
+                         f"number of seconds > 0, or unset for no timeout")
+    return value
+
+
+class StallError(TimeoutError):
+    """An mtcoll call gave up waiting after ``MTCOLL_TIMEOUT`` seconds.
+
+    Raised by the agreement check (``MTCOLL_CHECK=1``) when some ranks did not make the call in
+    time, and by ``Wait`` (a blocking call, :meth:`Request.Wait`, :func:`waitall`) when no
+    message of the running calls completed for that long. The :class:`Comm` is broken
+    afterwards (messages of the call may still be in flight): its calls raise RuntimeError;
+    free it and make a new one, or end the job.
+
+    Attributes
+    ----------
+    call : str
+        ``"Allreduce"``, ``"Iallreduce"``, ``"Reduce_scatter_block"`` or ``"Allgather"``.
+    timeout : float
+        The seconds waited (``MTCOLL_TIMEOUT``).
+    ranks : list of int
+        The ranks (of the communicator) waited for: those that did not make the call (check),
+        or those whose messages had not arrived (data path; empty when the MPI library ran the
+        call, which does not say).
+    """
+
+    def __init__(self, message, call=None, timeout=None, ranks=()):
+        super().__init__(message)
+        self.call, self.timeout, self.ranks = call, timeout, list(ranks)
+
+    def __str__(self):
+        return self.args[0]
+
+
+# Whatever a broken Comm leaves behind (requests with their buffers, its communicators): kept
+# alive for good, since MPI may still read or write those buffers, and a freed communicator's
+# context could be reused by a new one while stale messages for it are in flight.
+_ABANDONED = []
+
+
+def _poll(test, deadline=math.inf, sleep=False):
+    """Call ``test()`` until it returns True (then True) or ``deadline`` passes (then False).
+
+    In between, advance mtcoll's running calls (:func:`mtcoll.execute.progress`): another rank
+    may be unable to join what we wait for until one of those finishes, since the ranks may
+    complete their calls in different orders. And sleep as the executor does in sleep mode, or
+    not at all.
+    """
+    delay = execute.SLEEP_MIN
+    while not test():
+        if execute.running():
+            execute.progress(block=False)
+        if time.monotonic() >= deadline:
+            return False
+        if sleep:
+            time.sleep(delay)
+            delay = min(2 * delay, execute.SLEEP_MAX)
+    return True
+
+
+def _mpi_error_text(e):
+    # MPI_ERR_IN_STATUS (from Waitsome/Testsome) says only "see the status": name the class.
+    try:
+        cls = e.Get_error_class()
+        names = {getattr(MPI, n): n for n in ("ERR_TRUNCATE", "ERR_IN_STATUS", "ERR_OTHER",
+                                              "ERR_COUNT", "ERR_TYPE", "ERR_INTERN")}
+        return f"{names.get(cls, f'error class {cls}')}: {e.Get_error_string()}"
+    except Exception:
+        return str(e)
 
 
 def _code(text):
@@ -114,6 +217,9 @@ def _buffer(spec, name, rank, writable):
         if not 1 <= len(spec) <= 3:
             raise TypeError(f"{where}: a buffer spec is buf, [buf, datatype] or "
                             f"[buf, count, datatype], got a sequence of {len(spec)}")
+        if isinstance(spec[0], (int, float, complex, np.number)):
+            raise TypeError(f"{where}: expected a buffer (numpy array, bytearray, "
+                            f"memoryview...), got a {type(spec).__name__} of numbers")
         buf, rest = spec[0], list(spec[1:])
         if len(rest) == 2:
             count, dt = rest
@@ -157,7 +263,11 @@ def _buffer(spec, name, rank, writable):
     if writable and not arr.flags.writeable:
         raise ValueError(f"{where} is read-only")
     if npdt is None and not _ops.simple_dtype(arr.dtype):
-        return None
+        # mpi4py maps no other dtype to an MPI datatype by itself (it would raise a KeyError
+        # or BufferError naming neither the argument nor the rank)
+        raise TypeError(f"{where}: dtype {arr.dtype} has no predefined MPI datatype "
+                        f"(object, structured, byte-swapped, string, void and datetime arrays "
+                        f"need [buf, datatype] with an MPI datatype, or a conversion)")
     orig = full = None
     if arr.flags.c_contiguous or arr.flags.f_contiguous:
         flat = arr.ravel(order="K")  # a view, in memory order (what MPI would see)
@@ -190,6 +300,12 @@ class Request:
     not be read or written. Progress happens only inside mtcoll calls (``Wait``, ``Test``,
     :func:`waitall` and the start of any other mtcoll call): do not block in other MPI calls
     on something another rank can only do after its own ``Wait``.
+
+    With ``MTCOLL_TIMEOUT`` set when the call started, :meth:`Wait` raises :class:`StallError`
+    once no message of the running calls has completed for that many seconds, naming the
+    ranks whose messages are outstanding. That, or any other error inside ``Wait`` (an MPI
+    error such as a truncated message), breaks the :class:`Comm`: its receives are cancelled,
+    and this request and every later call on that Comm raise RuntimeError.
     """
 
     def __init__(self, execution=None, native=None, on_done=(), keep=(), seq=None):
@@ -198,6 +314,9 @@ class Request:
         self._on_done = list(on_done)
         self._keep = keep
         self.seq = seq
+        self._comm = None  # set by Comm._start: the Comm to break on a stall
+        self._timeout = None
+        self._kind = None
         self._complete = execution is None and native is None
         if execution is not None:
             execution.on_done.append(self._finish)
@@ -223,21 +342,94 @@ class Request:
         """
         if self._complete:
             return True
-        if self._exec is not None:
-            self._exec.test()
-        elif self._native.Test():
-            self._finish()
+        self._usable()
+        try:
+            if self._exec is not None:
+                self._exec.test()
+            elif self._native.Test():
+                self._finish()
+        except BaseException as e:
+            self._fail(e)
+            raise
         return self._complete
 
     def Wait(self):
-        """Block until the call is complete (advancing every running mtcoll call). Returns True."""
-        if not self._complete:
+        """Block until the call is complete (advancing every running mtcoll call). Returns True.
+
+        Raises :class:`StallError` after ``MTCOLL_TIMEOUT`` seconds without progress (see the
+        class notes), RuntimeError if the call's :class:`Comm` is broken or freed.
+        """
+        if self._complete:
+            return True
+        self._usable()
+        try:
             if self._exec is not None:
-                self._exec.wait()
-            else:
+                if not self._exec.wait(self._timeout):
+                    recv, send = self._exec.outstanding()
+                    what = [f"messages from ranks {recv} have not arrived"] if recv else []
+                    if send:
+                        what.append(f"messages to ranks {send} have not been received")
+                    self._stall("; ".join(what) or "nothing outstanding", recv or send)
+            elif self._timeout is None and not execute.running():
                 self._native.Wait()
                 self._finish()
+            elif self._timeout is None:
+                # other mtcoll calls are running: advance them while the MPI library's call
+                # completes (a peer may need one of them before it can take part in this one)
+                _poll(self._native.Test, sleep=self._comm is not None and
+                      self._comm.wait == "sleep")
+                self._finish()
+            else:
+                sleep = self._comm is not None and self._comm.wait == "sleep"
+                if not _poll(self._native.Test, time.monotonic() + self._timeout, sleep):
+                    self._stall("the MPI library's collective did not complete (it does not "
+                                "say which ranks it waits for; MTCOLL_CHECK=1 names ranks "
+                                "that did not make the call)", [])
+                self._finish()
+        except MPI.Exception as e:
+            self._fail(e)
+            raise RuntimeError(
+                f"mtcoll {self._kind} on rank {self._rank()}: MPI error while waiting: "
+                f"{_mpi_error_text(e)}. With MTCOLL_CHECK off this is how a call ends whose "
+                f"count differs between ranks (a message longer than its receive is "
+                f"MPI_ERR_TRUNCATE). The Comm is now broken: free it and make a new one, or "
+                f"end the job") from e
+        except BaseException as e:
+            self._fail(e)
+            raise
         return True
+
+    def _rank(self):
+        return self._comm._rank if self._comm is not None else MPI.COMM_WORLD.Get_rank()
+
+    def _usable(self):
+        comm = self._comm
+        if comm is not None and comm._broken is not None:
+            raise RuntimeError(f"this request belongs to a broken mtcoll.Comm ({comm._broken}); "
+                               f"free the Comm and make a new one, or end the job")
+
+    def _stall(self, what, ranks):
+        seq = f" (call {self.seq})" if self.seq is not None else ""
+        raise StallError(f"mtcoll {self._kind}{seq} on rank {self._rank()}: no progress for "
+                         f"{self._timeout:g} s (MTCOLL_TIMEOUT); {what}. A rank may not have "
+                         f"made this call, or made a different one. The Comm is now broken: "
+                         f"free it and make a new one, or end the job", self._kind,
+                         self._timeout, ranks)
+
+    def _fail(self, e):
+        # An error inside the data path leaves messages in flight: break the Comm.
+        if self._complete:
+            return
+        self._abandon()
+        if self._comm is not None:
+            kind = "stalled" if isinstance(e, StallError) else f"failed ({type(e).__name__})"
+            self._comm._break(f"{self._kind} {kind} on rank {self._comm._rank}")
+
+    def _abandon(self):
+        if self._exec is not None:
+            self._exec.abandon()
+        if self not in _ABANDONED:
+            _ABANDONED.append(self)  # keeps the MPI requests and the buffers alive
 
     def __repr__(self):
         state = "complete" if self._complete else "active"
@@ -249,14 +441,17 @@ def waitall(requests):
     """Wait for every request in ``requests`` (mtcoll :class:`Request` or ``MPI.Request``).
 
     The mtcoll calls are advanced together (waiting for one advances them all), then the MPI
-    requests are waited for. Returns True.
+    requests are waited for. Returns True. Errors as for :meth:`Request.Wait`
+    (:class:`StallError` with ``MTCOLL_TIMEOUT``); the MPI requests are not waited for then.
     """
     requests = list(requests)
     for r in requests:
         if isinstance(r, Request):
             r.Wait()
     rest = [r for r in requests if not isinstance(r, Request)]
-    if rest:
+    if rest and execute.running():
+        _poll(lambda: MPI.Request.Testall(rest))
+    elif rest:
         MPI.Request.Waitall(rest)
     return True
 
@@ -334,6 +529,16 @@ class Comm:
     rank: they use the configured algorithm's schedule if it is one, else MultiTree's, else
     ring's, else the MPI library.
 
+    With ``MTCOLL_TIMEOUT=<seconds>`` nothing waits for ever: the agreement check gives up
+    after that many seconds, naming the ranks that did not make the call, and the data path
+    (``Wait``) after that many seconds without a completed message, naming the ranks whose
+    messages are outstanding. Both raise :class:`StallError` and leave the Comm broken:
+    messages of the call may still be in flight, so every later call (and ``Wait`` on its
+    requests) raises RuntimeError. :meth:`Free` still works on a broken Comm (it waits for
+    nothing and keeps the duplicate communicators allocated, so their messages can never reach
+    a new communicator). With the timeout set, calls that go to the MPI library run as its
+    nonblocking twin (``Iallreduce``...) and are polled, so that they can time out too.
+
     Every attribute not defined here (``Get_rank``, ``Barrier``, ``Bcast``, ``rank``, ``size``,
     ``allreduce``...) is the wrapped communicator's, so a Comm can stand in for it.
     """
@@ -351,6 +556,10 @@ class Comm:
         self._orig = comm
         self._dup = None
         algorithm = (env_algo or str(algorithm)).strip().lower()
+        rank = comm.Get_rank()
+        ports = _positive_int("ports", ports, rank, per_rank=True)
+        segment_bytes = _positive_int("segment_bytes", segment_bytes, rank)
+        max_segments = _positive_int("max_segments", max_segments, rank)
         self._dup = comm.Dup()
         try:
             leaders = host_leaders(self._dup)
@@ -360,14 +569,15 @@ class Comm:
             try:
                 self.topology = from_comm(self._dup, env_topo or topology, ports, leaders)
             except ValueError as e:
-                if env_topo:
-                    raise ValueError(f"environment variable MTCOLL_TOPOLOGY={env_topo!r}: {e}") \
-                        from None
-                raise
+                where = f"environment variable MTCOLL_TOPOLOGY={env_topo!r}" if env_topo \
+                    else f"topology={topology!r}"
+                raise ValueError(f"{where} (rank {rank}): {e}") from None
             self.tuning, self.tuning_path = self._load_tuning()
             # the topology as an MPI virtual topology (Create_cart for torus, mesh and ring, a
             # distributed graph otherwise), for users who want coordinates or neighbours
             self.virtual_topology = mpi_topology(self._dup, self.topology)
+            # the agreement check's own communicator: its messages never meet the executor's
+            self._chk = self._dup.Dup()
         except BaseException:
             self._dup.Free()
             self._dup = None
@@ -382,6 +592,8 @@ class Comm:
         self._executors = {}
         self._seq = 0
         self._requests = deque()  # in flight, oldest first
+        self._nchecks = 0  # agreement checks made (their tag)
+        self._broken = None  # why this Comm is broken (a stall or an error mid-call), or None
 
     def _check_algorithm(self, name, source):
         # Only rank 0 imports the planner (it may pull in numba); the verdict is broadcast.
@@ -401,7 +613,7 @@ class Comm:
         if isinstance(verdict, ImportError):
             raise verdict
         if verdict:
-            raise ValueError(verdict)
+            raise ValueError(f"{verdict} (rank {self._dup.Get_rank()})")
 
     def _gate(self):
         # Before a broadcast of what rank 0 alone computes (imports, plans, files): with more
@@ -410,11 +622,34 @@ class Comm:
         # took 13.5 s that way, 1.9 s this way).
         if getattr(self, "wait", "busy") != "sleep":
             return
-        req = self._dup.Ibarrier()
-        delay = 50e-6
-        while not req.Test():
-            time.sleep(delay)
-            delay = min(2 * delay, 2e-3)
+        _poll(self._dup.Ibarrier().Test, sleep=True)
+
+    def _bcast_within(self, payload, timeout, what):
+        # bcast(payload, root=0) that advances mtcoll's running calls while it waits (a rank
+        # may still need one of them finished before it makes this call) and gives up after
+        # ``timeout`` seconds (MTCOLL_TIMEOUT; None: never): the planning on a call's first use
+        # must not hold the other ranks for ever in a blocking broadcast when a rank never
+        # makes the call, or makes a different one.
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        sleep = self.wait == "sleep"
+        data = pickle.dumps(payload) if self._rank == 0 else b""
+        size = np.array([len(data)], dtype=np.int64)
+        for step in (0, 1):
+            if step:
+                data = bytearray(int(size[0])) if self._rank else data
+                req = self._dup.Ibcast(data, root=0)
+            else:
+                req = self._dup.Ibcast(size, root=0)
+            if not _poll(req.Test, deadline, sleep):
+                _ABANDONED.append((req, data, size))
+                self._break(f"{what} timed out on rank {self._rank}")
+                raise StallError(
+                    f"{what} on rank {self._rank}: not every rank took part within "
+                    f"MTCOLL_TIMEOUT={timeout:g} s (the first call with an algorithm plans its "
+                    f"schedule on rank 0 and broadcasts it; a rank may not have made this "
+                    f"call, or made a different one). The Comm is now broken: free it and make "
+                    f"a new one, or end the job", None, timeout, [])
+        return pickle.loads(data) if self._rank else payload
 
     def _wait_mode(self, wait, ranks_here):
         # "sleep" when a host runs more ranks than it has cores: a rank waiting for a message
@@ -427,7 +662,7 @@ class Comm:
         if mode not in ("auto", "busy", "sleep"):
             where = f"environment variable MTCOLL_WAIT={os.environ['MTCOLL_WAIT']!r}" if env \
                 else f"wait={wait!r}"
-            bad = f"{where} is not one of auto, busy, sleep"
+            bad = f"{where} (rank {self._dup.Get_rank()}) is not one of auto, busy, sleep"
         if mode == "auto":
             mode = "sleep" if ranks_here > (os.cpu_count() or 1) else "busy"
         flags = self._dup.allreduce((mode == "sleep") | (bad is not None) << 1, op=MPI.BOR)
@@ -456,7 +691,8 @@ class Comm:
         self._gate()
         payload = self._dup.bcast(payload, root=0)
         if payload[0] == "error":
-            raise ValueError(payload[1] + " (MTCOLL_TUNING=off ignores tuning files)")
+            raise ValueError(f"{payload[1]} (read on rank 0, for rank {self._dup.Get_rank()}; "
+                             f"MTCOLL_TUNING=off ignores tuning files)")
         return payload[1], payload[2]
 
     # -- passthrough and lifetime --------------------------------------------------------------
@@ -487,22 +723,44 @@ class Comm:
         """Wait for this Comm's calls still in flight, then free its duplicate communicator.
 
         Collective. The wrapped communicator is left alone. Freeing twice is harmless; any
-        other call after ``Free`` raises RuntimeError.
+        other call after ``Free`` raises RuntimeError. A broken Comm (see the class notes) waits
+        for nothing and keeps its duplicate communicators allocated, so that no new
+        communicator gets their context while messages of the broken call may still arrive.
+        The other ranks, whose Comm may not be broken, free theirs (MPICH's ``MPI_Comm_free``
+        does not wait for the other ranks).
         """
         if self._dup is None:
             return
-        while self._requests:
+        while self._requests and self._broken is None:
             self._requests.popleft().Wait()
         self.virtual_topology.Free()
         self.virtual_topology = None
-        self._dup.Free()
-        self._dup = None
+        if self._broken is None:
+            self._chk.Free()
+            self._dup.Free()
+        else:
+            _ABANDONED.append((self._dup, self._chk))
+        self._dup = self._chk = None
+        self._requests.clear()
         self._schedules.clear()
         self._executors.clear()
 
     def _alive(self):
         if self._dup is None:
             raise RuntimeError("this mtcoll.Comm has been freed")
+        if self._broken is not None:
+            raise RuntimeError(f"this mtcoll.Comm is broken: {self._broken}. Messages of that "
+                               f"call may still be in flight, so no later call can be trusted: "
+                               f"Free() it and make a new Comm, or end the job")
+
+    def _break(self, reason):
+        # A call stalled or failed midway: stop every call in flight (their receives are
+        # cancelled; their sends and buffers stay alive in _ABANDONED) and refuse new ones.
+        if self._broken is not None:
+            return
+        self._broken = reason
+        while self._requests:
+            self._requests.popleft()._abandon()
 
     # -- schedules -------------------------------------------------------------------------------
 
@@ -529,8 +787,10 @@ class Comm:
                     payload = ("ok", out.getvalue())
                 except Exception as e:  # every rank must raise, not only rank 0
                     payload = ("error", type(e).__name__, str(e))
-            self._gate()
-            payload = self._dup.bcast(payload, root=0)
+            # nonblocking and polled on every rank (the same calls everywhere: whether calls are
+            # running differs between ranks), sleeping in sleep mode like _gate
+            payload = self._bcast_within(payload, _env_timeout(),
+                                         f"planning {name!r} on first use")
             if payload[0] == "ok":
                 got = sched if self._rank == 0 else Schedule.load(io.BytesIO(payload[1]))
                 if got.nranks != self._size:
@@ -591,7 +851,8 @@ class Comm:
         written) until the request completes. The request keeps them alive. Several
         Iallreduce calls may be in flight at once; completing them in any order is fine.
         Data moves only inside mtcoll calls (see :class:`Request`). With ``MTCOLL_CHECK=1``
-        the start synchronises the ranks (the agreement check is a small allgather).
+        the start synchronises the ranks (the agreement check exchanges a small descriptor
+        between every pair of ranks).
         """
         return self._start("Iallreduce", sendbuf, recvbuf, op, blocking=False)
 
@@ -621,17 +882,25 @@ class Comm:
         self._alive()
         check = _env_flag("MTCOLL_CHECK")
         debug = _env_flag("MTCOLL_DEBUG")
+        timeout = _env_timeout()
         call, err = None, None
         try:
             call = self._prepare(kind, sendbuf, recvbuf, op)
         except (ValueError, TypeError) as e:
             err = e
         if check:
-            self._agree(kind, call, err)
+            self._agree(kind, call, err, timeout)
         elif err is not None:
             raise err
         self._retire()
-        req = self._launch(call, blocking, debug)
+        # with a timeout, the MPI library's calls run nonblocking so that Wait can give up
+        try:
+            req = self._launch(call, blocking and timeout is None, debug)
+        except StallError as e:  # from planning on first use, which does not know the call
+            e.call = kind
+            e.args = (f"mtcoll {kind}: {e.args[0]}",)
+            raise
+        req._comm, req._timeout, req._kind = self, timeout, kind
         if not req._complete:
             self._requests.append(req)
         return req
@@ -702,7 +971,11 @@ class Comm:
             c.algorithm = self.algorithm
         return c
 
-    def _agree(self, kind, call, err):
+    def _agree(self, kind, call, err, timeout):
+        # Every rank sends a small descriptor of its call to every other rank on the check
+        # communicator (nonblocking, tagged with the check's number) and waits for theirs: up
+        # to ``timeout`` seconds, so a rank that never makes the call is named, not waited for.
+        # (One Allgather would be cheaper, but cannot tell who is missing.)
         fields = ("validation", "call", "count", "datatype", "op", "algorithm", "topology")
         if err is not None:
             mine = [0, _CALLS.index(kind), -1, -1, -1, -1, -1]
@@ -710,11 +983,41 @@ class Comm:
             dcode = _ops.dtype_code(call.dtype) if call.dtype is not None else 0
             mine = [1, _CALLS.index(kind), call.count, dcode, _ops.op_code(call.op),
                     _code(self.algorithm), _code(self.topology.spec)]
-        every = np.empty((self._size, len(fields)), dtype=np.int64)
-        self._dup.Allgather(np.array(mine, dtype=np.int64), every)
+        self._nchecks += 1
+        tag = self._nchecks % 32768  # MPI guarantees tags up to 32767
+        size, rank = self._size, self._rank
+        every = np.empty((size, len(fields)), dtype=np.int64)
+        every[rank] = mine
+        peers = [r for r in range(size) if r != rank]
+        recvs = [self._chk.Irecv(every[r], r, tag) for r in peers]
+        sends = [self._chk.Isend(every[rank], r, tag) for r in peers]
+        if timeout is None and self.wait == "busy" and not execute.running():
+            MPI.Request.Waitall(recvs + sends)
+        else:
+            deadline = math.inf if timeout is None else time.monotonic() + timeout
+            reqs = recvs + sends
+            if not _poll(lambda: MPI.Request.Testall(reqs), deadline, self.wait == "sleep"):
+                missing = []
+                for r, q in zip(peers, recvs):
+                    if q:  # not completed yet: cancel it (it may still complete meanwhile)
+                        q.Cancel()
+                        st = MPI.Status()
+                        q.Wait(st)
+                        if st.Is_cancelled():
+                            missing.append(r)
+                _ABANDONED.append((sends, every))  # the sends may still be read
+                came = [r for r in range(size) if r not in missing]
+                self._break(f"{kind} agreement check timed out on rank {rank}")
+                raise StallError(
+                    f"mtcoll {kind} on rank {rank}: rank(s) {missing} did not make this call "
+                    f"within MTCOLL_TIMEOUT={timeout:g} s (MTCOLL_CHECK agreement check "
+                    f"{self._nchecks}; ranks {came} did). The Comm is now broken: free it and "
+                    f"make a new one, or end the job", kind, timeout, missing)
+        # Every rank has every descriptor, so every rank is here and takes the same branch:
+        # the blocking allgathers below cannot hang.
         bad = np.flatnonzero(every[:, 0] == 0).tolist()
         if bad:
-            msgs = self._dup.allgather(None if err is None else (type(err).__name__, str(err)))
+            msgs = self._chk.allgather(None if err is None else (type(err).__name__, str(err)))
             if err is not None:
                 raise err
             name, text = msgs[bad[0]]
@@ -727,7 +1030,7 @@ class Comm:
                     "datatype": None if call.dtype is None else call.dtype.name,
                     "op": _ops.op_name(call.op) if call.op is not None else None,
                     "algorithm": self.algorithm, "topology": self.topology.spec}
-            descs = self._dup.allgather(desc)
+            descs = self._chk.allgather(desc)
             parts = []
             for j in diff:
                 f = fields[j]
@@ -814,17 +1117,18 @@ class Comm:
             recv = c.recv
         done = [recv.copy_back] if recv is not None and recv.orig is not None else []
         if c.kind == "Allgather":
-            if not blocking:
-                raise AssertionError("no nonblocking Allgather")
-            comm.Allgather(sendspec, recvspec)
+            run = comm.Allgather if blocking else comm.Iallgather
+            args = (sendspec, recvspec)
         elif c.kind == "Reduce_scatter_block":
-            comm.Reduce_scatter_block(sendspec, recvspec, c.op)
-        elif blocking:
-            comm.Allreduce(sendspec, recvspec, c.op)
+            run = comm.Reduce_scatter_block if blocking else comm.Ireduce_scatter_block
+            args = (sendspec, recvspec, c.op)
         else:
-            return Request(native=comm.Iallreduce(sendspec, recvspec, c.op), on_done=done,
-                           keep=(c.raw, sendspec, recvspec))
-        return Request(on_done=done)
+            run = comm.Allreduce if blocking else comm.Iallreduce
+            args = (sendspec, recvspec, c.op)
+        if blocking:
+            run(*args)
+            return Request(on_done=done)
+        return Request(native=run(*args), on_done=done, keep=(c.raw, sendspec, recvspec))
 
     def _run_schedule(self, c, ex, phases, blocking):
         self._seq += 1

@@ -60,7 +60,7 @@ from mpi4py import MPI
 
 from .schedule import GATHER, RECV, REDUCE, SEND
 
-__all__ = ["Executor", "Execution", "Layout", "progress", "MAX_MESSAGE_ELEMENTS",
+__all__ = ["Executor", "Execution", "Layout", "progress", "running", "MAX_MESSAGE_ELEMENTS",
            "SEGMENT_BYTES", "MAX_SEGMENTS", "SLEEP_SEGMENT_BYTES", "SLEEP_MAX_SEGMENTS",
            "RECV_WINDOW", "TAG_SLOTS", "WAIT", "SPIN_POLLS", "YIELD_POLLS", "SLEEP_MIN",
            "SLEEP_MAX"]
@@ -105,6 +105,7 @@ SLEEP_MAX = 200e-6
 
 _LAYOUT_CACHE = 32  # shapes remembered per executor
 _SCRATCH_CACHE = 4  # scratch buffers kept per executor for reuse
+_SCRATCH_SMALL = 64 * 1024  # a request this small may take any kept buffer up to this size
 
 
 def _npieces(sizes, itemsize, segment_bytes, max_segments, max_elements):
@@ -386,11 +387,18 @@ class Executor:
         """:meth:`start` and wait for completion."""
         self.start(acc, ufunc, seq, phases, src).wait()
 
-    # A few scratch buffers are kept: fresh large allocations cost page faults on every call.
+    # A few scratch buffers are kept: fresh large allocations cost page faults on every call,
+    # and a stream of them in ever new sizes raises the C allocator's high-water mark. A call
+    # takes the smallest kept buffer that holds its scratch without wasting more than half of
+    # it (small requests may take any buffer up to _SCRATCH_SMALL bytes).
     def _get_scratch(self, nbytes):
+        best = None
         for i, buf in enumerate(self._scratch):
-            if buf.nbytes == nbytes:
-                return self._scratch.pop(i)
+            if nbytes <= buf.nbytes <= max(2 * nbytes, _SCRATCH_SMALL) and (
+                    best is None or buf.nbytes < self._scratch[best].nbytes):
+                best = i
+        if best is not None:
+            return self._scratch.pop(best)
         return np.empty(nbytes, dtype=np.uint8)
 
     def _put_scratch(self, buf):
@@ -438,9 +446,10 @@ class Execution:
         self._comm = executor.comm
         self._tmp = None
         if layout.scratch_size:
-            raw = executor._get_scratch(layout.scratch_size * acc.itemsize)
-            self._raw = raw
-            self._tmp = raw.view(acc.dtype)
+            nbytes = layout.scratch_size * acc.itemsize
+            raw = executor._get_scratch(nbytes)
+            self._raw = raw  # returned whole to the executor's cache when the call completes
+            self._tmp = raw[:nbytes].view(acc.dtype)
         self.done = layout.npieces == 0
         if not self.done:
             _active.append(self)
@@ -554,19 +563,65 @@ class Execution:
             progress(block=False)
         return self.done
 
-    def wait(self):
-        """Advance all running executions until this one is complete."""
+    def wait(self, timeout=None):
+        """Advance all running executions until this one is complete; returns True.
+
+        With ``timeout`` (seconds), return False instead once no message of any running
+        execution has completed for that long (a stall); the execution is then still running
+        (see :meth:`outstanding`, :meth:`abandon`).
+        """
         while not self.done:
-            progress(block=True)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not progress(block=True, deadline=deadline) and deadline is not None \
+                    and time.monotonic() >= deadline:
+                return False
+        return True
+
+    def outstanding(self):
+        """``(recv_from, send_to)``: sorted peer ranks of this execution's posted messages that
+        have not completed (receives not arrived, sends not yet taken by their receiver)."""
+        recv, send = set(), set()
+        lay = self.layout
+        for r, p in zip(self.reqs, self._req_piece):
+            if r:  # completed requests are MPI.REQUEST_NULL
+                (send if lay.kind[p] == SEND else recv).add(lay.peer[p])
+        return sorted(recv), sorted(send)
+
+    def abandon(self):
+        """Stop this execution without completing it: cancel its posted receives (so nothing
+        writes into its buffers any more) and drop it from the running executions. Its sends
+        stay posted and keep their buffers alive through :attr:`reqs`. It counts as ``done``
+        from then on (so waits return), but ``on_done`` never runs.
+        """
+        if self.done:
+            return
+        self.done = True
+        if self in _active:
+            _active.remove(self)
+        lay = self.layout
+        for r, p in zip(self.reqs, self._req_piece):
+            if r and lay.kind[p] == RECV:
+                try:
+                    r.Cancel()
+                    r.Wait()
+                except MPI.Exception:
+                    pass  # e.g. it arrived, truncated: either way it is over
 
 
-def progress(block=False):
+def running():
+    """Whether any execution is running (on any communicator of this process)."""
+    return bool(_active)
+
+
+def progress(block=False, deadline=None):
     """Advance every running execution once.
 
     With ``block``, wait until at least one outstanding message completes: in one
     ``MPI.Request.Waitsome`` over the requests of all running executions, or, when one of them
     asks to sleep (``wait="sleep"``, see :data:`WAIT`), by testing and sleeping in turn.
-    Otherwise only test (``Testsome``). Returns True if anything completed.
+    Otherwise only test (``Testsome``). With a ``deadline`` (a ``time.monotonic()`` value) a
+    blocking wait gives up at that time: it tests (``Testsome``) instead of blocking in
+    ``Waitsome``. Returns True if anything completed.
     """
     execs = list(_active)
     if not execs:
@@ -576,10 +631,7 @@ def progress(block=False):
         reqs = e.reqs
         if not e._active_reqs:
             raise RuntimeError("mtcoll executor stalled with no outstanding message")
-        if block and e.executor.sleep:
-            idx = _test_and_sleep(reqs)
-        else:
-            idx = (MPI.Request.Waitsome if block else MPI.Request.Testsome)(reqs)
+        idx = _some(reqs, block, e.executor.sleep, deadline)
         if idx:
             e._complete(idx)
         return bool(idx)
@@ -589,10 +641,7 @@ def progress(block=False):
         allreqs.extend(e.reqs)
     if not any(e._active_reqs for e in execs):
         raise RuntimeError("mtcoll executor stalled with no outstanding message")
-    if block and any(e.executor.sleep for e in execs):
-        idx = _test_and_sleep(allreqs)
-    else:
-        idx = (MPI.Request.Waitsome if block else MPI.Request.Testsome)(allreqs)
+    idx = _some(allreqs, block, any(e.executor.sleep for e in execs), deadline)
     if not idx:
         return False
     idx = sorted(idx)
@@ -608,8 +657,24 @@ def progress(block=False):
     return True
 
 
-def _test_and_sleep(reqs):
-    """Indices of completed requests, found by testing and, between tests, sleeping."""
+def _some(reqs, block, sleep, deadline):
+    # The completed requests among reqs: tested, or waited for as progress() describes.
+    if not block:
+        return MPI.Request.Testsome(reqs)
+    if sleep:
+        return _test_and_sleep(reqs, deadline)
+    if deadline is None:
+        return MPI.Request.Waitsome(reqs)
+    test = MPI.Request.Testsome
+    while True:  # busy, but able to give up: poll
+        idx = test(reqs)
+        if idx or time.monotonic() >= deadline:
+            return idx
+
+
+def _test_and_sleep(reqs, deadline=None):
+    """Indices of completed requests, found by testing and, between tests, sleeping; an empty
+    list once ``deadline`` (a ``time.monotonic()`` value) has passed."""
     test = MPI.Request.Testsome
     for _ in range(SPIN_POLLS):
         idx = test(reqs)
@@ -626,4 +691,6 @@ def _test_and_sleep(reqs):
         idx = test(reqs)
         if idx:
             return idx
+        if deadline is not None and time.monotonic() >= deadline:
+            return []
         delay = min(2 * delay, SLEEP_MAX)

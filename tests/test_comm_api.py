@@ -185,11 +185,48 @@ def test_waitall_mixed(comm, mt):
 
 @pytest.mark.mpi
 def test_iallreduce_noncontiguous_copied_back_on_completion(comm, mt):
-    r, n = comm.Get_rank(), comm.Get_size()
+    r = comm.Get_rank()
     out = np.zeros((100, 3))
     req = mt.Iallreduce(np.full(100, float(r)), out[:, 1])
     req.Wait()
     assert np.array_equal(out[:, 1], ranks_sum(comm, 100)) and (out[:, [0, 2]] == 0).all()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("check", ["0", "1"])
+@pytest.mark.parametrize("second", ["native", "first use", "mpi request"])
+def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, second):
+    """Calls are started in the same order everywhere but completed in different orders: rank 0
+    waits for the second call first, the others finish the first call before they even start
+    the second. Rank 0 must keep the first call moving while it waits (in the MPI library's
+    Wait, in the agreement check, in the first use's planning broadcast), or every rank hangs
+    -- the per-test timeout then fails the run."""
+    monkeypatch.setenv("MTCOLL_CHECK", check)
+    r, n = comm.Get_rank(), 1 << 16
+    with mtcoll.Comm(comm, algorithm="multitree") as first, \
+            mtcoll.Comm(comm, algorithm="native" if second == "native" else "ring") as other:
+        if second == "first use":
+            assert "ring" not in other._schedules  # its first call plans, collectively
+        a, b = np.zeros(n), np.zeros(n)
+
+        def start_second():
+            if second == "mpi request":
+                return comm.Ibarrier()
+            return other.Iallreduce(np.full(n, float(r)), b)
+
+        ra = first.Iallreduce(np.full(n, float(r)), a)
+        if r == 0:
+            rb = start_second()
+            mtcoll.waitall([rb]) if second == "mpi request" else rb.Wait()
+            ra.Wait()
+        else:
+            ra.Wait()
+            rb = start_second()
+            mtcoll.waitall([rb])
+    assert np.array_equal(a, ranks_sum(comm, n))
+    if second != "mpi request":
+        assert np.array_equal(b, ranks_sum(comm, n))
 
 
 # -- the communicator ----------------------------------------------------------------------------
@@ -459,7 +496,7 @@ def test_import_is_light():
 
 def test_public_api():
     assert sorted(mtcoll.__all__) == sorted(
-        ["Comm", "Allreduce", "Iallreduce", "waitall", "Request", "Schedule"])
+        ["Comm", "Allreduce", "Iallreduce", "waitall", "Request", "StallError", "Schedule"])
     for name in mtcoll.__all__:
         assert getattr(mtcoll, name).__doc__
 

@@ -1,0 +1,323 @@
+"""Mismatched calls: ranks that disagree on a call, or do not make it (issue #8).
+
+With ``MTCOLL_CHECK=1`` every rank raises, naming the odd ranks; with ``MTCOLL_TIMEOUT`` a rank
+that never calls is named instead of waited for, and a stalled data path ends in
+:class:`mtcoll.comm.StallError`. With checking off a mismatch may give a wrong result, an MPI
+error or a stall, but never writes outside the receive buffer (guard zones). The table of what
+happens in each case is in docs/reliability.md ("Mismatched calls").
+
+Every test makes its own Comm and frees it, and ends with a Barrier on ``MPI.COMM_WORLD``, so
+a rank that skipped a call, or a broken Comm, does not reach into the next test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import mtcoll
+from mtcoll.comm import StallError
+
+TIMEOUT = 2.0
+# How late past MTCOLL_TIMEOUT a rank may raise. Measured: at most 0.017 s over 30 stalls at
+# 2..8 ranks on 2 shared cores (docs/reliability.md); the rest is headroom for a loaded machine.
+SLACK = 1.0
+N = 1 << 16  # float64 elements: 512 KiB, well above the native cut-off, several segments
+
+
+@pytest.fixture(autouse=True)
+def _settle(comm):
+    """A Barrier on the clean world communicator after each test: a rank that skipped a call
+    waits here for the ranks still timing out."""
+    yield
+    comm.Barrier()
+
+
+@pytest.fixture
+def fresh(comm):
+    """``fresh(**options)``: a new Comm on COMM_WORLD, freed after the test (broken or not)."""
+    made = []
+
+    def make(**options):
+        c = mtcoll.Comm(comm, **options)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.Free()
+
+
+def _ranks_sum(size, n):
+    return np.full(n, size * (size - 1) / 2)
+
+
+def _world_ok(comm, n=N):
+    """A new Comm on the world works and gives the right result on every rank: nothing of a
+    broken call (stale messages, cancelled receives) reaches it."""
+    r, size = comm.Get_rank(), comm.Get_size()
+    with mtcoll.Comm(comm, algorithm="multitree") as c:
+        out = np.zeros(n)
+        c.Allreduce(np.full(n, float(r)), out)
+        assert np.array_equal(out, _ranks_sum(size, n))
+
+
+# -- MTCOLL_TIMEOUT itself -------------------------------------------------------------------------
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "inf", "nan", "1s"])
+def test_bad_timeout_value_names_variable(comm, fresh, monkeypatch, value):
+    c = fresh(algorithm="multitree")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", value)
+    with pytest.raises(ValueError, match=rf"MTCOLL_TIMEOUT='{value}' \(rank {comm.Get_rank()} "
+                                         r"of MPI.COMM_WORLD\): expected a number of seconds"):
+        c.Allreduce(np.ones(8), np.zeros(8))
+    monkeypatch.setenv("MTCOLL_TIMEOUT", "")  # empty: no watchdog, and the Comm is fine
+    out = np.zeros(8)
+    c.Allreduce(np.full(8, float(comm.Get_rank())), out)
+    assert np.array_equal(out, _ranks_sum(comm.Get_size(), 8))
+
+
+def test_timeout_is_listed():
+    assert "MTCOLL_TIMEOUT" in mtcoll.comm.ENV_VARS
+    assert issubclass(StallError, TimeoutError)
+
+
+# -- checking on: every rank raises, naming the odd ones -----------------------------------------
+
+def _odd_call(c, what, odd, r, size):
+    """Each rank's call: rank ``odd`` differs from the others in ``what``."""
+    me = r == odd
+    n = 12 * size
+    if what == "count":
+        c.Allreduce(np.ones(n + me), np.zeros(n + me))
+    elif what == "datatype":
+        dt = np.float32 if me else np.float64
+        c.Allreduce(np.ones(n, dt), np.zeros(n, dt))
+    elif what == "op":
+        c.Allreduce(np.ones(n), np.zeros(n), op=MPI.MAX if me else MPI.SUM)
+    elif what == "call":
+        if me:
+            c.Allgather(np.ones(12), np.zeros(n))
+        else:
+            c.Allreduce(np.ones(n), np.zeros(n))
+    elif what == "algorithm":
+        c.Allreduce(np.ones(n), np.zeros(n))
+    else:
+        raise AssertionError(what)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("what", ["count", "datatype", "op", "call", "algorithm"])
+@pytest.mark.parametrize("odd", ["last", "first"])
+def test_check_names_odd_ranks(comm, fresh, need_size, monkeypatch, what, odd):
+    size = need_size(min_size=2, max_size=8)
+    r = comm.Get_rank()
+    odd = size - 1 if odd == "last" else 0
+    monkeypatch.setenv("MTCOLL_CHECK", "1")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", "30")  # a bug here fails, it does not hang
+    algo = ("ring" if r == odd else "multitree") if what == "algorithm" else "multitree"
+    c = fresh(algorithm=algo)
+    named = [odd] if odd else list(range(1, size))  # rank 0 is the reference
+    field = "algorithm" if what == "algorithm" else what
+    with pytest.raises(ValueError, match=rf"the ranks disagree on (.*; )?{field}: rank 0 has "
+                                         rf".* but ranks {named} differ".replace("[", r"\[")
+                       .replace("]", r"\]")):
+        _odd_call(c, what, odd, r, size)
+    # a disagreement found by the check leaves the Comm usable (every descriptor was received)
+    if what != "algorithm":
+        out = np.zeros(N)
+        c.Allreduce(np.full(N, float(r)), out)
+        assert np.array_equal(out, _ranks_sum(size, N))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("call", ["Allreduce", "Iallreduce", "Allgather"])
+@pytest.mark.parametrize("missing", ["last", "first"])
+def test_check_names_missing_rank(comm, fresh, need_size, monkeypatch, call, missing):
+    """One rank does not call: with MTCOLL_CHECK=1 MTCOLL_TIMEOUT=2 every calling rank raises
+    StallError naming it, after the timeout and not much later."""
+    size = need_size(min_size=2, max_size=8)
+    r = comm.Get_rank()
+    missing = size - 1 if missing == "last" else 0
+    monkeypatch.setenv("MTCOLL_CHECK", "1")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
+    c = fresh(algorithm="multitree")
+    c.Allreduce(np.ones(8), np.zeros(8))  # a good call first: the check's numbering moves on
+    elapsed = None
+    if r != missing:
+        t0 = time.monotonic()
+        with pytest.raises(StallError, match=rf"rank {r}: rank\(s\) \[{missing}\] did not make "
+                                             rf"this call within MTCOLL_TIMEOUT=2 s") as err:
+            if call == "Allgather":
+                c.Allgather(np.ones(4), np.zeros(4 * size))
+            else:
+                getattr(c, call)(np.ones(N), np.zeros(N))
+        elapsed = time.monotonic() - t0
+        assert err.value.ranks == [missing]
+        assert err.value.call == call and err.value.timeout == TIMEOUT
+        assert TIMEOUT <= elapsed <= TIMEOUT + SLACK, elapsed
+        with pytest.raises(RuntimeError, match="mtcoll.Comm is broken: .* agreement check timed "
+                                               "out .* Free\\(\\) it"):
+            c.Allreduce(np.ones(8), np.zeros(8))
+    c.Free()
+    comm.Barrier()
+    _world_ok(comm)
+
+
+# -- the stall watchdog on the data path (checking off) -------------------------------------------
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["multitree", "native"])
+@pytest.mark.parametrize("blocking", [True, False], ids=["Allreduce", "Iallreduce"])
+@pytest.mark.parametrize("warm", [True, False], ids=["planned", "first-use"])
+def test_watchdog_without_check(comm, fresh, need_size, monkeypatch, algorithm, blocking,
+                                warm):
+    """Checking off, the last rank does not call: every other rank raises StallError within
+    timeout + slack. On a planned Comm ("planned") the data path's watchdog fires, and together
+    the ranks name the missing one. On a Comm's first call with the algorithm, the broadcast of
+    the schedule gives up instead (naming no ranks) on the ranks that wait for the missing one
+    in the broadcast tree; the others get as far as the data path. The MPI library's own
+    collective (native) names no ranks either."""
+    size = need_size(min_size=2, max_size=8)
+    r, missing = comm.Get_rank(), size - 1
+    monkeypatch.setenv("MTCOLL_CHECK", "0")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
+    c = fresh(algorithm=algorithm)
+    if warm:
+        c.Allreduce(np.ones(N), np.zeros(N))
+    kind = "Allreduce" if blocking else "Iallreduce"
+    if algorithm == "native":
+        how = r"no progress for 2 s \(MTCOLL_TIMEOUT\); the MPI library's collective"
+    else:
+        how = r"no progress for 2 s \(MTCOLL_TIMEOUT\); messages (from|to) ranks"
+        if not warm:
+            how = rf"({how}|planning 'multitree' on first use on rank {r}: not every rank took " \
+                  rf"part)"
+    named = []
+    if r != missing:
+        out = np.zeros(N)
+        t0 = time.monotonic()
+        with pytest.raises(StallError, match=rf"mtcoll {kind}( \(call \d+\))?:? (on rank {r}: )?"
+                                             + how) as err:
+            if blocking:
+                c.Allreduce(np.ones(N), out)
+            else:
+                req = c.Iallreduce(np.ones(N), out)
+                assert not req.Test()
+                req.Wait()
+        elapsed = time.monotonic() - t0
+        assert TIMEOUT <= elapsed <= TIMEOUT + SLACK, elapsed
+        assert err.value.call == kind and err.value.timeout == TIMEOUT
+        named = err.value.ranks
+        assert set(named) <= set(range(size)) - {r}
+        assert bool(named) == ("planning" not in str(err.value) and algorithm != "native"), \
+            str(err.value)
+        with pytest.raises(RuntimeError, match="broken"):
+            c.Allreduce(np.ones(8), np.zeros(8))
+        if not blocking and warm:
+            with pytest.raises(RuntimeError, match="broken"):
+                req.Wait()
+    everyone = comm.allgather(named)
+    if warm and algorithm != "native":
+        assert any(missing in got for got in everyone), everyone
+    c.Free()
+    comm.Barrier()
+    _world_ok(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_planning_broadcast_times_out(comm, fresh, need_size, monkeypatch):
+    """Checking off, rank 0 does not make a Comm's first MultiTree call: the others wait for it
+    in the broadcast of the schedule it would plan, and give up there."""
+    need_size(min_size=2, max_size=8)
+    r = comm.Get_rank()
+    monkeypatch.setenv("MTCOLL_CHECK", "0")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
+    c = fresh(algorithm="multitree")
+    if r != 0:
+        t0 = time.monotonic()
+        with pytest.raises(StallError, match=rf"mtcoll Iallreduce: planning 'multitree' on first "
+                                             rf"use on rank {r}: not every rank took part "
+                                             rf"within MTCOLL_TIMEOUT=2 s") as err:
+            c.Iallreduce(np.ones(N), np.zeros(N))
+        elapsed = time.monotonic() - t0
+        assert TIMEOUT <= elapsed <= TIMEOUT + SLACK, elapsed
+        assert err.value.call == "Iallreduce" and err.value.ranks == []
+        with pytest.raises(RuntimeError, match="broken: planning 'multitree' on first use timed "
+                                               "out"):
+            c.schedule("multitree")
+    c.Free()
+    comm.Barrier()
+    _world_ok(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_no_timeout_no_watchdog_cost(comm, fresh, need_size, monkeypatch):
+    """Without MTCOLL_TIMEOUT a request carries no deadline and native calls stay blocking."""
+    size = need_size(min_size=2, max_size=8)
+    monkeypatch.delenv("MTCOLL_TIMEOUT", raising=False)
+    c = fresh(algorithm="native")
+    req = c._start("Allreduce", np.ones(4), np.zeros(4), MPI.SUM, blocking=True)
+    assert req._complete and req._timeout is None
+    monkeypatch.setenv("MTCOLL_TIMEOUT", "60")
+    out = np.zeros(4)
+    req = c._start("Allreduce", np.ones(4), out, MPI.SUM, blocking=True)
+    assert req._timeout == 60.0
+    req.Wait()
+    assert np.array_equal(out, np.full(4, float(size)))
+
+
+# -- checking off: no memory corruption ------------------------------------------------------------
+
+G = 4096  # guard elements on each side
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["multitree", "native"])
+@pytest.mark.parametrize("what", ["count_more", "count_less", "datatype", "op", "algorithm"])
+def test_guard_zones_untouched(comm, fresh, need_size, monkeypatch, what, algorithm):
+    """Checking off, the last rank's call differs: whatever happens (a wrong result, an MPI
+    error, a stall), nothing is written outside any rank's receive buffer, and no rank hangs."""
+    size = need_size(min_size=2, max_size=8)
+    r, odd = comm.Get_rank(), size - 1
+    me = r == odd
+    monkeypatch.setenv("MTCOLL_CHECK", "0")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
+    algo = algorithm
+    if what == "algorithm":
+        algo = ("ring" if algorithm == "multitree" else "multitree") if me else algorithm
+    c = fresh(algorithm=algo)
+    n, dtype, op = N, np.float64, MPI.SUM
+    if what == "count_more":
+        n = N + 1000 * me  # the odd rank sends more than the others expect
+    elif what == "count_less":
+        n = N - 1000 * me
+    elif what == "datatype":
+        dtype = np.float32 if me else np.float64
+    elif what == "op":
+        op = MPI.MAX if me else MPI.SUM
+    big = np.full(n + 2 * G, -7, dtype)
+    recv = big[G:G + n]
+    t0 = time.monotonic()
+    try:
+        c.Allreduce(np.full(n, r + 1, dtype), recv, op)
+        outcome = "done"
+    except StallError:
+        outcome = "stall"
+    except RuntimeError as e:
+        assert "MPI error" in str(e), str(e)
+        outcome = "mpi error"
+    elapsed = time.monotonic() - t0
+    assert elapsed <= TIMEOUT + SLACK, (outcome, elapsed)
+    assert np.all(big[:G] == -7) and np.all(big[G + n:] == -7), "guard zone overwritten"
+    assert (c._broken is not None) == (outcome != "done")
+    outcomes = comm.allgather(outcome)
+    if what == "op":  # same sizes everywhere: every rank completes
+        assert outcomes == ["done"] * size
+    c.Free()
+    comm.Barrier()
+    _world_ok(comm)
