@@ -1,0 +1,400 @@
+"""Soak: many nonblocking allreduces in flight at once, every result checked (issue 8).
+
+    mpiexec -n 8 python bench/soak.py [--calls 10000] [--inflight 8] [--seed S]
+                                      [--max-bytes 4194304] [--json FILE]
+
+One :class:`mtcoll.Comm` per algorithm (multitree, ring, ring2d, dbtree, rhd where they fit the
+size, auto, native) over the same MPI communicator, so calls of different algorithms are in
+flight together. Call ``i`` draws its algorithm, dtype, op, size (log-uniform from 0 B to
+``--max-bytes``, plus exact zeros and tiny counts) and in-place flag from a generator seeded
+with ``(seed, i)``: every rank draws the same call. Each rank's input is a slice of a pool of
+small integer-valued numbers at a rank-dependent offset, so every rank can compute the whole
+expected result itself, and any reduction order gives the same bits: a result is right only
+if it equals that exactly. Up to ``--inflight`` calls per rank are outstanding; which one a
+rank completes next is drawn per rank, so ranks complete them in different orders.
+
+User point-to-point traffic runs on the same MPI communicator meanwhile (Isend/Irecv to the
+ring neighbours with tags that equal mtcoll's own tag numbers, half of the receives with
+``MPI.ANY_TAG``); every user message must arrive intact, and no message may be left over on the
+communicator or on any Comm's duplicate at the end.
+
+Every 1000 calls (a *block*) the rank drains its calls and records its resident memory
+(``/proc/self/statm``), the Comms' pending requests, the running executions
+(``mtcoll.execute._active``) and the executors' cached scratch buffers and layouts. Rank 0
+prints a summary; ``--json`` writes it. ``tests/test_soak.py`` runs :func:`soak` with a few
+hundred calls at every size in the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import mtcoll
+import mtcoll.execute as _execute
+
+ALGORITHMS = ("multitree", "ring", "ring2d", "dbtree", "rhd", "auto", "native")
+DTYPES = ("float32", "float64", "int32", "int64", "complex64", "complex128")
+OPS = ("SUM", "PROD", "MAX", "MIN", "BAND", "BOR", "BXOR")
+_UFUNC = {"SUM": np.add, "PROD": np.multiply, "MAX": np.maximum, "MIN": np.minimum,
+          "BAND": np.bitwise_and, "BOR": np.bitwise_or, "BXOR": np.bitwise_xor}
+_MAX_STEP = 97  # rank r reads the pool from offset + r * step, step in 1.._MAX_STEP
+USER_TAGS = (0, 1, 5, 63, 64, 65, 127, 4096)  # include tag values mtcoll itself uses
+
+
+def _ops_for(dtype):
+    kind = np.dtype(dtype).kind
+    if kind == "c":
+        return ("SUM", "PROD")
+    if kind == "f":
+        return ("SUM", "PROD", "MAX", "MIN")
+    return OPS
+
+
+def _opclass(op):
+    return {"SUM": "sum", "PROD": "prod", "MAX": "order", "MIN": "order"}.get(op, "bits")
+
+
+class _Pools:
+    """Per (dtype, op class): an array of numbers whose reduction over any <= 16 ranks is exact
+    in any order (small integers for SUM, +-1 and a few 2s for PROD, integers below 2**20 for
+    MIN/MAX, random bits for the bitwise ops). The pools are read-only: sendbufs may be views."""
+
+    def __init__(self, seed, length):
+        self.seed, self.length, self.pools = seed, length, {}
+
+    def get(self, dtype, op):
+        key = (dtype, _opclass(op))
+        pool = self.pools.get(key)
+        if pool is None:
+            dt = np.dtype(dtype)
+            rng = np.random.default_rng([self.seed, dt.num, "sum prod order bits".split().index(
+                key[1])])
+            n = self.length
+            cls = key[1]
+            if cls == "sum":
+                pool = rng.integers(-8, 9, n).astype(dt)
+                if dt.kind == "c":
+                    pool = (pool + 1j * rng.integers(-8, 9, n)).astype(dt)
+            elif cls == "prod":
+                vals = [1, -1, 1, -1, 1, 2, -1, 1]
+                if dt.kind == "c":
+                    vals += [1j, -1j]
+                pool = rng.choice(np.array(vals, dtype=dt), n)
+            elif cls == "order":
+                pool = rng.integers(-(2**20), 2**20, n).astype(dt)
+            else:
+                info = np.iinfo(dt)
+                pool = rng.integers(info.min, info.max, n, dtype=dt, endpoint=True)
+            pool.setflags(write=False)
+            self.pools[key] = pool
+        return pool
+
+
+def draw_call(seed, i, algorithms, max_bytes):
+    """The parameters of call ``i``: the same on every rank."""
+    rng = np.random.default_rng([seed, i, 1])
+    algorithm = algorithms[int(rng.integers(len(algorithms)))]
+    dtype = DTYPES[int(rng.integers(len(DTYPES)))]
+    ops = _ops_for(dtype)
+    op = ops[int(rng.integers(len(ops)))]
+    itemsize = np.dtype(dtype).itemsize
+    u = rng.random()
+    if u < 0.03:
+        count = 0
+    elif u < 0.08:
+        count = int(rng.integers(1, 9))
+    else:  # log-uniform bytes in [1, max_bytes]
+        nbytes = math.exp(rng.uniform(0.0, math.log(max_bytes)))
+        count = int(nbytes) // itemsize
+    in_place = bool(rng.integers(2))
+    step = int(rng.integers(1, _MAX_STEP + 1))
+    offset = int(rng.integers(0, 4096))
+    user = rng.random() < 0.25  # exchange user messages alongside this call
+    return dict(algorithm=algorithm, dtype=dtype, op=op, count=count, in_place=in_place,
+                step=step, offset=offset, user=user)
+
+
+def _slice(pool, call, rank):
+    a = call["offset"] + rank * call["step"]
+    return pool[a:a + call["count"]]
+
+
+def expected(pools, call, size):
+    pool = pools.get(call["dtype"], call["op"])
+    out = _slice(pool, call, 0).copy()
+    ufunc = _UFUNC[call["op"]]
+    for r in range(1, size):
+        ufunc(out, _slice(pool, call, r), out=out)
+    return out
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _caches(comms):
+    scratch = layouts = pending = 0
+    for c in comms.values():
+        # requests not complete; complete ones wait in the deque until the Comm's next call
+        # drops them (bounded by the calls in flight), holding no buffers (checked below)
+        pending += sum(not r._complete or r._keep is not None for r in c._requests)
+        for ex in c._executors.values():
+            scratch += sum(b.nbytes for b in ex._scratch)
+            layouts += len(ex._layouts)
+    return pending, scratch, layouts
+
+
+def _user_payload(i, src, tag, n=6):
+    return np.array([i, src, tag] + [(i * 1000003 + src * 7919 + tag + k) % 2**31
+                                     for k in range(n)], dtype=np.int64)
+
+
+def make_comms(comm, algorithms=ALGORITHMS):
+    """One Comm per algorithm that fits the communicator (planned up front, so that planning
+    stays out of the timed loop); the names of those that do not fit."""
+    comms, skipped = {}, []
+    for name in algorithms:
+        c = mtcoll.Comm(comm, algorithm=name)
+        if name == "auto":
+            # the first use of a schedule is collective (rank 0 plans and broadcasts): plan
+            # whatever auto may choose now, out of the timed loop
+            for a in ALGORITHMS[:5]:
+                try:
+                    c.schedule(a)
+                except ValueError:
+                    pass
+        elif name != "native":
+            try:
+                c.schedule()
+            except ValueError:
+                c.Free()
+                skipped.append(name)
+                continue
+        comms[name] = c
+    return comms, skipped
+
+
+def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
+         algorithms=ALGORITHMS, user_traffic=True, progress=None, complete="wait"):
+    """Run the soak on ``comm`` (collective); returns the summary dict (the same keys on every
+    rank; the figures are totals or maxima over the ranks).
+
+    ``progress``, if given, is called on rank 0 with each block's record. ``complete``:
+    ``"wait"`` calls the request's ``Wait``; ``"test"`` tests it and every other call in flight
+    until it is done.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    comms, skipped = make_comms(comm, algorithms)
+    names = tuple(comms)
+    # mtcoll talks on a duplicate: congruent with the user's communicator, never the same one
+    dups_ok = all(MPI.Comm.Compare(c._dup, comm) == MPI.CONGRUENT for c in comms.values())
+    # the longest slice: max_bytes of the smallest dtype (4 bytes), at the largest offset
+    pools = _Pools(seed, max_bytes // 4 + 4096 + size * _MAX_STEP)
+    pick = np.random.default_rng([seed, rank, 2])  # per rank: which call to complete next
+    window = []  # (index, call, request, recvbuf)
+    user_reqs, user_checks, user_keep = [], [], []  # recv and send alternate in user_reqs
+    stats = dict(wrong=0, checked=0, bytes=0, user_sent=0, user_received=0, user_bad=0)
+    by_algorithm = {n: 0 for n in names}
+    by_op = {n: 0 for n in OPS}
+    first_wrong = []
+    blocks = []
+
+    def finish(entry):
+        i, call, req, out = entry
+        if complete == "wait":
+            req.Wait()
+        else:
+            while not req.Test():
+                for e in window:
+                    e[2].Test()
+                time.sleep(20e-6)
+        want = expected(pools, call, size)
+        stats["checked"] += 1
+        if not np.array_equal(out, want):
+            stats["wrong"] += 1
+            if len(first_wrong) < 5:
+                bad = np.flatnonzero(out != want)
+                first_wrong.append(dict(call=i, rank=rank, nbad=int(bad.size),
+                                        first=int(bad[0]) if bad.size else -1,
+                                        **{k: call[k] for k in ("algorithm", "dtype", "op",
+                                                                "count", "in_place")}))
+
+    def finish_user():
+        # Never block in MPI on a neighbour's message while holding back mtcoll calls: the
+        # neighbour may reach its send only after one of our calls completes, and mtcoll moves
+        # data only inside mtcoll calls. Poll both instead.
+        statuses = [MPI.Status() for _ in user_reqs]
+        while not MPI.Request.Testall(user_reqs, statuses):
+            for e in window:
+                e[2].Test()
+            time.sleep(20e-6)
+        for (buf, i, src, tag, any_tag), status in zip(user_checks, statuses[::2]):
+            ok = np.array_equal(buf, _user_payload(i, src, tag))
+            if any_tag:
+                ok = ok and status.Get_tag() == tag and status.Get_source() == src
+            stats["user_received"] += 1
+            stats["user_bad"] += not ok
+        user_reqs.clear()
+        user_checks.clear()
+        user_keep.clear()
+
+    def drain():
+        while window:
+            finish(window.pop(0))
+        finish_user()
+
+    t0 = time.perf_counter()
+    tblock = t0
+    for i in range(calls):
+        call = draw_call(seed, i, names, max_bytes)
+        pool = pools.get(call["dtype"], call["op"])
+        mine = _slice(pool, call, rank)
+        c = comms[call["algorithm"]]
+        op = getattr(MPI, call["op"])
+        if call["in_place"]:
+            out = mine.copy()
+            req = c.Iallreduce(MPI.IN_PLACE, out, op)
+        else:
+            out = np.empty_like(mine)
+            req = c.Iallreduce(mine, out, op)  # a read-only view of the pool is a fine sendbuf
+        window.append((i, call, req, out))
+        by_algorithm[call["algorithm"]] += 1
+        by_op[call["op"]] += 1
+        stats["bytes"] += out.nbytes
+        if user_traffic and call["user"] and size > 1:
+            tag = USER_TAGS[i % len(USER_TAGS)]
+            dst, src = (rank + 1) % size, (rank - 1) % size
+            any_tag = bool(i % 2)
+            buf = np.empty(9, dtype=np.int64)
+            user_reqs.append(comm.Irecv(buf, src, MPI.ANY_TAG if any_tag else tag))
+            user_checks.append((buf, i, src, tag, any_tag))
+            payload = _user_payload(i, rank, tag)
+            user_keep.append(payload)  # alive until the send completes
+            user_reqs.append(comm.Isend(payload, dst, tag))
+            stats["user_sent"] += 1
+        if len(window) >= inflight:
+            # each rank completes its calls in its own order: oldest, newest, or any
+            u = pick.random()
+            j = 0 if u < 0.5 else (len(window) - 1 if u < 0.7 else int(pick.integers(len(window))))
+            finish(window.pop(j))
+            if pick.random() < 0.2:
+                for e in window:
+                    e[2].Test()
+        if len(user_reqs) >= 16:
+            finish_user()
+        if (i + 1) % block == 0 or i + 1 == calls:
+            drain()
+            gc.collect()
+            pending, scratch, layouts = _caches(comms)
+            rec = dict(calls=i + 1, seconds=time.perf_counter() - tblock, rss=_rss_bytes(),
+                       pending=pending, active=len(_execute._active), scratch_bytes=scratch,
+                       layouts=layouts)
+            tblock = time.perf_counter()
+            blocks.append(rec)
+            if progress is not None and rank == 0:
+                progress(rec)
+    drain()
+    wall = time.perf_counter() - t0
+
+    # nothing left over: no stray message on the user's communicator or any duplicate
+    comm.Barrier()
+    stray = int(comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG))
+    stray += sum(int(c._dup.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)) for c in comms.values())
+    pending, scratch, layouts = _caches(comms)
+    for c in comms.values():
+        c.Free()
+
+    def total(x):
+        return comm.allreduce(x, op=MPI.SUM)
+
+    def most(x):
+        return comm.allreduce(x, op=MPI.MAX)
+
+    rss_first, rss_last = blocks[0]["rss"], blocks[-1]["rss"]
+    growth = (rss_last - rss_first) / rss_first
+    return dict(
+        ranks=size, calls=calls, complete=complete, inflight=inflight, seed=seed, max_bytes=max_bytes,
+        algorithms=list(names), skipped_algorithms=skipped,
+        wrong=total(stats["wrong"]), checked=total(stats["checked"]),
+        bytes_per_rank_total=most(stats["bytes"]),
+        user_sent=total(stats["user_sent"]), user_received=total(stats["user_received"]),
+        user_bad=total(stats["user_bad"]),
+        stray_messages=total(stray), pending_after=total(pending),
+        active_after=total(len(_execute._active)), scratch_bytes_max=most(scratch),
+        layouts_max=most(layouts), dup_congruent=bool(comm.allreduce(dups_ok, op=MPI.LAND)),
+        rss_first_block_max=most(rss_first), rss_last_block_max=most(rss_last),
+        rss_growth_max=most(growth), wall_s=most(wall),
+        calls_per_s=calls / most(wall), by_algorithm=by_algorithm, by_op=by_op,
+        first_wrong=[w for ws in comm.allgather(first_wrong) for w in ws][:5],
+        blocks=comm.bcast(blocks, root=0),  # rank 0's
+        blocks_rss_growth_per_rank=comm.allgather(growth),
+        # per rank, resident bytes at the end of each block: a leak grows with the calls, an
+        # allocator's high-water mark steps up and stays
+        rss_by_rank=comm.allgather([b["rss"] for b in blocks]),
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=10000)
+    p.add_argument("--inflight", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bytes", type=int, default=4 * 2**20)
+    p.add_argument("--block", type=int, default=1000)
+    p.add_argument("--complete", choices=("wait", "test"), default="wait",
+                   help="complete a call with its Wait (default) or by testing every call in "
+                        "flight until it is done")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+
+    def show(rec):
+        print(f"soak: {rec['calls']} calls, block {rec['seconds']:.1f} s, "
+              f"rss {rec['rss'] / 2**20:.1f} MiB, pending {rec['pending']}, "
+              f"active {rec['active']}, scratch {rec['scratch_bytes']} B",
+              file=sys.stderr, flush=True)
+
+    load0 = os.getloadavg()
+    res = soak(comm, args.calls, args.inflight, args.seed, args.max_bytes, args.block,
+               progress=show, complete=args.complete)
+    res["loadavg_start"] = load0
+    res["loadavg_end"] = os.getloadavg()
+    res["complete"] = args.complete
+    if rank == 0:
+        from importlib.metadata import version
+        res["mtcoll_version"] = version("mtcoll")
+        res["mpi_library"] = MPI.Get_library_version().splitlines()[0]
+        ok = (res["wrong"] == 0 and res["user_bad"] == 0 and res["stray_messages"] == 0
+              and res["pending_after"] == 0 and res["active_after"] == 0
+              and res["user_sent"] == res["user_received"] and res["rss_growth_max"] < 0.05)
+        res["ok"] = ok
+        print(f"soak: {res['ranks']} ranks, {res['calls']} calls (up to {res['inflight']} in "
+              f"flight), {res['checked']} results checked over the ranks, {res['wrong']} wrong; "
+              f"user messages {res['user_received']}/{res['user_sent']} received, "
+              f"{res['user_bad']} bad; stray messages {res['stray_messages']}; pending "
+              f"{res['pending_after']}, active {res['active_after']}; rss "
+              f"{res['rss_first_block_max'] / 2**20:.1f} -> "
+              f"{res['rss_last_block_max'] / 2**20:.1f} MiB (growth "
+              f"{100 * res['rss_growth_max']:+.2f}% worst rank); wall {res['wall_s']:.1f} s "
+              f"({res['calls_per_s']:.1f} calls/s); load {load0[0]:.2f} -> "
+              f"{res['loadavg_end'][0]:.2f}; {'OK' if ok else 'FAILED'}")
+        print(f"soak: calls by algorithm {res['by_algorithm']}; by op {res['by_op']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1, default=str)
+    return 0 if comm.bcast(res.get("ok") if rank == 0 else None, root=0) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
