@@ -142,6 +142,19 @@ def _rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _trimmed_rss_bytes():
+    """Resident bytes after glibc's ``malloc_trim(0)`` has returned the heap's free pages to
+    the system (a diagnostic: what is resident because it is in use, not because the allocator
+    keeps it), or None without glibc. Called after the plain reading of a block."""
+    try:
+        import ctypes
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim(0)
+    return _rss_bytes()
+
+
 def _caches(comms):
     scratch = layouts = pending = 0
     for c in comms.values():
@@ -296,7 +309,9 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
             drain()
             gc.collect()
             pending, scratch, layouts = _caches(comms)
-            rec = dict(calls=i + 1, seconds=time.perf_counter() - tblock, rss=_rss_bytes(),
+            rss = _rss_bytes()
+            rec = dict(calls=i + 1, seconds=time.perf_counter() - tblock, rss=rss,
+                       rss_trimmed=_trimmed_rss_bytes(),
                        pending=pending, active=len(_execute._active), scratch_bytes=scratch,
                        layouts=layouts)
             tblock = time.perf_counter()
@@ -309,7 +324,8 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
     # nothing left over: no stray message on the user's communicator or any duplicate
     comm.Barrier()
     stray = int(comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG))
-    stray += sum(int(c._dup.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)) for c in comms.values())
+    stray += sum(int(c._dup.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG))
+                 + int(c._chk.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)) for c in comms.values())
     pending, scratch, layouts = _caches(comms)
     for c in comms.values():
         c.Free()
@@ -322,6 +338,9 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
 
     rss_first, rss_last = blocks[0]["rss"], blocks[-1]["rss"]
     growth = (rss_last - rss_first) / rss_first
+    trimmed = [b["rss_trimmed"] for b in blocks]
+    trimmed_growth = None if None in trimmed else (trimmed[-1] - trimmed[0]) / trimmed[0]
+    trimmed_growth = comm.allgather(trimmed_growth)
     return dict(
         ranks=size, calls=calls, complete=complete, inflight=inflight, seed=seed, max_bytes=max_bytes,
         algorithms=list(names), skipped_algorithms=skipped,
@@ -341,7 +360,14 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
         # per rank, resident bytes at the end of each block: a leak grows with the calls, an
         # allocator's high-water mark steps up and stays
         rss_by_rank=comm.allgather([b["rss"] for b in blocks]),
+        # the same after malloc_trim(0) at each block's end (None without glibc)
+        rss_trimmed_growth_max=None if None in trimmed_growth else max(trimmed_growth),
+        blocks_rss_trimmed_growth_per_rank=trimmed_growth,
     )
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:+.2f}%"
 
 
 def main(argv=None):
@@ -386,7 +412,8 @@ def main(argv=None):
               f"{res['pending_after']}, active {res['active_after']}; rss "
               f"{res['rss_first_block_max'] / 2**20:.1f} -> "
               f"{res['rss_last_block_max'] / 2**20:.1f} MiB (growth "
-              f"{100 * res['rss_growth_max']:+.2f}% worst rank); wall {res['wall_s']:.1f} s "
+              f"{100 * res['rss_growth_max']:+.2f}% worst rank; after malloc_trim "
+              f"{_pct(res['rss_trimmed_growth_max'])}); wall {res['wall_s']:.1f} s "
               f"({res['calls_per_s']:.1f} calls/s); load {load0[0]:.2f} -> "
               f"{res['loadavg_end'][0]:.2f}; {'OK' if ok else 'FAILED'}")
         print(f"soak: calls by algorithm {res['by_algorithm']}; by op {res['by_op']}")
