@@ -125,15 +125,18 @@ class StallError(TimeoutError):
     """An mtcoll call gave up waiting after ``MTCOLL_TIMEOUT`` seconds.
 
     Raised by the agreement check (``MTCOLL_CHECK=1``) when some ranks did not make the call in
-    time, and by ``Wait`` (a blocking call, :meth:`Request.Wait`, :func:`waitall`) when no
-    message of the running calls completed for that long. The :class:`Comm` is broken
+    time, by ``Wait`` (a blocking call, :meth:`Request.Wait`, :func:`waitall`) when no
+    message of the running calls completed for that long, and by the broadcast of the schedule
+    that an algorithm's first call (or :meth:`Comm.schedule`) plans on rank 0, when not every
+    rank took part in time (naming no ranks). The :class:`Comm` is broken
     afterwards (messages of the call may still be in flight): its calls raise RuntimeError;
     free it and make a new one, or end the job.
 
     Attributes
     ----------
     call : str
-        ``"Allreduce"``, ``"Iallreduce"``, ``"Reduce_scatter_block"`` or ``"Allgather"``.
+        ``"Allreduce"``, ``"Iallreduce"``, ``"Reduce_scatter_block"`` or ``"Allgather"``
+        (None when :meth:`Comm.schedule` was called directly).
     timeout : float
         The seconds waited (``MTCOLL_TIMEOUT``).
     ranks : list of int
@@ -346,8 +349,11 @@ class Request:
         try:
             if self._exec is not None:
                 self._exec.test()
-            elif self._native.Test():
-                self._finish()
+            else:
+                if execute.running():  # a peer may need one of them before it joins this call
+                    execute.progress(block=False)
+                if self._native.Test():
+                    self._finish()
         except BaseException as e:
             self._fail(e)
             raise
@@ -536,8 +542,9 @@ class Comm:
     messages of the call may still be in flight, so every later call (and ``Wait`` on its
     requests) raises RuntimeError. :meth:`Free` still works on a broken Comm (it waits for
     nothing and keeps the duplicate communicators allocated, so their messages can never reach
-    a new communicator). With the timeout set, calls that go to the MPI library run as its
-    nonblocking twin (``Iallreduce``...) and are polled, so that they can time out too.
+    a new communicator). Calls that go to the MPI library always run as its nonblocking twin
+    (``Iallreduce``...), blocking ones too, and are waited for while the other running calls
+    are advanced, so that they can time out too.
 
     Every attribute not defined here (``Get_rank``, ``Barrier``, ``Bcast``, ``rank``, ``size``,
     ``allreduce``...) is the wrapped communicator's, so a Comm can stand in for it.
@@ -640,7 +647,13 @@ class Comm:
                 req = self._dup.Ibcast(data, root=0)
             else:
                 req = self._dup.Ibcast(size, root=0)
-            if not _poll(req.Test, deadline, sleep):
+            try:
+                done = _poll(req.Test, deadline, sleep)
+            except BaseException:  # e.g. another call's error, raised by the progress made
+                _ABANDONED.append((req, data, size))  # MPI may still write or read them
+                self._break(f"{what} interrupted on rank {self._rank}")
+                raise
+            if not done:
                 _ABANDONED.append((req, data, size))
                 self._break(f"{what} timed out on rank {self._rank}")
                 raise StallError(
@@ -893,9 +906,8 @@ class Comm:
         elif err is not None:
             raise err
         self._retire()
-        # with a timeout, the MPI library's calls run nonblocking so that Wait can give up
         try:
-            req = self._launch(call, blocking and timeout is None, debug)
+            req = self._launch(call, blocking, debug)
         except StallError as e:  # from planning on first use, which does not know the call
             e.call = kind
             e.args = (f"mtcoll {kind}: {e.args[0]}",)
@@ -996,7 +1008,13 @@ class Comm:
         else:
             deadline = math.inf if timeout is None else time.monotonic() + timeout
             reqs = recvs + sends
-            if not _poll(lambda: MPI.Request.Testall(reqs), deadline, self.wait == "sleep"):
+            try:
+                agreed = _poll(lambda: MPI.Request.Testall(reqs), deadline, self.wait == "sleep")
+            except BaseException:  # e.g. another call's error, raised by the progress made
+                _ABANDONED.append((reqs, every))  # MPI may still write or read them
+                self._break(f"{kind} agreement check interrupted on rank {rank}")
+                raise
+            if not agreed:
                 missing = []
                 for r, q in zip(peers, recvs):
                     if q:  # not completed yet: cancel it (it may still complete meanwhile)
@@ -1042,11 +1060,17 @@ class Comm:
 
     def _retire(self):
         # Drop finished calls; wait for any call old enough that a new one would reuse its tag
-        # slot (the same decision on every rank: sequence numbers agree).
+        # slot (the same decision on every rank: sequence numbers agree). Calls the MPI library
+        # runs (no sequence number) use no slot: an unfinished one must not hide older
+        # schedule calls behind it.
         reqs = self._requests
-        while reqs and (reqs[0]._complete or (
-                reqs[0].seq is not None and reqs[0].seq <= self._seq + 1 - execute.TAG_SLOTS)):
-            reqs.popleft().Wait()
+        if not reqs:
+            return
+        oldest = self._seq + 1 - execute.TAG_SLOTS
+        for r in [r for r in reqs if r.seq is not None and r.seq <= oldest]:
+            r.Wait()
+        if any(r._complete for r in reqs):
+            self._requests = deque(r for r in reqs if not r._complete)
 
     def _launch(self, c, blocking, debug):
         kind = c.kind
@@ -1079,7 +1103,7 @@ class Comm:
                     return self._run_schedule(c, ex, phases, blocking)
         if debug and self._rank == 0:
             self._debug(c, f"algorithm=native ({c.why})")
-        return self._native(c, blocking)
+        return self._native(c)
 
     def _debug(self, c, how):
         op = _ops.op_name(c.op) or "user-defined" if c.op is not None else "-"
@@ -1106,7 +1130,7 @@ class Comm:
         c.recv.copy_back()
         return Request()
 
-    def _native(self, c, blocking):
+    def _native(self, c):
         comm = self._dup
         if c.recv is None or (c.send is None and c.raw[0] is not MPI.IN_PLACE):
             sendspec, recvspec = c.raw  # derived datatypes: as given
@@ -1116,19 +1140,18 @@ class Comm:
             recvspec = c.recv.flat
             recv = c.recv
         done = [recv.copy_back] if recv is not None and recv.orig is not None else []
+        # Always the nonblocking twin, also for a blocking call (whose caller waits at once):
+        # whether mtcoll calls are still running differs between ranks, and a rank blocked in
+        # MPI_Allreduce cannot advance them while a peer waits for one of them before it joins
+        # (MPI matches a blocking collective with a nonblocking one on no rank, so the choice
+        # must not depend on that). Request.Wait advances the running calls while it waits.
         if c.kind == "Allgather":
-            run = comm.Allgather if blocking else comm.Iallgather
-            args = (sendspec, recvspec)
+            req = comm.Iallgather(sendspec, recvspec)
         elif c.kind == "Reduce_scatter_block":
-            run = comm.Reduce_scatter_block if blocking else comm.Ireduce_scatter_block
-            args = (sendspec, recvspec, c.op)
+            req = comm.Ireduce_scatter_block(sendspec, recvspec, c.op)
         else:
-            run = comm.Allreduce if blocking else comm.Iallreduce
-            args = (sendspec, recvspec, c.op)
-        if blocking:
-            run(*args)
-            return Request(on_done=done)
-        return Request(native=run(*args), on_done=done, keep=(c.raw, sendspec, recvspec))
+            req = comm.Iallreduce(sendspec, recvspec, c.op)
+        return Request(native=req, on_done=done, keep=(c.raw, sendspec, recvspec))
 
     def _run_schedule(self, c, ex, phases, blocking):
         self._seq += 1

@@ -303,6 +303,37 @@ def test_more_calls_in_flight_than_tag_slots(comm, monkeypatch):
             assert np.array_equal(out, native(comm, x))
 
 
+@pytest.mark.mpi
+def test_tag_slots_freed_behind_an_unfinished_native_call(comm, monkeypatch):
+    """An unfinished call of the MPI library (it has no tag slot) ahead of the schedule calls
+    does not keep the oldest of those from completing before their slot is reused."""
+    monkeypatch.setattr(mtcoll.execute, "TAG_SLOTS", 3)
+    monkeypatch.setenv("MTCOLL_CHECK", "0")  # the check's waits would advance the calls anyway
+    rank = comm.Get_rank()
+
+    def add(a, b, datatype):
+        np.frombuffer(b, np.float64)[...] += np.frombuffer(a, np.float64)
+
+    user_sum = MPI.Op.Create(add, commute=True)  # user-defined: the MPI library runs the call
+    try:
+        with make_comm(comm, "auto", "multitree") as c:
+            y, yout = np.full(2, float(rank)), np.zeros(2)
+            head = c.Iallreduce(y, yout, user_sum)
+            calls = []
+            for i in range(8):
+                x = data("SUM", "int64", 100 + i, rank, seed=i)
+                out = np.empty_like(x)
+                calls.append((c.Iallreduce(x, out), x, out))
+                old = [req for req, _, _ in calls if req.seq <= c._seq - 3]
+                assert all(req._complete for req in old), [req.seq for req in old]
+            mtcoll.waitall([head] + [req for req, _, _ in calls])
+            assert np.array_equal(yout, np.full(2, comm.allreduce(rank)))
+            for _, x, out in calls:
+                assert np.array_equal(out, native(comm, x))
+    finally:
+        user_sum.Free()
+
+
 _HYP_COMMS = {}
 
 

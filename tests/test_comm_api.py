@@ -195,7 +195,8 @@ def test_iallreduce_noncontiguous_copied_back_on_completion(comm, mt):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("check", ["0", "1"])
-@pytest.mark.parametrize("second", ["native", "first use", "mpi request"])
+@pytest.mark.parametrize("second", ["native", "native, Test", "native, blocking", "first use",
+                                    "mpi request"])
 def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, second):
     """Calls are started in the same order everywhere but completed in different orders: rank 0
     waits for the second call first, the others finish the first call before they even start
@@ -205,7 +206,7 @@ def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, seco
     monkeypatch.setenv("MTCOLL_CHECK", check)
     r, n = comm.Get_rank(), 1 << 16
     with mtcoll.Comm(comm, algorithm="multitree") as first, \
-            mtcoll.Comm(comm, algorithm="native" if second == "native" else "ring") as other:
+            mtcoll.Comm(comm, algorithm="native" if "native" in second else "ring") as other:
         if second == "first use":
             assert "ring" not in other._schedules  # its first call plans, collectively
         a, b = np.zeros(n), np.zeros(n)
@@ -213,17 +214,29 @@ def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, seco
         def start_second():
             if second == "mpi request":
                 return comm.Ibarrier()
+            if second == "native, blocking":  # a blocking call the MPI library runs
+                other.Allreduce(np.full(n, float(r)), b)
+                return None
             return other.Iallreduce(np.full(n, float(r)), b)
 
         ra = first.Iallreduce(np.full(n, float(r)), a)
         if r == 0:
             rb = start_second()
-            mtcoll.waitall([rb]) if second == "mpi request" else rb.Wait()
+            if rb is None:
+                pass
+            elif second == "mpi request":
+                mtcoll.waitall([rb])
+            elif second == "native, Test":
+                while not rb.Test():  # Test too keeps the first call moving
+                    pass
+            else:
+                rb.Wait()
             ra.Wait()
         else:
             ra.Wait()
             rb = start_second()
-            mtcoll.waitall([rb])
+            if rb is not None:
+                mtcoll.waitall([rb])
     assert np.array_equal(a, ranks_sum(comm, n))
     if second != "mpi request":
         assert np.array_equal(b, ranks_sum(comm, n))
