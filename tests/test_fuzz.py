@@ -16,7 +16,6 @@ suite's total over its MPI sizes (2, 3, 4, 5, 8: 5 x 130 = 650 examples, of whic
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 import pytest
@@ -27,6 +26,8 @@ from mpi4py import MPI
 import mtcoll
 from mtcoll import _ops
 from mtcoll.plan import ALGORITHMS
+
+from _topologies import family_spec
 
 EXAMPLES = 130
 # compared with native at least this many times per size (the rest are op/dtype pairs MPI leaves
@@ -56,21 +57,6 @@ def clean_env():
 
 
 _SUBS = {}
-
-
-def family_spec(family, n):
-    pairs = [(a, n // a) for a in range(2, math.isqrt(n) + 1) if n % a == 0]
-    if family == "auto":
-        return "auto"
-    if family in ("ring", "full"):
-        return f"{family}:{n}"
-    if family in ("torus", "mesh"):
-        return f"{family}:{pairs[-1][0]}x{pairs[-1][1]}" if pairs else None
-    if family in ("fattree", "hier"):
-        return f"{family}:2x{n // 2}" if n % 2 == 0 and n >= 4 else None
-    if family == "bigraph":
-        return f"bigraph:{n // 2}x2" if n % 2 == 0 and n >= 2 else None
-    raise AssertionError(family)
 
 
 def _sub(comm, n):
