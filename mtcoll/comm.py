@@ -379,15 +379,13 @@ class Request:
             elif self._timeout is None and not execute.running():
                 self._native.Wait()
                 self._finish()
-            elif self._timeout is None:
-                # other mtcoll calls are running: advance them while the MPI library's call
-                # completes (a peer may need one of them before it can take part in this one)
-                _poll(self._native.Test, sleep=self._comm is not None and
-                      self._comm.wait == "sleep")
-                self._finish()
             else:
+                # poll: to advance the running mtcoll calls while the MPI library's call
+                # completes (a peer may need one of them before it can take part in this one),
+                # and to give up after MTCOLL_TIMEOUT
+                deadline = math.inf if self._timeout is None else time.monotonic() + self._timeout
                 sleep = self._comm is not None and self._comm.wait == "sleep"
-                if not _poll(self._native.Test, time.monotonic() + self._timeout, sleep):
+                if not _poll(self._native.Test, deadline, sleep):
                     self._stall("the MPI library's collective did not complete (it does not "
                                 "say which ranks it waits for; MTCOLL_CHECK=1 names ranks "
                                 "that did not make the call)", [])
