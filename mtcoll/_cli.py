@@ -1,4 +1,5 @@
-"""What every ``python -m mtcoll.<tool>`` shares: the ``--json [FILE]`` convention.
+"""What every ``python -m mtcoll.<tool>`` shares: the ``--json [FILE]`` convention, and
+matplotlib as an optional extra (:func:`pyplot`).
 
 ``--json`` with no FILE, or ``-``, prints one JSON object on stdout *instead of* the table;
 ``--json FILE`` writes the object to FILE and still prints the table.
@@ -25,3 +26,15 @@ def report(obj, json_dest, table):
         with open(json_dest, "w") as f:
             f.write(text + "\n")
     table()
+
+
+def pyplot(what):
+    """``matplotlib.pyplot`` on the non-interactive Agg backend; RuntimeError naming ``what``
+    (the option or output that wanted it) and the ``plot`` extra when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError(f"{what} needs matplotlib: pip install 'mtcoll[plot]'") from None
+    return plt

@@ -399,12 +399,8 @@ def tuning_table(meta, records, margin=TUNE_MARGIN):
 
 def plot(path, meta, records):
     """busbw against message size, one line per algorithm, log axes (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install 'mtcoll[plot]'") from None
+    from .._cli import pyplot
+    plt = pyplot("--plot")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(dict.fromkeys(r["algorithm"] for r in records))
     for name in names:

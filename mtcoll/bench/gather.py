@@ -118,12 +118,8 @@ def format_markdown(algorithms, table, notes=()):
 
 def plot_scaling(path, algorithms, table):
     """busbw against ranks, one panel per size, one line per algorithm (needs matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("the plot needs matplotlib: pip install 'mtcoll[plot]'") from None
+    from .._cli import pyplot
+    plt = pyplot("the plot")
     from . import format_size
 
     sizes = sorted({row["bytes"] for row in table})

@@ -22,7 +22,7 @@ import sys
 import time
 
 from ..plan import ALGORITHMS
-from .._cli import add_json_option, report
+from .._cli import add_json_option, pyplot, report
 from . import (ITEMSIZE, MODES, OVERHEAD, ROUTER_DELAY, SHARINGS, parse_sizes, simgrid_replay,
                sweep)
 from ..topology import DEFAULT_BANDWIDTH, DEFAULT_LATENCY
@@ -195,14 +195,7 @@ def table(out, file=None):
 
 
 def plot(out, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise RuntimeError(f"--plot needs matplotlib ({e}); install it with "
-                           "pip install 'mtcoll[plot]'") from None
+    plt = pyplot("--plot")
     m = out["meta"]
     res = out["results"]
     algos = list(dict.fromkeys(r["algorithm"] for r in res))
