@@ -9,6 +9,7 @@ not run itself go to the MPI library on the duplicate; see :class:`Comm` for the
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import pickle
@@ -194,6 +195,35 @@ def _code(text):
     return zlib.crc32(str(text).encode()) & 0x7FFFFFFF
 
 
+# The agreement check's text per rank (UTF-8 JSON, zero-padded): the call's fields, or the error
+# its arguments raised, shortened to fit.
+_CHECK_TEXT = 1024
+
+
+def _fit_json(fields, limit):
+    """``fields`` (a dict of str, int or None) as JSON in at most ``limit`` bytes: the longest
+    string is shortened (ending in "...") until it fits."""
+    fields = dict(fields)
+    while True:
+        data = json.dumps(fields).encode()
+        if len(data) <= limit:
+            return data
+        texts = [k for k, v in fields.items() if isinstance(v, str) and len(v) > 3]
+        if not texts:
+            return json.dumps({"error": "ValueError", "message": "(too long)"}).encode()
+        k = max(texts, key=lambda k: len(fields[k]))
+        v = fields[k]
+        fields[k] = v[:max(0, min(len(v) - 4, len(v) - (len(data) - limit) - 3))] + "..."
+
+
+def _unfit_json(row):
+    data = row.tobytes().rstrip(b"\0")
+    try:
+        return json.loads(data.decode())
+    except ValueError:
+        return {}
+
+
 # -- buffers -------------------------------------------------------------------------------------
 
 class _Buf:
@@ -323,6 +353,7 @@ class Request:
         self._complete = execution is None and native is None
         if execution is not None:
             execution.on_done.append(self._finish)
+            execution.on_error.append(self._exec_failed)
             if execution.done:
                 self._finish()
         elif self._complete:
@@ -342,6 +373,8 @@ class Request:
         -------
         bool
             True once the call is complete; its receive buffer then holds the result.
+
+        Errors as for :meth:`Wait`.
         """
         if self._complete:
             return True
@@ -354,6 +387,9 @@ class Request:
                     execute.progress(block=False)
                 if self._native.Test():
                     self._finish()
+        except MPI.Exception as e:
+            self._fail(e)
+            raise self._mpi_error(e) from e
         except BaseException as e:
             self._fail(e)
             raise
@@ -392,25 +428,37 @@ class Request:
                 self._finish()
         except MPI.Exception as e:
             self._fail(e)
-            raise RuntimeError(
-                f"mtcoll {self._kind} on rank {self._rank()}: MPI error while waiting: "
-                f"{_mpi_error_text(e)}. With MTCOLL_CHECK off this is how a call ends whose "
-                f"count differs between ranks (a message longer than its receive is "
-                f"MPI_ERR_TRUNCATE). The Comm is now broken: free it and make a new one, or "
-                f"end the job") from e
+            raise self._mpi_error(e) from e
         except BaseException as e:
             self._fail(e)
             raise
         return True
 
+    def _mpi_error(self, e):
+        return RuntimeError(
+            f"mtcoll {self._kind} on rank {self._rank()}: MPI error in a message of this call: "
+            f"{_mpi_error_text(e)}. With MTCOLL_CHECK off this is how a call ends whose "
+            f"count differs between ranks (a message longer than its receive is "
+            f"MPI_ERR_TRUNCATE). The Comm is now broken: free it and make a new one, or "
+            f"end the job")
+
     def _rank(self):
         return self._comm._rank if self._comm is not None else MPI.COMM_WORLD.Get_rank()
 
     def _usable(self):
+        if self._exec is not None and self._exec.error is not None:
+            return  # the call's own failure: Wait/Test raise it
         comm = self._comm
         if comm is not None and comm._broken is not None:
             raise RuntimeError(f"this request belongs to a broken mtcoll.Comm ({comm._broken}); "
                                f"free the Comm and make a new one, or end the job")
+
+    def _exec_failed(self, error):
+        # A message of this call failed while some wait (maybe of another call) made progress:
+        # break the Comm now; Wait and Test on this request raise the error.
+        if self._comm is not None:
+            self._comm._break(f"{self._kind} on rank {self._comm._rank} failed: MPI error "
+                              f"{_mpi_error_text(error)}")
 
     def _stall(self, what, ranks):
         seq = f" (call {self.seq})" if self.seq is not None else ""
@@ -426,8 +474,13 @@ class Request:
             return
         self._abandon()
         if self._comm is not None:
-            kind = "stalled" if isinstance(e, StallError) else f"failed ({type(e).__name__})"
-            self._comm._break(f"{self._kind} {kind} on rank {self._comm._rank}")
+            if isinstance(e, StallError):
+                kind = "stalled"
+            elif isinstance(e, MPI.Exception):
+                kind = f"failed: MPI error {_mpi_error_text(e)}"
+            else:
+                kind = f"failed ({type(e).__name__}: {e})"
+            self._comm._break(f"{self._kind} on rank {self._comm._rank} {kind}")
 
     def _abandon(self):
         if self._exec is not None:
@@ -565,7 +618,7 @@ class Comm:
         ports = _positive_int("ports", ports, rank, per_rank=True)
         segment_bytes = _positive_int("segment_bytes", segment_bytes, rank)
         max_segments = _positive_int("max_segments", max_segments, rank)
-        self._dup = comm.Dup()
+        self._dup = self._duplicate(comm, rank)
         try:
             leaders = host_leaders(self._dup)
             ranks_here = leaders.count(leaders[self._dup.Get_rank()])
@@ -599,6 +652,28 @@ class Comm:
         self._requests = deque()  # in flight, oldest first
         self._nchecks = 0  # agreement checks made (their tag)
         self._broken = None  # why this Comm is broken (a stall or an error mid-call), or None
+
+    @staticmethod
+    def _duplicate(comm, rank):
+        # comm.Dup() as its nonblocking twin, polled: the running mtcoll calls advance meanwhile
+        # (another rank may need one of them finished before it gets here), and with
+        # MTCOLL_TIMEOUT a rank that never constructs the Comm is not waited for forever. Once
+        # the duplicate exists every rank is in here, so the blocking collectives after it
+        # cannot hang.
+        try:
+            timeout = _env_timeout()
+        except ValueError:
+            timeout = None  # a bad value is reported by the first call, on this rank
+        dup, req = comm.Idup()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        if not _poll(req.Test, deadline, sleep=True):
+            _ABANDONED.append((dup, req))
+            raise StallError(
+                f"mtcoll.Comm on rank {rank}: not every rank of the communicator constructed an "
+                f"mtcoll.Comm within MTCOLL_TIMEOUT={timeout:g} s (constructing one is "
+                f"collective: every rank must, in the same order as its other collectives on "
+                f"that communicator)", None, timeout, [])
+        return dup
 
     def _check_algorithm(self, name, source):
         # Only rank 0 imports the planner (it may pull in numba); the verdict is broadcast.
@@ -982,25 +1057,36 @@ class Comm:
         return c
 
     def _agree(self, kind, call, err, timeout):
-        # Every rank sends a small descriptor of its call to every other rank on the check
+        # Every rank sends a descriptor of its call to every other rank on the check
         # communicator (nonblocking, tagged with the check's number) and waits for theirs: up
         # to ``timeout`` seconds, so a rank that never makes the call is named, not waited for.
-        # (One Allgather would be cheaper, but cannot tell who is missing.)
+        # (One Allgather would be cheaper, but cannot tell who is missing.) A descriptor is a
+        # row of numbers to compare and a text to report (the call's fields, or the error its
+        # arguments raised): whatever a rank concludes from the rows it got, it needs nothing
+        # more from the others, so a rank that gave up waiting cannot hold the rest.
         fields = ("validation", "call", "count", "datatype", "op", "algorithm", "topology")
         if err is not None:
             mine = [0, _CALLS.index(kind), -1, -1, -1, -1, -1]
+            text = {"error": type(err).__name__, "message": str(err)}
         else:
             dcode = _ops.dtype_code(call.dtype) if call.dtype is not None else 0
             mine = [1, _CALLS.index(kind), call.count, dcode, _ops.op_code(call.op),
                     _code(self.algorithm), _code(self.topology.spec)]
+            text = {"call": kind, "count": call.count,
+                    "datatype": None if call.dtype is None else call.dtype.name,
+                    "op": _ops.op_name(call.op) if call.op is not None else None,
+                    "algorithm": self.algorithm, "topology": self.topology.spec}
         self._nchecks += 1
         tag = self._nchecks % 32768  # MPI guarantees tags up to 32767
         size, rank = self._size, self._rank
-        every = np.empty((size, len(fields)), dtype=np.int64)
-        every[rank] = mine
+        head = 8 * len(fields)
+        rows = np.zeros((size, head + _CHECK_TEXT), dtype=np.uint8)
+        rows[rank, :head] = np.array(mine, dtype=np.int64).view(np.uint8)
+        packed = _fit_json(text, _CHECK_TEXT)
+        rows[rank, head:head + len(packed)] = np.frombuffer(packed, dtype=np.uint8)
         peers = [r for r in range(size) if r != rank]
-        recvs = [self._chk.Irecv(every[r], r, tag) for r in peers]
-        sends = [self._chk.Isend(every[rank], r, tag) for r in peers]
+        recvs = [self._chk.Irecv(rows[r], r, tag) for r in peers]
+        sends = [self._chk.Isend(rows[rank], r, tag) for r in peers]
         if timeout is None and self.wait == "busy" and not execute.running():
             MPI.Request.Waitall(recvs + sends)
         else:
@@ -1009,7 +1095,7 @@ class Comm:
             try:
                 agreed = _poll(lambda: MPI.Request.Testall(reqs), deadline, self.wait == "sleep")
             except BaseException:  # e.g. another call's error, raised by the progress made
-                _ABANDONED.append((reqs, every))  # MPI may still write or read them
+                _ABANDONED.append((reqs, rows))  # MPI may still write or read them
                 self._break(f"{kind} agreement check interrupted on rank {rank}")
                 raise
             if not agreed:
@@ -1021,38 +1107,35 @@ class Comm:
                         q.Wait(st)
                         if st.Is_cancelled():
                             missing.append(r)
-                _ABANDONED.append((sends, every))  # the sends may still be read
-                came = [r for r in range(size) if r not in missing]
-                self._break(f"{kind} agreement check timed out on rank {rank}")
-                raise StallError(
-                    f"mtcoll {kind} on rank {rank}: rank(s) {missing} did not make this call "
-                    f"within MTCOLL_TIMEOUT={timeout:g} s (MTCOLL_CHECK agreement check "
-                    f"{self._nchecks}; ranks {came} did). The Comm is now broken: free it and "
-                    f"make a new one, or end the job", kind, timeout, missing)
-        # Every rank has every descriptor, so every rank is here and takes the same branch:
-        # the blocking allgathers below cannot hang.
+                _ABANDONED.append((sends, rows))  # the sends may still be read
+                if missing:
+                    came = [r for r in range(size) if r not in missing]
+                    self._break(f"{kind} agreement check timed out on rank {rank}")
+                    raise StallError(
+                        f"mtcoll {kind} on rank {rank}: rank(s) {missing} did not make this "
+                        f"call within MTCOLL_TIMEOUT={timeout:g} s (MTCOLL_CHECK agreement "
+                        f"check {self._nchecks}; ranks {came} did). The Comm is now broken: "
+                        f"free it and make a new one, or end the job", kind, timeout, missing)
+                # every descriptor came in after all (only our sends are not yet taken):
+                # judge them like the others
+        every = rows[:, :head].copy().view(np.int64)
         bad = np.flatnonzero(every[:, 0] == 0).tolist()
         if bad:
-            msgs = self._chk.allgather(None if err is None else (type(err).__name__, str(err)))
             if err is not None:
                 raise err
-            name, text = msgs[bad[0]]
-            cls = TypeError if name == "TypeError" else ValueError
+            got = _unfit_json(rows[bad[0], head:])
+            cls = TypeError if got.get("error") == "TypeError" else ValueError
             raise cls(f"mtcoll {kind}: rank(s) {bad} rejected their arguments; "
-                      f"rank {bad[0]}: {text}")
+                      f"rank {bad[0]}: {got.get('message', '?')}")
         diff = [j for j in range(1, len(fields)) if (every[:, j] != every[0, j]).any()]
         if diff:
-            desc = {"call": kind, "count": call.count,
-                    "datatype": None if call.dtype is None else call.dtype.name,
-                    "op": _ops.op_name(call.op) if call.op is not None else None,
-                    "algorithm": self.algorithm, "topology": self.topology.spec}
-            descs = self._chk.allgather(desc)
+            descs = {r: _unfit_json(rows[r, head:]) for r in range(size)}
             parts = []
             for j in diff:
                 f = fields[j]
                 others = np.flatnonzero(every[:, j] != every[0, j]).tolist()
-                shown = ", ".join(f"rank {r}: {descs[r][f]!r}" for r in others[:8])
-                parts.append(f"{f}: rank 0 has {descs[0][f]!r} but ranks {others} differ "
+                shown = ", ".join(f"rank {r}: {descs[r].get(f)!r}" for r in others[:8])
+                parts.append(f"{f}: rank 0 has {descs[0].get(f)!r} but ranks {others} differ "
                              f"({shown})")
             raise ValueError(f"mtcoll {kind}: the ranks disagree on " + "; ".join(parts))
 

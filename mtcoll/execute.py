@@ -29,6 +29,11 @@ How a call runs
    completion releases the pieces that depend on it. A blocking wait either blocks in
    ``MPI.Request.Waitsome`` (``wait="busy"``) or tests with ``Testsome`` and sleeps between
    tests (``wait="sleep"``, for more ranks than cores; see :data:`WAIT`).
+6. **Errors.** When MPI reports a failed message (say a receive truncated because the ranks
+   disagree on the count), the execution it belongs to fails: it is abandoned (its receives
+   cancelled) and :attr:`Execution.error` set, to be raised by its own ``wait``/``test``. The
+   other running executions, whose completions in the same test are kept, go on: an error is
+   charged to the call it happened in, not to whichever call was being waited for.
 
 Because overlapping receives are applied in program order, every run of the same schedule on
 the same inputs performs the same floating-point operations in the same order: the result is
@@ -432,11 +437,14 @@ class Execution:
         self.ufunc = ufunc
         self.slot = slot
         self.on_done = []
+        self.error = None  # the MPI.Exception this execution failed with (see _fail)
+        self.on_error = []  # callbacks fn(error), run once when it fails
         # MPI requests of this execution and the piece of each. Testsome turns completed ones
         # into MPI.REQUEST_NULL in place, which later tests skip; the lists are compacted only
         # when such holes make up most of them, so that a completion costs O(1), not O(list).
         self.reqs = []
         self._req_piece = []
+        self._seen = bytearray()  # per request: its completion has been handled
         self._active_reqs = 0
         self._pending = list(layout.npending)
         self._state = bytearray(layout.npieces)  # of reduce-phase receives
@@ -469,6 +477,7 @@ class Execution:
             self.reqs.append(self._comm.Irecv(buf, lay.peer[p], lay.tagnum[p] * TAG_SLOTS
                                               + self.slot))
             self._req_piece.append(p)
+            self._seen.append(0)
             self._active_reqs += 1
             self._recvs_out += 1
 
@@ -496,6 +505,7 @@ class Execution:
                 continue
             self.reqs.append(req)
             self._req_piece.append(p)
+            self._seen.append(0)
             self._active_reqs += 1
 
     def _apply(self, p):
@@ -522,7 +532,9 @@ class Execution:
         work = deque()
         kind, phase, pieces = lay.kind, lay.phase, self._req_piece
         self._active_reqs -= len(indices)
+        seen = self._seen
         for i in indices:
+            seen[i] = 1
             p = pieces[i]
             if kind[p] == RECV and phase[p] == REDUCE:
                 self._state[p] = _ARRIVED
@@ -536,6 +548,7 @@ class Execution:
             keep = [i for i, r in enumerate(self.reqs) if r]
             self.reqs = [self.reqs[i] for i in keep]
             self._req_piece = [pieces[i] for i in keep]
+            self._seen = bytearray(len(keep))
         self._run(work)
         self._post_recvs()
         if self._remaining == 0:
@@ -557,10 +570,31 @@ class Execution:
         for fn in callbacks:
             fn()
 
+    def _unseen(self):
+        # positions of requests that completed (MPI.REQUEST_NULL now) but were not handled:
+        # the ones a Testsome/Waitsome that raised completed
+        return [i for i, (r, s) in enumerate(zip(self.reqs, self._seen)) if not r and not s]
+
+    def _fail(self, error):
+        """A message of this execution failed: abandon it, keep ``error`` to raise from
+        :meth:`wait` and :meth:`test`, and tell ``on_error``."""
+        if self.done:
+            return
+        self.error = error
+        self.abandon()
+        callbacks, self.on_error = self.on_error, []
+        for fn in callbacks:
+            fn(error)
+
     def test(self):
-        """Advance all running executions without blocking; True once this one is complete."""
+        """Advance all running executions without blocking; True once this one is complete.
+
+        Raises the ``MPI.Exception`` of a failed message of this execution (:attr:`error`).
+        """
         if not self.done:
             progress(block=False)
+        if self.error is not None:
+            raise self.error
         return self.done
 
     def wait(self, timeout=None):
@@ -568,13 +602,16 @@ class Execution:
 
         With ``timeout`` (seconds), return False instead once no message of any running
         execution has completed for that long (a stall); the execution is then still running
-        (see :meth:`outstanding`, :meth:`abandon`).
+        (see :meth:`outstanding`, :meth:`abandon`). Raises the ``MPI.Exception`` of a failed
+        message of this execution (:attr:`error`).
         """
         while not self.done:
             deadline = None if timeout is None else time.monotonic() + timeout
             if not progress(block=True, deadline=deadline) and deadline is not None \
                     and time.monotonic() >= deadline:
                 return False
+        if self.error is not None:
+            raise self.error
         return True
 
     def outstanding(self):
@@ -621,29 +658,34 @@ def progress(block=False, deadline=None):
     asks to sleep (``wait="sleep"``, see :data:`WAIT`), by testing and sleeping in turn.
     Otherwise only test (``Testsome``). With a ``deadline`` (a ``time.monotonic()`` value) a
     blocking wait gives up at that time: it tests (``Testsome``) instead of blocking in
-    ``Waitsome``. Returns True if anything completed.
+    ``Waitsome``. Returns True if anything completed (or failed).
+
+    A failed message fails its own execution (:meth:`Execution.wait` raises the error there);
+    the others go on. An error MPI reports without saying which request failed is raised here.
     """
     execs = list(_active)
     if not execs:
         return False
     if len(execs) == 1:
-        e = execs[0]
-        reqs = e.reqs
-        if not e._active_reqs:
-            raise RuntimeError("mtcoll executor stalled with no outstanding message")
-        idx = _some(reqs, block, e.executor.sleep, deadline)
-        if idx:
-            e._complete(idx)
-        return bool(idx)
-    allreqs, offsets = [], []
-    for e in execs:
-        offsets.append(len(allreqs))
-        allreqs.extend(e.reqs)
+        allreqs, offsets = execs[0].reqs, [0]
+    else:
+        allreqs, offsets = [], []
+        for e in execs:
+            offsets.append(len(allreqs))
+            allreqs.extend(e.reqs)
     if not any(e._active_reqs for e in execs):
         raise RuntimeError("mtcoll executor stalled with no outstanding message")
-    idx = _some(allreqs, block, any(e.executor.sleep for e in execs), deadline)
+    statuses = _statuses(len(allreqs))
+    try:
+        idx = _some(allreqs, block, any(e.executor.sleep for e in execs), deadline, statuses)
+    except MPI.Exception as error:
+        idx = _charge(execs, error, statuses)
     if not idx:
         return False
+    if len(execs) == 1:
+        if not execs[0].done:
+            execs[0]._complete(idx)
+        return True
     idx = sorted(idx)
     j = 0
     for k, e in enumerate(execs):
@@ -652,43 +694,79 @@ def progress(block=False, deadline=None):
         while j < len(idx) and idx[j] < end:
             mine.append(idx[j] - offsets[k])
             j += 1
-        if mine:
+        if mine and not e.done:  # done: failed, or abandoned by a failure's callback
             e._complete(mine)
     return True
 
 
-def _some(reqs, block, sleep, deadline):
+_STATUSES = []
+
+
+def _statuses(n):
+    # MPI.Status objects for Testsome/Waitsome to fill (read only when they raise), reused
+    while len(_STATUSES) < n:
+        _STATUSES.append(MPI.Status())
+    return _STATUSES
+
+
+def _charge(execs, error, statuses):
+    """Testsome/Waitsome over ``execs``' requests raised ``error``: fail the executions whose
+    messages failed, and return the global indices of the requests that completed normally
+    in that call (to be handled as usual).
+
+    MPI says which messages failed only with ``MPI_ERR_IN_STATUS``: the call then completed
+    ``outcount`` requests (MPI.REQUEST_NULL now, in index order) and set the error field of the
+    first ``outcount`` statuses, in the same order. Any other error is raised as it is.
+    """
+    if error.Get_error_class() != MPI.ERR_IN_STATUS:
+        raise error
+    completed, base = [], 0
+    for e in execs:
+        completed.extend((e, base + i) for i in e._unseen())
+        base += len(e.reqs)
+    failed = [e for k, (e, _) in enumerate(completed)
+              if k < len(statuses) and statuses[k].Get_error() != MPI.SUCCESS]
+    if not failed:
+        raise error
+    for e in dict.fromkeys(failed):
+        k = next(k for k, (f, _) in enumerate(completed)
+                 if f is e and statuses[k].Get_error() != MPI.SUCCESS)
+        e._fail(MPI.Exception(statuses[k].Get_error()))
+    return [i for e, i in completed if not e.done]
+
+
+def _some(reqs, block, sleep, deadline, statuses=None):
     # The completed requests among reqs: tested, or waited for as progress() describes.
     if not block:
-        return MPI.Request.Testsome(reqs)
+        return MPI.Request.Testsome(reqs, statuses)
     if sleep:
-        return _test_and_sleep(reqs, deadline)
+        return _test_and_sleep(reqs, deadline, statuses)
     if deadline is None:
-        return MPI.Request.Waitsome(reqs)
+        return MPI.Request.Waitsome(reqs, statuses)
     test = MPI.Request.Testsome
     while True:  # busy, but able to give up: poll
-        idx = test(reqs)
+        idx = test(reqs, statuses)
         if idx or time.monotonic() >= deadline:
             return idx
 
 
-def _test_and_sleep(reqs, deadline=None):
+def _test_and_sleep(reqs, deadline=None, statuses=None):
     """Indices of completed requests, found by testing and, between tests, sleeping; an empty
     list once ``deadline`` (a ``time.monotonic()`` value) has passed."""
     test = MPI.Request.Testsome
     for _ in range(SPIN_POLLS):
-        idx = test(reqs)
+        idx = test(reqs, statuses)
         if idx:
             return idx
     for _ in range(YIELD_POLLS):
         os.sched_yield()
-        idx = test(reqs)
+        idx = test(reqs, statuses)
         if idx:
             return idx
     delay = SLEEP_MIN
     while True:
         time.sleep(delay)
-        idx = test(reqs)
+        idx = test(reqs, statuses)
         if idx:
             return idx
         if deadline is not None and time.monotonic() >= deadline:

@@ -196,13 +196,13 @@ def test_iallreduce_noncontiguous_copied_back_on_completion(comm, mt):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("check", ["0", "1"])
 @pytest.mark.parametrize("second", ["native", "native, Test", "native, blocking", "first use",
-                                    "mpi request"])
+                                    "mpi request", "new Comm"])
 def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, second):
     """Calls are started in the same order everywhere but completed in different orders: rank 0
     waits for the second call first, the others finish the first call before they even start
     the second. Rank 0 must keep the first call moving while it waits (in the MPI library's
-    Wait, in the agreement check, in the first use's planning broadcast), or every rank hangs
-    -- the per-test timeout then fails the run."""
+    Wait, in the agreement check, in the first use's planning broadcast, in constructing a new
+    Comm), or every rank hangs -- the per-test timeout then fails the run."""
     monkeypatch.setenv("MTCOLL_CHECK", check)
     r, n = comm.Get_rank(), 1 << 16
     with mtcoll.Comm(comm, algorithm="multitree") as first, \
@@ -210,8 +210,12 @@ def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, seco
         if second == "first use":
             assert "ring" not in other._schedules  # its first call plans, collectively
         a, b = np.zeros(n), np.zeros(n)
+        made = []
 
         def start_second():
+            if second == "new Comm":  # constructing a Comm is a collective too
+                made.append(mtcoll.Comm(comm, algorithm="multitree"))
+                return made[-1].Iallreduce(np.full(n, float(r)), b)
             if second == "mpi request":
                 return comm.Ibarrier()
             if second == "native, blocking":  # a blocking call the MPI library runs
@@ -237,6 +241,8 @@ def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, seco
             rb = start_second()
             if rb is not None:
                 mtcoll.waitall([rb])
+        for c in made:
+            c.Free()
     assert np.array_equal(a, ranks_sum(comm, n))
     if second != "mpi request":
         assert np.array_equal(b, ranks_sum(comm, n))

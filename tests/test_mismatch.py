@@ -168,6 +168,70 @@ def test_check_names_missing_rank(comm, fresh, need_size, monkeypatch, call, mis
     _world_ok(comm)
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("what", ["count", "error"])
+def test_check_gives_up_while_others_see_a_mismatch(comm, fresh, need_size, monkeypatch, what):
+    """A race the agreement check must survive: rank 0's MTCOLL_TIMEOUT (1 s) expires before
+    the last rank makes its call (at 1.5 s), and that call differs (another count, or
+    arguments that raise). Rank 0 raises StallError naming the last rank. The other ranks,
+    whose timeout is longer, get every descriptor, see the disagreement and must raise it at
+    once -- they need nothing more from rank 0, which has left."""
+    size = need_size(min_size=2, max_size=8)
+    r, last = comm.Get_rank(), size - 1
+    monkeypatch.setenv("MTCOLL_CHECK", "1")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", "1" if r == 0 else "10")
+    c = fresh(algorithm="multitree")
+    c.Allreduce(np.ones(8), np.zeros(8))  # a good call first
+    n = N
+    recv = np.zeros(N)
+    if r == last:
+        time.sleep(1.5)
+        if what == "count":
+            n = N + 8
+        else:
+            recv = np.zeros(N + 1)  # recvbuf too large: the last rank's own ValueError
+    t0 = time.monotonic()
+    if r == 0:
+        with pytest.raises(StallError, match=rf"rank\(s\) \[{last}\] did not make this call"):
+            c.Allreduce(np.ones(N), recv)
+    elif what == "count":
+        with pytest.raises(ValueError, match=rf"the ranks disagree on count: rank 0 has {N} but "
+                                             rf"ranks \[{last}\] differ \(rank {last}: {N + 8}\)"):
+            c.Allreduce(np.ones(n), np.zeros(n))
+    else:
+        msg = (r"recvbuf \(rank \d+\) is too large" if r == last else
+               rf"rank\(s\) \[{last}\] rejected their arguments; rank {last}: recvbuf "
+               rf"\(rank {last}\) is too large")
+        with pytest.raises(ValueError, match=msg):
+            c.Allreduce(np.ones(N), recv)
+    elapsed = time.monotonic() - t0
+    assert elapsed <= (1 if r == 0 else 1.5) + SLACK + 1.5, elapsed
+    c.Free()
+    comm.Barrier()
+    _world_ok(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_construction_names_timeout(comm, need_size, monkeypatch):
+    """The last rank never constructs the Comm: with MTCOLL_TIMEOUT=2 the others raise
+    StallError after the timeout instead of waiting in the collective duplicate for ever. (On a
+    communicator of the test's own, left unfreed: its duplicate stays pending on those ranks.)"""
+    size = need_size(min_size=2, max_size=8)
+    r = comm.Get_rank()
+    monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
+    sub = comm.Dup()
+    if r != size - 1:
+        t0 = time.monotonic()
+        with pytest.raises(StallError, match=rf"mtcoll.Comm on rank {r}: not every rank of the "
+                                             rf"communicator constructed an mtcoll.Comm within "
+                                             rf"MTCOLL_TIMEOUT=2 s") as err:
+            mtcoll.Comm(sub, algorithm="multitree")
+        assert TIMEOUT <= time.monotonic() - t0 <= TIMEOUT + SLACK
+        assert err.value.timeout == TIMEOUT and err.value.ranks == []
+    comm.Barrier()
+    _world_ok(comm)
+
+
 # -- the stall watchdog on the data path (checking off) -------------------------------------------
 
 @pytest.mark.mpi(min_size=2)
@@ -324,4 +388,51 @@ def test_guard_zones_untouched(comm, fresh, need_size, monkeypatch, what, algori
         assert outcomes == ["done"] * size
     c.Free()
     comm.Barrier()
+    _world_ok(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("wait_first", ["other", "failing"])
+def test_mpi_error_charged_to_its_own_call(comm, fresh, need_size, monkeypatch, wait_first):
+    """Two Comms with calls in flight together; the first call's count is larger on every rank
+    but 0, so rank 0 receives a message longer than its receive (MPI_ERR_TRUNCATE). Whichever
+    request rank 0 waits for first, the error belongs to the first call: the second call
+    completes with the right result and its Comm stays usable, the first call's ``Wait`` raises
+    the MPI error and only its Comm is broken."""
+    size = need_size(min_size=2, max_size=8)
+    r = comm.Get_rank()
+    monkeypatch.setenv("MTCOLL_CHECK", "0")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
+    bad, good = fresh(algorithm="ring"), fresh(algorithm="multitree")
+    n = 4096 + 1024 * (r != 0)  # every message rank 0 receives is longer than it expects
+    a = bad.Iallreduce(np.full(n, 1.0), np.zeros(n))
+    out = np.zeros(N)
+    b = good.Iallreduce(np.full(N, float(r)), out)
+    first, then = (b, a) if wait_first == "other" else (a, b)
+    outcome = {}
+    for name, req in (("first", first), ("then", then)):
+        try:
+            req.Wait()
+            outcome[req is a] = "done"
+        except StallError:
+            outcome[req is a] = "stall"
+        except RuntimeError as e:
+            outcome[req is a] = "mpi error" if "MPI error" in str(e) else str(e)
+            if r == 0 and req is a:
+                assert "ERR_TRUNCATE" in str(e) and "Iallreduce on rank 0" in str(e), str(e)
+    assert outcome[False] == "done", outcome
+    assert np.array_equal(out, _ranks_sum(size, N))
+    assert good._broken is None
+    if r == 0:
+        assert outcome[True] == "mpi error", outcome
+        assert "ERR_TRUNCATE" in bad._broken, bad._broken
+        with pytest.raises(RuntimeError, match="mtcoll.Comm is broken: Iallreduce on rank 0 "
+                                               "failed: MPI error ERR_TRUNCATE"):
+            bad.Allreduce(np.ones(4), np.zeros(4))
+    # the good Comm still works after the other one broke (once every rank is done with the
+    # bad call: the last rank may take MTCOLL_TIMEOUT to give it up)
+    comm.Barrier()
+    out2 = np.zeros(8)
+    good.Allreduce(np.full(8, float(r)), out2)
+    assert np.array_equal(out2, _ranks_sum(size, 8))
     _world_ok(comm)
