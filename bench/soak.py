@@ -2,6 +2,7 @@
 
     mpiexec -n 8 python bench/soak.py [--calls 10000] [--inflight 8] [--seed S]
                                       [--max-bytes 4194304] [--json FILE]
+                                      [--fresh-buffers] [--trim]
 
 One :class:`mtcoll.Comm` per algorithm (multitree, ring, ring2d, dbtree, rhd where they fit the
 size, auto, native) over the same MPI communicator, so calls of different algorithms are in
@@ -9,8 +10,9 @@ flight together. Call ``i`` draws its algorithm, dtype, op, size (log-uniform fr
 ``--max-bytes``, plus exact zeros and tiny counts) and in-place flag from a generator seeded
 with ``(seed, i)``: every rank draws the same call. Each rank's input is a slice of a pool of
 small integer-valued numbers at a rank-dependent offset, so every rank can compute the whole
-expected result itself, and any reduction order gives the same bits: a result is right only
-if it equals that exactly. Up to ``--inflight`` calls per rank are outstanding; which one a
+expected result itself, and any reduction order gives the same values (up to the sign of a
+zero in complex products): a result is right only if it equals that exactly, element for
+element (``np.array_equal``). Up to ``--inflight`` calls per rank are outstanding; which one a
 rank completes next is drawn per rank, so ranks complete them in different orders.
 
 User point-to-point traffic runs on the same MPI communicator meanwhile (Isend/Irecv to the
@@ -18,11 +20,27 @@ ring neighbours with tags that equal mtcoll's own tag numbers, half of the recei
 ``MPI.ANY_TAG``); every user message must arrive intact, and no message may be left over on the
 communicator or on any Comm's duplicate at the end.
 
+The harness reuses its own large buffers, as an application (a training loop with its gradient
+buffers) would: ``--inflight`` output buffers of ``--max-bytes`` each, one for the expected
+result and one for the comparison, all allocated and written before the first call
+(:class:`_Buffers`). A call takes an output buffer and uses a prefix of it; the buffer goes
+back only after the call has completed (``Wait``, or ``Test`` returned True) *and* its result
+has been checked. Before an out-of-place call the prefix is filled with a poison byte, so an
+element mtcoll fails to write cannot pass for a stale result. The expected result is reduced
+into its buffer with the ufuncs' ``out=`` (no temporary of the message's size), and the
+result is compared with it as ``np.array_equal`` does, into the reused bool array.
+``--fresh-buffers`` restores the earlier harness: a new output array per call
+(``np.empty_like`` or a copy of the input), the expected result built with a copy, compared
+with ``np.array_equal``, the data pools made on first use. Either way every result is checked.
+
 Every 1000 calls (a *block*) the rank drains its calls and records its resident memory
-(``/proc/self/statm``), the Comms' pending requests, the running executions
-(``mtcoll.execute._active``) and the executors' cached scratch buffers and layouts. Rank 0
-prints a summary; ``--json`` writes it. ``tests/test_soak.py`` runs :func:`soak` with a few
-hundred calls at every size in the suite.
+(``/proc/self/statm``), the bytes glibc's malloc has handed out and not freed and the free
+bytes it keeps (``mallinfo2()``, which reads and changes nothing), the Comms' pending
+requests, the running executions (``mtcoll.execute._active``) and the executors' cached
+scratch buffers and layouts. With ``--trim`` it then also calls ``malloc_trim(0)`` and reads
+the resident memory again; that trim changes what the later blocks' plain readings see, so it
+is off by default. Rank 0 prints a summary; ``--json`` writes it. ``tests/test_soak.py`` runs
+:func:`soak` with a few hundred calls at every size in the suite.
 """
 
 from __future__ import annotations
@@ -70,6 +88,12 @@ class _Pools:
 
     def __init__(self, seed, length):
         self.seed, self.length, self.pools = seed, length, {}
+
+    def make_all(self):
+        """Make every pool now (instead of on first use)."""
+        for dtype in DTYPES:
+            for op in _ops_for(dtype):
+                self.get(dtype, op)
 
     def get(self, dtype, op):
         key = (dtype, _opclass(op))
@@ -128,13 +152,67 @@ def _slice(pool, call, rank):
     return pool[a:a + call["count"]]
 
 
-def expected(pools, call, size):
+def expected(pools, call, size, out=None):
+    """The allreduce of every rank's input over ``size`` ranks; computed into ``out`` (an array
+    of the call's dtype and count) if given, else into a new array."""
     pool = pools.get(call["dtype"], call["op"])
-    out = _slice(pool, call, 0).copy()
+    if out is None:
+        out = _slice(pool, call, 0).copy()
+    else:
+        np.copyto(out, _slice(pool, call, 0))
     ufunc = _UFUNC[call["op"]]
     for r in range(1, size):
         ufunc(out, _slice(pool, call, r), out=out)
     return out
+
+
+def equal_into(a, b, scratch):
+    """``np.array_equal(a, b)`` for 1-D arrays of one dtype and size, with the element-wise
+    comparison written into ``scratch`` (a bool array at least that long) instead of a new
+    array. Equal values, as ``np.array_equal`` (0.0 equals -0.0: complex PROD gives zeros of
+    either sign depending on the order of the products)."""
+    if a.shape != b.shape:
+        return False
+    eq = scratch[:a.size]
+    np.equal(a, b, out=eq)
+    return bool(eq.all())
+
+
+POISON = 0xA5  # the byte an out-of-place call's output buffer is filled with first
+
+
+class _Buffers:
+    """The soak's reused buffers (the default): ``n`` output buffers of ``nbytes`` bytes, one
+    for the expected result and one bool array for the comparison, allocated and written (so
+    resident) when made. :meth:`take` hands out an output buffer, :meth:`give` takes it back:
+    the caller gives it back only after the call that wrote it has completed and its result
+    has been checked, so no buffer serves two calls at once."""
+
+    def __init__(self, n, nbytes):
+        self.n, self.nbytes = n, nbytes
+        self.free = [np.full(nbytes, POISON, dtype=np.uint8) for _ in range(n)]
+        self.expect = np.full(nbytes, POISON, dtype=np.uint8)
+        self.same = np.ones(nbytes // 4 + 1, dtype=bool)
+        self.total_bytes = (n + 1) * nbytes + self.same.nbytes
+
+    def take(self, dtype, count):
+        """An output buffer's prefix as ``count`` elements of ``dtype``, and the buffer."""
+        if not self.free:
+            raise RuntimeError(f"soak: more than {self.n} output buffers in use")
+        dt = np.dtype(dtype)
+        if count * dt.itemsize > self.nbytes:
+            raise ValueError(f"soak: {count} x {dt} exceeds the {self.nbytes}-byte buffers")
+        raw = self.free.pop()
+        return raw[:count * dt.itemsize].view(dt), raw
+
+    def give(self, raw):
+        if any(b is raw for b in self.free) or len(self.free) >= self.n:
+            raise RuntimeError("soak: an output buffer given back twice")
+        self.free.append(raw)
+
+    def expected_into(self, dtype, count):
+        dt = np.dtype(dtype)
+        return self.expect[:count * dt.itemsize].view(dt)
 
 
 def _rss_bytes():
@@ -145,7 +223,8 @@ def _rss_bytes():
 def _trimmed_rss_bytes():
     """Resident bytes after glibc's ``malloc_trim(0)`` has returned the heap's free pages to
     the system (a diagnostic: what is resident because it is in use, not because the allocator
-    keeps it), or None without glibc. Called after the plain reading of a block."""
+    keeps it), or None without glibc. Called after the plain reading of a block, with
+    ``--trim`` only: it lowers what the later blocks' plain readings see."""
     try:
         import ctypes
         trim = ctypes.CDLL("libc.so.6").malloc_trim
@@ -155,6 +234,26 @@ def _trimmed_rss_bytes():
     return _rss_bytes()
 
 
+def _mallinfo():
+    """(bytes glibc's malloc has handed out and not freed, free bytes it keeps in its heaps)
+    from ``mallinfo2()`` over all arenas; it reads and changes nothing. (None, None) without
+    glibc 2.33+. Python's small objects (pymalloc's arenas) are not in it."""
+    try:
+        import ctypes
+
+        class Info(ctypes.Structure):
+            _fields_ = [(f, ctypes.c_size_t) for f in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+        fn.restype = Info
+    except (OSError, AttributeError):
+        return None, None
+    m = fn()
+    return m.uordblks + m.hblkhd, m.fordblks
+
+
 def _caches(comms):
     scratch = layouts = pending = 0
     for c in comms.values():
@@ -162,8 +261,8 @@ def _caches(comms):
         # drops them (bounded by the calls in flight), holding no buffers (checked below)
         pending += sum(not r._complete or r._keep is not None for r in c._requests)
         for ex in c._executors.values():
-            scratch += sum(b.nbytes for b in ex._scratch)
             layouts += len(ex._layouts)
+    scratch = _execute.scratch_cached()  # one pool for the process
     return pending, scratch, layouts
 
 
@@ -198,14 +297,19 @@ def make_comms(comm, algorithms=ALGORITHMS):
 
 
 def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
-         algorithms=ALGORITHMS, user_traffic=True, progress=None, complete="wait"):
+         algorithms=ALGORITHMS, user_traffic=True, progress=None, complete="wait",
+         buffers="pooled", trim=False):
     """Run the soak on ``comm`` (collective); returns the summary dict (the same keys on every
     rank; the figures are totals or maxima over the ranks).
 
     ``progress``, if given, is called on rank 0 with each block's record. ``complete``:
     ``"wait"`` calls the request's ``Wait``; ``"test"`` tests it and every other call in flight
-    until it is done.
+    until it is done. ``buffers``: ``"pooled"`` reuses the harness's output and expected-result
+    buffers (:class:`_Buffers`), ``"fresh"`` allocates them per call (the earlier harness).
+    ``trim``: also read the resident memory after ``malloc_trim(0)`` at each block's end.
     """
+    if buffers not in ("pooled", "fresh"):
+        raise ValueError(f"buffers must be 'pooled' or 'fresh', not {buffers!r}")
     rank, size = comm.Get_rank(), comm.Get_size()
     comms, skipped = make_comms(comm, algorithms)
     names = tuple(comms)
@@ -213,8 +317,12 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
     dups_ok = all(MPI.Comm.Compare(c._dup, comm) == MPI.CONGRUENT for c in comms.values())
     # the longest slice: max_bytes of the smallest dtype (4 bytes), at the largest offset
     pools = _Pools(seed, max_bytes // 4 + 4096 + size * _MAX_STEP)
+    bufs = None
+    if buffers == "pooled":
+        pools.make_all()  # the input data, made before the first call
+        bufs = _Buffers(inflight, max_bytes)
     pick = np.random.default_rng([seed, rank, 2])  # per rank: which call to complete next
-    window = []  # (index, call, request, recvbuf)
+    window = []  # (index, call, request, recvbuf, its pooled buffer or None)
     user_reqs, user_checks, user_keep = [], [], []  # recv and send alternate in user_reqs
     stats = dict(wrong=0, checked=0, bytes=0, user_sent=0, user_received=0, user_bad=0)
     by_algorithm = {n: 0 for n in names}
@@ -223,7 +331,7 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
     blocks = []
 
     def finish(entry):
-        i, call, req, out = entry
+        i, call, req, out, raw = entry
         if complete == "wait":
             req.Wait()
         else:
@@ -231,9 +339,15 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
                 for e in window:
                     e[2].Test()
                 time.sleep(20e-6)
-        want = expected(pools, call, size)
+        # the call is complete: check its result, then (pooled) give its buffer back
+        if bufs is None:
+            want = expected(pools, call, size)
+            right = np.array_equal(out, want)
+        else:
+            want = expected(pools, call, size, bufs.expected_into(call["dtype"], call["count"]))
+            right = equal_into(out, want, bufs.same)
         stats["checked"] += 1
-        if not np.array_equal(out, want):
+        if not right:
             stats["wrong"] += 1
             if len(first_wrong) < 5:
                 bad = np.flatnonzero(out != want)
@@ -241,6 +355,8 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
                                         first=int(bad[0]) if bad.size else -1,
                                         **{k: call[k] for k in ("algorithm", "dtype", "op",
                                                                 "count", "in_place")}))
+        if raw is not None:
+            bufs.give(raw)
 
     def finish_user():
         # Never block in MPI on a neighbour's message while holding back mtcoll calls: the
@@ -274,13 +390,20 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
         mine = _slice(pool, call, rank)
         c = comms[call["algorithm"]]
         op = getattr(MPI, call["op"])
+        raw = None
+        if bufs is None:
+            out = mine.copy() if call["in_place"] else np.empty_like(mine)
+        else:
+            out, raw = bufs.take(call["dtype"], call["count"])
+            if call["in_place"]:
+                np.copyto(out, mine)
+            else:
+                out.view(np.uint8).fill(POISON)
         if call["in_place"]:
-            out = mine.copy()
             req = c.Iallreduce(MPI.IN_PLACE, out, op)
         else:
-            out = np.empty_like(mine)
             req = c.Iallreduce(mine, out, op)  # a read-only view of the pool is a fine sendbuf
-        window.append((i, call, req, out))
+        window.append((i, call, req, out, raw))
         by_algorithm[call["algorithm"]] += 1
         by_op[call["op"]] += 1
         stats["bytes"] += out.nbytes
@@ -310,8 +433,10 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
             gc.collect()
             pending, scratch, layouts = _caches(comms)
             rss = _rss_bytes()
+            in_use, heap_free = _mallinfo()
             rec = dict(calls=i + 1, seconds=time.perf_counter() - tblock, rss=rss,
-                       rss_trimmed=_trimmed_rss_bytes(),
+                       malloc_in_use=in_use, malloc_free=heap_free,
+                       rss_trimmed=_trimmed_rss_bytes() if trim else None,
                        pending=pending, active=len(_execute._active), scratch_bytes=scratch,
                        layouts=layouts)
             tblock = time.perf_counter()
@@ -342,7 +467,10 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
     trimmed_growth = None if None in trimmed else (trimmed[-1] - trimmed[0]) / trimmed[0]
     trimmed_growth = comm.allgather(trimmed_growth)
     return dict(
-        ranks=size, calls=calls, complete=complete, inflight=inflight, seed=seed, max_bytes=max_bytes,
+        ranks=size, calls=calls, complete=complete, inflight=inflight, seed=seed,
+        max_bytes=max_bytes, buffers=buffers, trim=trim,
+        # resident bytes of the harness's reused buffers per rank (0 with fresh buffers)
+        harness_buffer_bytes=0 if bufs is None else bufs.total_bytes,
         algorithms=list(names), skipped_algorithms=skipped,
         wrong=total(stats["wrong"]), checked=total(stats["checked"]),
         bytes_per_rank_total=most(stats["bytes"]),
@@ -360,7 +488,11 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
         # per rank, resident bytes at the end of each block: a leak grows with the calls, an
         # allocator's high-water mark steps up and stays
         rss_by_rank=comm.allgather([b["rss"] for b in blocks]),
-        # the same after malloc_trim(0) at each block's end (None without glibc)
+        # per rank and block, mallinfo2(): bytes malloc has handed out and not freed, and the
+        # free bytes it keeps (None without glibc 2.33+)
+        malloc_in_use_by_rank=comm.allgather([b["malloc_in_use"] for b in blocks]),
+        malloc_free_by_rank=comm.allgather([b["malloc_free"] for b in blocks]),
+        # the same after malloc_trim(0) at each block's end (None without --trim or glibc)
         rss_trimmed_growth_max=None if None in trimmed_growth else max(trimmed_growth),
         blocks_rss_trimmed_growth_per_rank=trimmed_growth,
     )
@@ -380,6 +512,12 @@ def main(argv=None):
     p.add_argument("--complete", choices=("wait", "test"), default="wait",
                    help="complete a call with its Wait (default) or by testing every call in "
                         "flight until it is done")
+    p.add_argument("--fresh-buffers", action="store_true",
+                   help="allocate each call's output and expected result afresh (the earlier "
+                        "harness) instead of reusing a few buffers")
+    p.add_argument("--trim", action="store_true",
+                   help="after each block's reading also call malloc_trim(0) and read the "
+                        "resident memory again (lowers the later plain readings)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
@@ -393,7 +531,8 @@ def main(argv=None):
 
     load0 = os.getloadavg()
     res = soak(comm, args.calls, args.inflight, args.seed, args.max_bytes, args.block,
-               progress=show, complete=args.complete)
+               progress=show, complete=args.complete,
+               buffers="fresh" if args.fresh_buffers else "pooled", trim=args.trim)
     res["loadavg_start"] = load0
     res["loadavg_end"] = os.getloadavg()
     res["complete"] = args.complete
@@ -417,6 +556,9 @@ def main(argv=None):
               f"({res['calls_per_s']:.1f} calls/s); load {load0[0]:.2f} -> "
               f"{res['loadavg_end'][0]:.2f}; {'OK' if ok else 'FAILED'}")
         print(f"soak: calls by algorithm {res['by_algorithm']}; by op {res['by_op']}")
+        print(f"soak: {res['buffers']} buffers (harness buffers "
+              f"{res['harness_buffer_bytes'] / 2**20:.1f} MiB per rank); growth per rank "
+              + ", ".join(f"{100 * g:+.2f}%" for g in res["blocks_rss_growth_per_rank"]))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1, default=str)

@@ -56,6 +56,7 @@ is no progress thread.
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from collections import OrderedDict, deque
@@ -68,7 +69,7 @@ from .schedule import GATHER, RECV, REDUCE, SEND
 __all__ = ["Executor", "Execution", "Layout", "progress", "running", "MAX_MESSAGE_ELEMENTS",
            "SEGMENT_BYTES", "MAX_SEGMENTS", "SLEEP_SEGMENT_BYTES", "SLEEP_MAX_SEGMENTS",
            "RECV_WINDOW", "TAG_SLOTS", "WAIT", "SPIN_POLLS", "YIELD_POLLS", "SLEEP_MIN",
-           "SLEEP_MAX"]
+           "SLEEP_MAX", "SCRATCH_BUDGET", "scratch_cached"]
 
 #: No MPI message carries more elements than this, whatever the segment settings: counts stay
 #: far below 2**31 so that the plain (not large-count) MPI calls always suffice. Lower it in
@@ -109,8 +110,11 @@ SLEEP_MIN = 20e-6
 SLEEP_MAX = 200e-6
 
 _LAYOUT_CACHE = 32  # shapes remembered per executor
-_SCRATCH_CACHE = 4  # scratch buffers kept per executor for reuse
+#: Bytes of scratch buffers kept for reuse between calls, over all executors of the process
+#: (the most recently returned buffer is kept even when it alone is larger).
+SCRATCH_BUDGET = 16 * 1024 * 1024
 _SCRATCH_SMALL = 64 * 1024  # a request this small may take any kept buffer up to this size
+_SCRATCH_MMAP = 256 * 1024  # scratch this large is mapped from the kernel (see _new_scratch)
 
 
 def _npieces(sizes, itemsize, segment_bytes, max_segments, max_elements):
@@ -320,7 +324,6 @@ class Executor:
         self.tag_ub = int(comm.Get_attr(MPI.TAG_UB))
         self.sleep = (wait or WAIT) == "sleep"
         self._layouts = OrderedDict()
-        self._scratch = []
 
     def layout(self, count, itemsize, phases=(REDUCE, GATHER)):
         """The (cached) :class:`Layout` of a buffer of ``count`` elements of ``itemsize`` bytes."""
@@ -392,24 +395,49 @@ class Executor:
         """:meth:`start` and wait for completion."""
         self.start(acc, ufunc, seq, phases, src).wait()
 
-    # A few scratch buffers are kept: fresh large allocations cost page faults on every call,
-    # and a stream of them in ever new sizes raises the C allocator's high-water mark. A call
-    # takes the smallest kept buffer that holds its scratch without wasting more than half of
-    # it (small requests may take any buffer up to _SCRATCH_SMALL bytes).
-    def _get_scratch(self, nbytes):
-        best = None
-        for i, buf in enumerate(self._scratch):
-            if nbytes <= buf.nbytes <= max(2 * nbytes, _SCRATCH_SMALL) and (
-                    best is None or buf.nbytes < self._scratch[best].nbytes):
-                best = i
-        if best is not None:
-            return self._scratch.pop(best)
-        return np.empty(nbytes, dtype=np.uint8)
 
-    def _put_scratch(self, buf):
-        self._scratch.append(buf)
-        if len(self._scratch) > _SCRATCH_CACHE:
-            self._scratch.pop(0)
+# Scratch buffers kept between calls, oldest first, shared by every executor of the process:
+# fresh large allocations cost page faults on every call. A call takes the smallest kept
+# buffer that holds its scratch without wasting more than half of it (small requests may take
+# any buffer up to _SCRATCH_SMALL bytes). The pool is bounded in bytes (SCRATCH_BUDGET), not
+# per executor, so that what it holds stays about the same whatever mix of calls came last.
+_scratch_pool = []
+
+
+def _get_scratch(nbytes):
+    best = None
+    for i, buf in enumerate(_scratch_pool):
+        if nbytes <= buf.nbytes <= max(2 * nbytes, _SCRATCH_SMALL) and (
+                best is None or buf.nbytes < _scratch_pool[best].nbytes):
+            best = i
+    if best is not None:
+        return _scratch_pool.pop(best)
+    return _new_scratch(nbytes)
+
+
+def _put_scratch(buf):
+    _scratch_pool.append(buf)
+    total = sum(b.nbytes for b in _scratch_pool)
+    while total > SCRATCH_BUDGET and len(_scratch_pool) > 1:
+        total -= _scratch_pool.pop(0).nbytes
+
+
+def scratch_cached():
+    """Bytes of scratch buffers kept for reuse (at most :data:`SCRATCH_BUDGET`, or the one
+    most recently returned buffer when it alone is larger)."""
+    return sum(b.nbytes for b in _scratch_pool)
+
+
+def _new_scratch(nbytes):
+    """A scratch buffer of ``nbytes`` bytes. A large one is an anonymous ``mmap`` of its own,
+    unmapped when the array is freed: had it come from ``malloc``, freeing it would raise
+    glibc's mmap threshold (dynamic up to 32 MiB), after which buffers of that size come from
+    the heap, which keeps their memory resident once freed. A stream of calls of changing
+    sizes then ratchets the process's resident memory up (the soak in docs/reliability.md)
+    without any memory being in use."""
+    if nbytes < _SCRATCH_MMAP:
+        return np.empty(nbytes, dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
 
 
 _active = []  # running executions, oldest first, over all communicators
@@ -455,7 +483,7 @@ class Execution:
         self._tmp = None
         if layout.scratch_size:
             nbytes = layout.scratch_size * acc.itemsize
-            raw = executor._get_scratch(nbytes)
+            raw = _get_scratch(nbytes)
             self._raw = raw  # returned whole to the executor's cache when the call completes
             self._tmp = raw[:nbytes].view(acc.dtype)
         self.done = layout.npieces == 0
@@ -564,7 +592,7 @@ class Execution:
         if self in _active:
             _active.remove(self)
         if self._tmp is not None:
-            self.executor._put_scratch(self._raw)
+            _put_scratch(self._raw)
             self._tmp = self._raw = None
         callbacks, self.on_done = self.on_done, []
         for fn in callbacks:

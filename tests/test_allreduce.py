@@ -402,3 +402,27 @@ def test_layout_reads_the_input_in_place():
     lay = mtcoll.execute.Executor(FakeComm(2, 0), odd, max_segments=1).layout(10, 8)
     assert lay.kind == (RECV, SEND, RECV) and lay.src_read == (True, False, False)
     assert lay.precopy == ((5, 10),)
+
+
+def test_scratch_pool_is_bounded_in_bytes(monkeypatch):
+    """The scratch pool (mtcoll.execute): best fit within a factor 2, bounded by SCRATCH_BUDGET
+    over the whole process with the oldest dropped first, the newest kept even when larger than
+    the budget; large buffers are anonymous mmaps, not heap memory."""
+    ex = mtcoll.execute
+    monkeypatch.setattr(ex, "_scratch_pool", [])
+    monkeypatch.setattr(ex, "SCRATCH_BUDGET", 3 << 20)
+    mib = 1 << 20
+    bufs = [ex._get_scratch(n) for n in (mib, mib, 2 * mib)]
+    assert all(isinstance(b.base, memoryview) for b in bufs)  # mmapped
+    assert isinstance(ex._get_scratch(1000).base, (type(None), np.ndarray))  # small: heap
+    for b in bufs:
+        ex._put_scratch(b)
+    # 4 MiB offered to a 3 MiB budget: the oldest 1 MiB buffer went
+    assert ex.scratch_cached() == 3 * mib and ex._scratch_pool[0] is bufs[1]
+    got = ex._get_scratch(900 * 1024)  # the 1 MiB one fits within a factor 2; 2 MiB does not
+    assert got is bufs[1]
+    assert ex._get_scratch(600 * 1024) is not bufs[2]  # 2 MiB wastes more than half: new one
+    huge = ex._get_scratch(8 * mib)
+    ex._put_scratch(huge)  # alone over the budget: kept, everything older dropped
+    assert ex._scratch_pool == [huge] and ex.scratch_cached() == 8 * mib
+    assert ex._get_scratch(5 * mib) is huge
