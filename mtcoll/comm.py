@@ -213,7 +213,11 @@ def _fit_json(fields, limit):
             return json.dumps({"error": "ValueError", "message": "(too long)"}).encode()
         k = max(texts, key=lambda k: len(fields[k]))
         v = fields[k]
-        fields[k] = v[:max(0, min(len(v) - 4, len(v) - (len(data) - limit) - 3))] + "..."
+        cut = len(v) - 4
+        while cut > 0 and len(json.dumps(v[:cut] + "...").encode()) > \
+                len(json.dumps(v).encode()) - (len(data) - limit):
+            cut = cut * 3 // 4  # escaped characters take up to 6 bytes each
+        fields[k] = v[:max(0, cut)] + "..."
 
 
 def _unfit_json(row):
@@ -381,7 +385,8 @@ class Request:
         self._usable()
         try:
             if self._exec is not None:
-                self._exec.test()
+                if self._exec.test() and not self._complete:
+                    self._abandoned()
             else:
                 if execute.running():  # a peer may need one of them before it joins this call
                     execute.progress(block=False)
@@ -412,6 +417,8 @@ class Request:
                     if send:
                         what.append(f"messages to ranks {send} have not been received")
                     self._stall("; ".join(what) or "nothing outstanding", recv or send)
+                if not self._complete:
+                    self._abandoned()
             elif self._timeout is None and not execute.running():
                 self._native.Wait()
                 self._finish()
@@ -452,6 +459,13 @@ class Request:
         if comm is not None and comm._broken is not None:
             raise RuntimeError(f"this request belongs to a broken mtcoll.Comm ({comm._broken}); "
                                f"free the Comm and make a new one, or end the job")
+
+    def _abandoned(self):
+        # The execution ended without completing while we waited: another call's failure broke
+        # this call's Comm (see _exec_failed), which abandoned it. The buffers hold no result.
+        self._usable()
+        raise RuntimeError(f"mtcoll {self._kind} on rank {self._rank()}: the call was "
+                           f"abandoned before it completed")
 
     def _exec_failed(self, error):
         # A message of this call failed while some wait (maybe of another call) made progress:
@@ -666,7 +680,12 @@ class Comm:
             timeout = None  # a bad value is reported by the first call, on this rank
         dup, req = comm.Idup()
         deadline = math.inf if timeout is None else time.monotonic() + timeout
-        if not _poll(req.Test, deadline, sleep=True):
+        try:
+            done = _poll(req.Test, deadline, sleep=True)
+        except BaseException:  # e.g. KeyboardInterrupt: MPI may still complete the duplicate
+            _ABANDONED.append((dup, req))
+            raise
+        if not done:
             _ABANDONED.append((dup, req))
             raise StallError(
                 f"mtcoll.Comm on rank {rank}: not every rank of the communicator constructed an "
@@ -979,6 +998,7 @@ class Comm:
         elif err is not None:
             raise err
         self._retire()
+        self._alive()  # the progress made above may have broken it (another call's MPI error)
         try:
             req = self._launch(call, blocking, debug)
         except StallError as e:  # from planning on first use, which does not know the call
@@ -1235,6 +1255,7 @@ class Comm:
         return Request(native=req, on_done=done, keep=(c.raw, sendspec, recvspec))
 
     def _run_schedule(self, c, ex, phases, blocking):
+        self._alive()  # planning on first use advances the running calls: one may have failed
         self._seq += 1
         size, rank = self._size, self._rank
         recv = c.recv

@@ -703,11 +703,13 @@ def progress(block=False, deadline=None):
             allreqs.extend(e.reqs)
     if not any(e._active_reqs for e in execs):
         raise RuntimeError("mtcoll executor stalled with no outstanding message")
-    statuses = _statuses(len(allreqs))
+    statuses = []  # filled with the completed requests' statuses (read only on an error)
     try:
         idx = _some(allreqs, block, any(e.executor.sleep for e in execs), deadline, statuses)
     except MPI.Exception as error:
         idx = _charge(execs, error, statuses)
+        if not idx:
+            return True  # only failures: those executions are done
     if not idx:
         return False
     if len(execs) == 1:
@@ -725,16 +727,6 @@ def progress(block=False, deadline=None):
         if mine and not e.done:  # done: failed, or abandoned by a failure's callback
             e._complete(mine)
     return True
-
-
-_STATUSES = []
-
-
-def _statuses(n):
-    # MPI.Status objects for Testsome/Waitsome to fill (read only when they raise), reused
-    while len(_STATUSES) < n:
-        _STATUSES.append(MPI.Status())
-    return _STATUSES
 
 
 def _charge(execs, error, statuses):

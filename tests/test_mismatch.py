@@ -19,6 +19,7 @@ import pytest
 from mpi4py import MPI
 
 import mtcoll
+from mtcoll import execute
 from mtcoll.comm import StallError
 
 TIMEOUT = 2.0
@@ -435,4 +436,85 @@ def test_mpi_error_charged_to_its_own_call(comm, fresh, need_size, monkeypatch, 
     out2 = np.zeros(8)
     good.Allreduce(np.full(8, float(r)), out2)
     assert np.array_equal(out2, _ranks_sum(size, 8))
+    _world_ok(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("how", ["Wait", "Test"])
+def test_mpi_error_ends_the_other_calls_on_its_comm(comm, fresh, need_size, monkeypatch, how):
+    """As above, but both calls on one Comm: rank 0 waits for the second call while the first
+    one's message fails. The failure breaks the Comm and abandons the second call too, so its
+    ``Wait`` (or a ``Test`` loop) must raise RuntimeError, not return as if complete with a
+    result that never came."""
+    size = need_size(min_size=2, max_size=8)
+    r = comm.Get_rank()
+    monkeypatch.setenv("MTCOLL_CHECK", "0")
+    monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
+    c = fresh(algorithm="ring")
+    n = 4096 + 1024 * (r != 0)  # every message rank 0 receives is longer than it expects
+    a = c.Iallreduce(np.full(n, 1.0), np.zeros(n))
+    out = np.zeros(N)
+    b = c.Iallreduce(np.full(N, float(r)), out)
+    t0 = time.monotonic()
+    try:
+        if how == "Wait" or r != 0:  # (Test does not time out: the others would spin)
+            b.Wait()
+        else:
+            while not b.Test():
+                assert time.monotonic() - t0 < TIMEOUT + SLACK, "Test() never ends"
+        outcome = "done"
+    except (RuntimeError, StallError) as e:
+        outcome = str(e)
+    if r == 0:
+        assert outcome != "done" or np.array_equal(out, _ranks_sum(size, N)), \
+            "the second call returned as complete without its result"
+        assert c._broken is not None and "ERR_TRUNCATE" in c._broken, c._broken
+        with pytest.raises(RuntimeError, match="MPI error in a message of this call"):
+            a.Wait()
+    else:  # the first call stalls, or fails as the broken Comm's
+        with pytest.raises((RuntimeError, StallError)):
+            a.Wait()
+    assert not execute.running()  # nothing of either call is left running
+    comm.Barrier()
+    _world_ok(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("where", ["check", "planning"])
+def test_no_call_starts_on_a_comm_broken_while_it_starts(comm, fresh, need_size, monkeypatch,
+                                                        where):
+    """A call whose agreement check (or planning broadcast, on its algorithm's first use)
+    advances the running calls, one of which fails there with an MPI error and breaks the Comm:
+    the new call must raise RuntimeError instead of starting on the broken Comm (where its
+    execution would be left running for good, its receives posted into the caller's buffer)."""
+    size = need_size(min_size=2, max_size=8)
+    r = comm.Get_rank()
+    odd = 0 if where == "check" else size - 1  # the rank whose receives are truncated
+    monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
+    monkeypatch.setenv("MTCOLL_CHECK", "0")
+    if where == "planning":  # "auto": ring for the first call, multitree (planned) for the next
+        monkeypatch.setattr(mtcoll.comm, "choose", lambda nbytes, nranks, topology, tuning=None:
+                            "ring" if nbytes < 8 * N else "multitree")
+        c = fresh(algorithm="auto")
+    else:
+        c = fresh(algorithm="ring")
+    n = 4096 + 1024 * (r != odd)  # every message the odd rank receives is too long
+    a = c.Iallreduce(np.full(n, 1.0), np.zeros(n))
+    if where == "check":
+        monkeypatch.setenv("MTCOLL_CHECK", "1")
+    if r != odd:
+        time.sleep(0.5)  # the odd rank waits in the check (the broadcast) meanwhile
+    b = None
+    if r == odd:
+        with pytest.raises(RuntimeError, match=rf"mtcoll.Comm is broken: Iallreduce on rank "
+                                               rf"{odd} failed: MPI error ERR_TRUNCATE"):
+            c.Iallreduce(np.ones(N), np.zeros(N))
+    else:
+        b = c.Iallreduce(np.ones(N), np.zeros(N))
+    for req in (b, a):  # on the other ranks: stall (the odd rank left), then the broken Comm's
+        if req is not None:
+            with pytest.raises((RuntimeError, StallError)):
+                req.Wait()
+    assert not execute.running()
+    comm.Barrier()
     _world_ok(comm)
