@@ -672,8 +672,9 @@ class Comm:
         # comm.Dup() as its nonblocking twin, polled: the running mtcoll calls advance meanwhile
         # (another rank may need one of them finished before it gets here), and with
         # MTCOLL_TIMEOUT a rank that never constructs the Comm is not waited for forever. Once
-        # the duplicate exists every rank is in here, so the blocking collectives after it
-        # cannot hang.
+        # the duplicate exists every rank is in here, so the blocking collectives after it wait
+        # for no absent rank (unless one gave up just as the last rank joined: the window the
+        # second Test below narrows, not closes).
         try:
             timeout = _env_timeout()
         except ValueError:
@@ -685,6 +686,8 @@ class Comm:
         except BaseException:  # e.g. KeyboardInterrupt: MPI may still complete the duplicate
             _ABANDONED.append((dup, req))
             raise
+        if not done:
+            done = req.Test()  # the last rank may have joined just now: narrow the window
         if not done:
             _ABANDONED.append((dup, req))
             raise StallError(
@@ -1204,6 +1207,7 @@ class Comm:
                     return self._run_schedule(c, ex, phases, blocking)
         if debug and self._rank == 0:
             self._debug(c, f"algorithm=native ({c.why})")
+        self._alive()  # planning a schedule above advanced the running calls: one may have failed
         return self._native(c)
 
     def _debug(self, c, how):

@@ -113,6 +113,7 @@ _LAYOUT_CACHE = 32  # shapes remembered per executor
 #: Bytes of scratch buffers kept for reuse between calls, over all executors of the process
 #: (the most recently returned buffer is kept even when it alone is larger).
 SCRATCH_BUDGET = 16 * 1024 * 1024
+_SCRATCH_COUNT = 32  # and at most this many buffers: every call scans them all
 _SCRATCH_SMALL = 64 * 1024  # a request this small may take any kept buffer up to this size
 _SCRATCH_MMAP = 256 * 1024  # scratch this large is mapped from the kernel (see _new_scratch)
 
@@ -418,7 +419,8 @@ def _get_scratch(nbytes):
 def _put_scratch(buf):
     _scratch_pool.append(buf)
     total = sum(b.nbytes for b in _scratch_pool)
-    while total > SCRATCH_BUDGET and len(_scratch_pool) > 1:
+    while (total > SCRATCH_BUDGET or len(_scratch_pool) > _SCRATCH_COUNT) \
+            and len(_scratch_pool) > 1:
         total -= _scratch_pool.pop(0).nbytes
 
 
@@ -484,7 +486,7 @@ class Execution:
         if layout.scratch_size:
             nbytes = layout.scratch_size * acc.itemsize
             raw = _get_scratch(nbytes)
-            self._raw = raw  # returned whole to the executor's cache when the call completes
+            self._raw = raw  # returned whole to the process's scratch pool when the call completes
             self._tmp = raw[:nbytes].view(acc.dtype)
         self.done = layout.npieces == 0
         if not self.done:

@@ -426,3 +426,6 @@ def test_scratch_pool_is_bounded_in_bytes(monkeypatch):
     ex._put_scratch(huge)  # alone over the budget: kept, everything older dropped
     assert ex._scratch_pool == [huge] and ex.scratch_cached() == 8 * mib
     assert ex._get_scratch(5 * mib) is huge
+    for _ in range(40):  # many small buffers: the pool keeps at most _SCRATCH_COUNT of them
+        ex._put_scratch(np.empty(1024, dtype=np.uint8))
+    assert len(ex._scratch_pool) == ex._SCRATCH_COUNT
