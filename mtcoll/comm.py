@@ -392,11 +392,10 @@ class Request:
                     execute.progress(block=False)
                 if self._native.Test():
                     self._finish()
-        except MPI.Exception as e:
-            self._fail(e)
-            raise self._mpi_error(e) from e
         except BaseException as e:
             self._fail(e)
+            if isinstance(e, MPI.Exception):
+                raise self._mpi_error(e) from e
             raise
         return self._complete
 
@@ -433,11 +432,10 @@ class Request:
                                 "say which ranks it waits for; MTCOLL_CHECK=1 names ranks "
                                 "that did not make the call)", [])
                 self._finish()
-        except MPI.Exception as e:
-            self._fail(e)
-            raise self._mpi_error(e) from e
         except BaseException as e:
             self._fail(e)
+            if isinstance(e, MPI.Exception):
+                raise self._mpi_error(e) from e
             raise
         return True
 
