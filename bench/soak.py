@@ -37,8 +37,8 @@ Every 1000 calls (a *block*) the rank drains its calls and records its resident 
 (``/proc/self/statm``), the bytes glibc's malloc has handed out and not freed and the free
 bytes it keeps (``mallinfo2()``, which reads and changes nothing), the Comms' pending
 requests, the running executions (``mtcoll.execute._active``), mtcoll's scratch pool
-(``mtcoll.execute.scratch_cached()``) and the executors' cached layouts. With ``--trim`` it then also calls ``malloc_trim(0)`` and reads
-the resident memory again; that trim changes what the later blocks' plain readings see, so it
+(``mtcoll.execute.scratch_cached()``) and the executors' cached layouts. With ``--trim`` it
+then also calls ``malloc_trim(0)`` and reads the resident memory again; that trim changes what the later blocks' plain readings see, so it
 is off by default. Rank 0 prints a summary; ``--json`` writes it. ``tests/test_soak.py`` runs
 :func:`soak` with a few hundred calls at every size in the suite.
 """
