@@ -393,10 +393,7 @@ class Request:
                 if self._native.Test():
                     self._finish()
         except BaseException as e:
-            self._fail(e)
-            if isinstance(e, MPI.Exception):
-                raise self._mpi_error(e) from e
-            raise
+            self._raise_failure(e)
         return self._complete
 
     def Wait(self):
@@ -433,19 +430,21 @@ class Request:
                                 "that did not make the call)", [])
                 self._finish()
         except BaseException as e:
-            self._fail(e)
-            if isinstance(e, MPI.Exception):
-                raise self._mpi_error(e) from e
-            raise
+            self._raise_failure(e)
         return True
 
-    def _mpi_error(self, e):
-        return RuntimeError(
+    def _raise_failure(self, e):
+        # An error inside Test/Wait leaves messages in flight: break the Comm (_fail), then
+        # raise it again, an MPI error as RuntimeError naming the call.
+        self._fail(e)
+        if not isinstance(e, MPI.Exception):
+            raise e
+        raise RuntimeError(
             f"mtcoll {self._kind} on rank {self._rank()}: MPI error in a message of this call: "
             f"{_mpi_error_text(e)}. With MTCOLL_CHECK off this is how a call ends whose "
             f"count differs between ranks (a message longer than its receive is "
             f"MPI_ERR_TRUNCATE). The Comm is now broken: free it and make a new one, or "
-            f"end the job")
+            f"end the job") from e
 
     def _rank(self):
         return self._comm._rank if self._comm is not None else MPI.COMM_WORLD.Get_rank()
