@@ -16,9 +16,11 @@ from . import _ops, execute
 from ._errors import ABANDONED, StallError
 from ._requests import poll
 
-__all__ = ["agree", "CALLS"]
+__all__ = ["agree", "absent", "CALLS", "PRESENCE_TAG"]
 
 CALLS = ("Allreduce", "Iallreduce", "Reduce_scatter_block", "Allgather")
+#: The tag of :func:`absent`'s messages on the check communicator (the checks use the others).
+PRESENCE_TAG = 32767
 
 
 def _code(text):
@@ -81,7 +83,7 @@ def agree(self, kind, call, err, timeout):
                 "op": _ops.op_name(call.op) if call.op is not None else None,
                 "algorithm": self.algorithm, "topology": self.network.spec}
     self._nchecks += 1
-    tag = self._nchecks % 32768  # MPI guarantees tags up to 32767
+    tag = self._nchecks % PRESENCE_TAG  # MPI guarantees tags up to 32767; the last is taken
     size, rank = self._size, self._rank
     head = 8 * len(fields)
     rows = np.zeros((size, head + _CHECK_TEXT), dtype=np.uint8)
@@ -143,3 +145,28 @@ def agree(self, kind, call, err, timeout):
                          f"({shown})")
         raise ValueError(f"mtcoll {kind}: the ranks disagree on " + "; ".join(parts))
 
+
+
+def absent(self, call_number, grace):
+    """The ranks of :class:`~mtcoll.Comm` ``self`` that did not join its call ``call_number``.
+
+    Run by a rank whose call stalled (``MTCOLL_TIMEOUT``): it tells every other rank "I am
+    stalled in call ``call_number``" and listens up to ``grace`` seconds for the same from
+    them. Every rank that made the call stalls too (each result of these calls needs every
+    rank's input), so the ranks not heard from are those that did not join -- a rank that
+    failed on its own arguments, say -- not merely the neighbours whose messages are missing.
+    The messages left unmatched stay in ``ABANDONED`` (the Comm is broken afterwards).
+    """
+    size, rank = self._size, self._rank
+    peers = [r for r in range(size) if r != rank]
+    mine = np.array([call_number], dtype=np.int64)
+    got = np.full((size, 1), -1, dtype=np.int64)
+    recvs = [self._chk.Irecv(got[r], r, PRESENCE_TAG) for r in peers]
+    sends = [self._chk.Isend(mine, r, PRESENCE_TAG) for r in peers]
+    deadline = time.monotonic() + grace
+    poll(lambda: MPI.Request.Testall(recvs), deadline, sleep=True)
+    for q in recvs:
+        if q:
+            q.Cancel()
+    ABANDONED.append((recvs, sends, got, mine))
+    return [r for r in peers if got[r, 0] != call_number]

@@ -216,6 +216,7 @@ class Request(MPI.Request):
         self._timeout = None
         self._kind = None
         self._threaded = False  # set by Comm._start: the progress thread runs
+        self._number = None  # set by Comm._start: the call's number on its Comm
         self._complete = execution is None and native is None
         if execution is not None:
             execution.on_done.append(self._finish)
@@ -381,9 +382,22 @@ class Request(MPI.Request):
                               f"{mpi_error_text(error)}")
 
     def _stall(self, what, ranks):
+        # No progress for MTCOLL_TIMEOUT: find which ranks did not join the call (up to half
+        # the timeout more; see mtcoll._agreement.absent) and name them rather than the peers
+        # whose messages are missing, which may just be waiting for them too.
         seq = f" (call {self.seq})" if self.seq is not None else ""
+        missing = []
+        if self._comm is not None and self._number is not None:
+            from ._agreement import absent
+            missing = absent(self._comm, self._number, self._timeout / 2)
+        if missing:
+            who = (f"rank(s) {missing} did not join this call (every other rank did and "
+                   f"stalled; {what})")
+            ranks = missing
+        else:
+            who = what
         raise StallError(f"mtcoll {self._kind}{seq} on rank {self._rank()}: no progress for "
-                         f"{self._timeout:g} s (MTCOLL_TIMEOUT); {what}. A rank may not have "
+                         f"{self._timeout:g} s (MTCOLL_TIMEOUT); {who}. A rank may not have "
                          f"made this call, or made a different one. The Comm is now broken: "
                          f"free it and make a new one, or end the job", self._kind,
                          self._timeout, ranks)

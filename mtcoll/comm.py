@@ -24,7 +24,7 @@ from mpi4py import MPI
 from . import _ops, _tuning, execute
 from ._agreement import agree
 from ._buffers import prepare
-from ._errors import ABANDONED, StallError, env_flag, env_timeout, positive_int
+from ._errors import ABANDONED, StallError, env_flag, env_quiet, env_timeout, positive_int
 from ._requests import LOCK, Request, poll, thread_enabled, waitall, wake
 from .schedule import GATHER, REDUCE, Schedule
 from .topology import from_comm, host_leaders, mpi_topology
@@ -40,7 +40,6 @@ ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "M
             "MTCOLL_DEBUG", "MTCOLL_TIMEOUT", "MTCOLL_PROGRESS")
 
 _SPECIAL_ALGORITHMS = ("auto", "native")
-_QUIET = ("", "0", "false", "no", "off")  # MTCOLL_CHECK / MTCOLL_DEBUG values that mean off
 _FAST_CACHE = 256  # (nbytes, dtype, op) choices remembered per Comm
 _COMPLETE = Request()  # what a blocking call the library ran returns: nothing to wait for
 
@@ -154,7 +153,8 @@ class Comm(MPI.Intracomm):
     ``Dup``, ``Dup_with_info``, ``Split``, ``Split_type``, ``Create``, ``Create_group`` and
     ``Create_cart`` return mtcoll communicators with this one's options (``Create_cart``: a
     :class:`Cartcomm` whose network is the matching ``torus:``/``mesh:``/``ring:``; the others
-    detect their network, ``"auto"``). ``Idup`` returns a plain mpi4py communicator (it is not
+    detect their network, ``"auto"``) and its algorithm where that fits their network (else
+    ``"auto"``). ``Idup`` returns a plain mpi4py communicator (it is not
     usable before its request completes).
 
     Calls go to the MPI library (on the duplicate communicator) when: the algorithm is
@@ -243,6 +243,7 @@ class Comm(MPI.Intracomm):
         self._seq = 0
         self._requests = deque()  # in flight, oldest first
         self._nchecks = 0  # agreement checks made (their tag)
+        self._ncalls = 0  # calls made (every rank counts alike: the stall's presence round)
         self._broken = None  # why this Comm is broken (a stall or an error mid-call), or None
         # (nbytes, dtype, op handle) of blocking Allreduce calls the library runs, when the
         # progress thread runs (only then are they the library's blocking calls)
@@ -484,6 +485,13 @@ class Comm(MPI.Intracomm):
         except BaseException:
             plain.Free()
             raise
+        if out.algorithm not in _SPECIAL_ALGORITHMS:
+            # the inherited algorithm where it fits the new network, else auto's choice (the
+            # planner's verdict is broadcast: every rank falls back alike)
+            try:
+                out.schedule()
+            except ValueError:
+                out.algorithm = "auto"
         return out
 
     def Dup(self, info=None):
@@ -618,16 +626,22 @@ class Comm(MPI.Intracomm):
         # The fast path: plain contiguous arrays whose (size, dtype, op) this Comm has already
         # handed to the MPI library, nothing to check or print, no watchdog: straight to the
         # library's blocking call (mtcoll's calls in flight are advanced by the progress thread).
-        if type(recvbuf) is np.ndarray and type(op) is MPI.Op and \
-                (recvbuf.nbytes, recvbuf.dtype, op.handle) in self._fast and self._quiet():
+        try:
+            fast = (recvbuf.nbytes, recvbuf.dtype.num, op.handle) in self._fast
+        except AttributeError:  # not an array, or not an op: the slow path says what is wrong
+            fast = False
+        if fast and env_quiet():
             if sendbuf is None or sendbuf is recvbuf:
                 sendbuf = MPI.IN_PLACE
-            if sendbuf is MPI.IN_PLACE or type(sendbuf) is np.ndarray and (
-                    sendbuf.dtype is recvbuf.dtype and sendbuf.base is not recvbuf
-                    and recvbuf.base is not sendbuf
+            elif sendbuf is not MPI.IN_PLACE and not (
+                    type(sendbuf) is np.ndarray and sendbuf.dtype is recvbuf.dtype
+                    and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
                     and (sendbuf.base is None or sendbuf.base is not recvbuf.base)):
+                fast = False  # maybe overlapping, or another dtype: the slow path checks
+            if fast:
                 try:
                     self._dup.Allreduce(sendbuf, recvbuf, op)
+                    self._ncalls += 1
                     return
                 except (BufferError, ValueError, TypeError):
                     pass  # not as mpi4py takes it (non-contiguous...): the slow path says why
@@ -669,13 +683,6 @@ class Comm(MPI.Intracomm):
 
     # -- machinery -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _quiet():
-        # MTCOLL_CHECK, MTCOLL_DEBUG and MTCOLL_TIMEOUT all off: nothing to do but the call
-        env = os.environ
-        return (env.get("MTCOLL_CHECK", "") in _QUIET and env.get("MTCOLL_DEBUG", "") in _QUIET
-                and not env.get("MTCOLL_TIMEOUT", "").strip())
-
     def _start(self, kind, sendbuf, recvbuf, op, blocking):
         self._alive()
         check = env_flag("MTCOLL_CHECK")
@@ -699,9 +706,10 @@ class Comm(MPI.Intracomm):
                 e.call = kind
                 e.args = (f"mtcoll {kind}: {e.args[0]}",)
                 raise
+            self._ncalls += 1
             if type(req) is not tuple:
                 req._comm, req._timeout, req._kind = self, timeout, kind
-                req._threaded = self._threaded
+                req._threaded, req._number = self._threaded, self._ncalls
                 if not req._done():
                     self._requests.append(req)
                     if req._greq is not None and self._threaded:
@@ -828,8 +836,8 @@ class Comm(MPI.Intracomm):
                 return (lambda: comm.Allgather(sendspec, recvspec)), done
             if c.kind == "Reduce_scatter_block":
                 return (lambda: comm.Reduce_scatter_block(sendspec, recvspec, c.op)), done
-            if c.dtype is not None and self._quiet() and len(self._fast) < _FAST_CACHE:
-                self._fast.add((c.nbytes, c.dtype, c.op.handle))  # the library's, always
+            if c.dtype is not None and env_quiet() and len(self._fast) < _FAST_CACHE:
+                self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
             return (lambda: comm.Allreduce(sendspec, recvspec, c.op)), done
         if c.kind == "Allgather":
             req = comm.Iallgather(sendspec, recvspec)
