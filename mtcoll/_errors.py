@@ -10,7 +10,7 @@ import os
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["StallError", "ABANDONED", "env_flag", "env_quiet", "env_timeout", "positive_int",
+__all__ = ["StallError", "ABANDONED", "getenv", "env_flag", "env_quiet", "env_timeout", "positive_int",
            "mpi_error_text"]
 
 
@@ -52,24 +52,35 @@ class StallError(TimeoutError):
 ABANDONED = []
 
 
-def env_flag(name):
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"environment variable {name}={os.environ[name]!r} (rank "
-                     f"{MPI.COMM_WORLD.Get_rank()} of MPI.COMM_WORLD): expected 0 or 1")
-
-
 # os.environ's own store (bytes keys on POSIX): what os.environ.get reads, without the key
 # encoding that makes os.environ.get cost as much as a small MPI call (measured: 12 us vs 33 ns
 # on the loaded project machine). Elsewhere, os.environ itself.
 _ENV_STORE = getattr(os.environ, "_data", None)
 if not (isinstance(_ENV_STORE, dict) and os.name == "posix"):
     _ENV_STORE = None
+
+
+def getenv(name):
+    """``os.environ.get(name, "")``, read from os.environ's own store when there is one."""
+    d = _ENV_STORE
+    if d is None:
+        return os.environ.get(name, "")
+    raw = d.get(name.encode())
+    return "" if raw is None else os.fsdecode(raw)
+
+
 _OFF = frozenset((None, b"", b"0", b"false", b"no", b"off", b"False", b"FALSE", b"No", b"NO",
                   b"Off", b"OFF"))
+
+
+def env_flag(name):
+    raw = getenv(name).strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"environment variable {name}={os.environ[name]!r} (rank "
+                     f"{MPI.COMM_WORLD.Get_rank()} of MPI.COMM_WORLD): expected 0 or 1")
 
 
 def env_quiet():
@@ -87,7 +98,7 @@ def env_quiet():
 
 def env_timeout():
     """MTCOLL_TIMEOUT: seconds (float > 0) for the stall watchdog; unset or empty: None."""
-    raw = os.environ.get("MTCOLL_TIMEOUT", "").strip()
+    raw = getenv("MTCOLL_TIMEOUT").strip()
     if not raw:
         return None
     try:

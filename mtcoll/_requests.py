@@ -58,6 +58,14 @@ THREAD_SLEEP_MIN = 20e-6
 THREAD_SLEEP_MAX = 500e-6
 
 _WATCHED = []  # library requests whose mtcoll Request must finish them (copy back)
+
+
+def _unwatch(req):
+    # by identity: MPI requests compare equal by handle, and every completed one is NULL
+    for i, r in enumerate(_WATCHED):
+        if r is req:
+            del _WATCHED[i]
+            return
 _WAKE = threading.Event()
 _STOP = False
 _THREAD = None
@@ -83,7 +91,7 @@ def _advance_all():
         moved = execute.progress(block=False)
     for r in list(_WATCHED):
         if r._native.Test():
-            _WATCHED.remove(r)
+            _unwatch(r)
             if not r._complete:
                 r._finish()
             moved = True
@@ -226,6 +234,16 @@ class Request(MPI.Request):
         elif native is not None and on_done:
             _WATCHED.append(self)
 
+    @classmethod
+    def _library(cls, native, keep, comm, kind, number):
+        # The fast path's request (mtcoll.Comm.Iallreduce): the library's own request, nothing
+        # to finish, no watchdog -- what __init__ would make, without its branches.
+        self = MPI.Request.__new__(cls, native)
+        self.__dict__.update(_greq=None, _exec=None, _native=native, _on_done=[], _keep=keep,
+                             seq=None, _comm=comm, _timeout=None, _kind=kind, _threaded=True,
+                             _number=number, _complete=False)
+        return self
+
     def _finish(self):
         self._complete = True
         callbacks, self._on_done = self._on_done, []
@@ -335,8 +353,7 @@ class Request(MPI.Request):
                             "say which ranks it waits for; MTCOLL_CHECK=1 names ranks "
                             "that did not make the call)", [])
         with LOCK:
-            if self in _WATCHED:
-                _WATCHED.remove(self)
+            _unwatch(self)
             if not self._complete:
                 self._finish()
 
@@ -419,8 +436,7 @@ class Request(MPI.Request):
     def _abandon(self):
         if self._exec is not None:
             self._exec.abandon()
-        if self in _WATCHED:
-            _WATCHED.remove(self)
+        _unwatch(self)
         if not any(x is self for x in ABANDONED):
             ABANDONED.append(self)  # keeps the MPI requests and the buffers alive
 

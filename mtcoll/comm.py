@@ -658,6 +658,32 @@ class Comm(MPI.Intracomm):
         the start synchronises the ranks (the agreement check exchanges a small descriptor
         between every pair of ranks).
         """
+        try:  # the fast path, as for Allreduce: the library's own request, returned as is
+            fast = (recvbuf.nbytes, recvbuf.dtype.num, op.handle) in self._fast
+        except AttributeError:
+            fast = False
+        if fast and env_quiet():
+            if sendbuf is None or sendbuf is recvbuf:
+                sendbuf = MPI.IN_PLACE
+            elif sendbuf is not MPI.IN_PLACE and not (
+                    type(sendbuf) is np.ndarray and sendbuf.dtype is recvbuf.dtype
+                    and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
+                    and (sendbuf.base is None or sendbuf.base is not recvbuf.base)):
+                fast = False
+            if fast:
+                try:
+                    native = self._dup.Iallreduce(sendbuf, recvbuf, op)
+                except (BufferError, ValueError, TypeError):
+                    pass
+                else:
+                    self._ncalls += 1
+                    req = Request._library(native, (sendbuf, recvbuf), self, "Iallreduce",
+                                           self._ncalls)
+                    reqs = self._requests
+                    reqs.append(req)
+                    if len(reqs) > 64:  # what _retire does, now and then
+                        self._requests = deque(r for r in reqs if not r._done())
+                    return req
         return self._start("Iallreduce", sendbuf, recvbuf, op, blocking=False)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
@@ -839,6 +865,9 @@ class Comm(MPI.Intracomm):
             if c.dtype is not None and env_quiet() and len(self._fast) < _FAST_CACHE:
                 self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
             return (lambda: comm.Allreduce(sendspec, recvspec, c.op)), done
+        if c.kind == "Iallreduce" and not done and c.dtype is not None and self._threaded \
+                and env_quiet() and len(self._fast) < _FAST_CACHE:
+            self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
         if c.kind == "Allgather":
             req = comm.Iallgather(sendspec, recvspec)
         elif c.kind == "Reduce_scatter_block":

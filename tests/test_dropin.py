@@ -381,9 +381,10 @@ def test_6_create_cart_gives_the_grid(comm):
 @pytest.mark.mpi_short
 @pytest.mark.parametrize("algorithm", ["auto", "native"])
 def test_7_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm):
-    """With nothing to check, a blocking call handed to MPI runs mpi4py's Allreduce on the
-    duplicate after its first call (no mtcoll machinery); the slow twin (MTCOLL_CHECK=1, every
-    call through mtcoll's path) gives the same results, and so does plain mpi4py."""
+    """With nothing to check, a call handed to MPI runs mpi4py's Allreduce (or Iallreduce,
+    whose request is returned) on the duplicate after its first call, without mtcoll's
+    machinery; the slow twin (MTCOLL_CHECK=1, every call through mtcoll's path) gives the same
+    results, and so does plain mpi4py."""
     rank, size = comm.Get_rank(), comm.Get_size()
     calls = []
     real = mtcoll.Comm._start
@@ -408,8 +409,12 @@ def test_7_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm
                     inplace = x.copy()
                     c.Allreduce(MPI.IN_PLACE, inplace, op)
                     assert np.array_equal(inplace, want)
+                    out2 = np.zeros(n, dtype)
+                    q = c.Iallreduce(x, out2, op)  # the library's request, handed back
+                    MPI.Request.Waitall([q])
+                    assert np.array_equal(out2, want)
                 if check == "1" or size == 1 or not c._threaded:
-                    assert len(calls) == 10, calls  # the slow path, every time
+                    assert len(calls) == 15, calls  # the slow path, every time
                 else:
                     assert len(calls) == 1, calls  # the first call only: then cached
         # what the fast path must leave to the slow one: overlapping views, other dtypes
