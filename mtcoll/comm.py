@@ -738,8 +738,8 @@ class Comm(MPI.Intracomm):
                 req._threaded, req._number = self._threaded, self._ncalls
                 if not req._done():
                     self._requests.append(req)
-                    if req._greq is not None and self._threaded:
-                        wake()
+                    if req._greq is not None and self._threaded and not blocking:
+                        wake()  # (a blocking call's own Wait advances it)
                 return req
         # the library's blocking call, outside the lock: the progress thread must be able to
         # advance mtcoll's calls in flight meanwhile
