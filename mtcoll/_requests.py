@@ -48,7 +48,7 @@ from mpi4py import MPI
 from . import execute
 from ._errors import ABANDONED, StallError, mpi_error_text
 
-__all__ = ["Request", "waitall", "poll", "advance", "LOCK", "thread_enabled", "wake",
+__all__ = ["Request", "waitall", "poll", "advance", "reraise", "LOCK", "thread_enabled", "wake",
            "THREAD_SLEEP_MIN", "THREAD_SLEEP_MAX"]
 
 #: Guards the executor's running calls and the completion of mtcoll requests.
@@ -69,6 +69,7 @@ def _unwatch(req):
 _WAKE = threading.Event()
 _STOP = False
 _THREAD = None
+_FAILED = []  # an exception the progress thread hit (not an MPI error charged to a call)
 
 
 def thread_enabled():
@@ -98,8 +99,15 @@ def _advance_all():
     return moved
 
 
+def reraise():
+    """Raise, in the calling thread, what the progress thread hit (once)."""
+    if _FAILED:
+        raise _FAILED.pop()
+
+
 def advance():
     """Advance everything mtcoll has in flight once (under :data:`LOCK`)."""
+    reraise()
     if execute.running() or _WATCHED:
         with LOCK:
             _advance_all()
@@ -114,11 +122,11 @@ def _loop():
             delay = THREAD_SLEEP_MIN
             continue
         moved = False
-        if LOCK.acquire(blocking=False):
+        if not _FAILED and LOCK.acquire(blocking=False):
             try:
                 moved = _advance_all()
-            except Exception:  # charged to a call, or raised again by the next mtcoll wait
-                moved = False
+            except BaseException as e:  # raised in the main thread by its next mtcoll call
+                _FAILED.append(e)
             finally:
                 LOCK.release()
         if moved:
@@ -272,6 +280,7 @@ class Request(MPI.Request):
         if not self._complete:
             self._usable()
             try:
+                reraise()
                 if self._exec is not None:
                     with LOCK:
                         if self._exec.test() and not self._complete:
@@ -306,6 +315,7 @@ class Request(MPI.Request):
         if not self._complete:
             self._usable()
             try:
+                reraise()
                 if self._exec is not None:
                     with LOCK:
                         self._wait_execution()

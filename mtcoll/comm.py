@@ -25,7 +25,7 @@ from . import _ops, _tuning, execute
 from ._agreement import agree
 from ._buffers import prepare
 from ._errors import ABANDONED, StallError, env_flag, env_quiet, env_timeout, positive_int
-from ._requests import LOCK, Request, poll, thread_enabled, waitall, wake
+from ._requests import LOCK, Request, poll, reraise, thread_enabled, waitall, wake
 from .schedule import GATHER, REDUCE, Schedule
 from .topology import from_comm, host_leaders, mpi_topology
 
@@ -710,6 +710,7 @@ class Comm(MPI.Intracomm):
     # -- machinery -------------------------------------------------------------------------------
 
     def _start(self, kind, sendbuf, recvbuf, op, blocking):
+        reraise()  # what the progress thread hit, in this thread
         self._alive()
         check = env_flag("MTCOLL_CHECK")
         debug = env_flag("MTCOLL_DEBUG")
