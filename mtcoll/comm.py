@@ -42,6 +42,7 @@ ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "M
 _SPECIAL_ALGORITHMS = ("auto", "native")
 _FAST_CACHE = 256  # (nbytes, dtype, op) choices remembered per Comm
 _COMPLETE = Request()  # what a blocking call the library ran returns: nothing to wait for
+_IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, looked up once)
 
 
 def choose(nbytes, nranks, topology, tuning=None):
@@ -248,6 +249,7 @@ class Comm(MPI.Intracomm):
         # (nbytes, dtype, op handle) of blocking Allreduce calls the library runs, when the
         # progress thread runs (only then are they the library's blocking calls)
         self._fast = set()
+        self._lib_allreduce, self._lib_iallreduce = self._dup.Allreduce, self._dup.Iallreduce
 
 
     @staticmethod
@@ -465,6 +467,7 @@ class Comm(MPI.Intracomm):
             return
         with LOCK:
             self._broken = reason
+            self._fast.clear()  # no fast path on a broken Comm: every call raises
             while self._requests:
                 self._requests.popleft()._abandon()
 
@@ -632,15 +635,15 @@ class Comm(MPI.Intracomm):
             fast = False
         if fast and env_quiet():
             if sendbuf is None or sendbuf is recvbuf:
-                sendbuf = MPI.IN_PLACE
-            elif sendbuf is not MPI.IN_PLACE and not (
-                    type(sendbuf) is np.ndarray and sendbuf.dtype is recvbuf.dtype
+                sendbuf = _IN_PLACE
+            elif sendbuf is not _IN_PLACE and not (
+                    type(sendbuf) is _ndarray and sendbuf.dtype is recvbuf.dtype
                     and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
                     and (sendbuf.base is None or sendbuf.base is not recvbuf.base)):
                 fast = False  # maybe overlapping, or another dtype: the slow path checks
             if fast:
                 try:
-                    self._dup.Allreduce(sendbuf, recvbuf, op)
+                    self._lib_allreduce(sendbuf, recvbuf, op)
                     self._ncalls += 1
                     return
                 except (BufferError, ValueError, TypeError):
@@ -664,15 +667,15 @@ class Comm(MPI.Intracomm):
             fast = False
         if fast and env_quiet():
             if sendbuf is None or sendbuf is recvbuf:
-                sendbuf = MPI.IN_PLACE
-            elif sendbuf is not MPI.IN_PLACE and not (
-                    type(sendbuf) is np.ndarray and sendbuf.dtype is recvbuf.dtype
+                sendbuf = _IN_PLACE
+            elif sendbuf is not _IN_PLACE and not (
+                    type(sendbuf) is _ndarray and sendbuf.dtype is recvbuf.dtype
                     and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
                     and (sendbuf.base is None or sendbuf.base is not recvbuf.base)):
                 fast = False
             if fast:
                 try:
-                    native = self._dup.Iallreduce(sendbuf, recvbuf, op)
+                    native = self._lib_iallreduce(sendbuf, recvbuf, op)
                 except (BufferError, ValueError, TypeError):
                     pass
                 else:
