@@ -33,6 +33,7 @@ import sys
 
 from mpi4py import MPI
 
+from .._cli import entry, line, say
 from . import _data, _model
 from ._trainer import COMPUTE, SCHEDULES, Config, run
 
@@ -167,7 +168,10 @@ def _configs(args, size):
 
 
 def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    """``x`` formatted, or a right-aligned '-' for a figure the run could not measure."""
+    if x is None:
+        return format("-", spec.split(".")[0].rstrip("f") if "." in spec else spec)
+    return format(x, spec)
 
 
 def _vs_pipedream(results):
@@ -195,7 +199,9 @@ def main(argv=None):
     size, rank = world.Get_size(), world.Get_rank()
     cfgs = _configs(args, size)
     to_stdout = args.json == "-"
-    table = sys.stderr if to_stdout else sys.stdout
+    # the table goes to stdout, or to stderr when the JSON takes stdout (whole lines, stderr
+    # flushed before each stdout line)
+    row = say if to_stdout else line
     emulate = args.compute == "emulate"
     c0 = cfgs[0]
     if rank == 0:
@@ -203,30 +209,31 @@ def main(argv=None):
                 f"{c0.elements:g})" if emulate else
                 f"{c0.data}, MLP {'hidden ' + ','.join(map(str, c0.sizes_hidden))} "
                 f"{c0.activation}")
-        print(f"mtcoll.train: {','.join(c.schedule for c in cfgs)}, "
-              f"{_plural(c0.stages, 'stage')} x {_plural(c0.replicas, 'replica')}, {what}, "
-              f"algorithm {c0.algorithm}", file=sys.stderr, flush=True)
+        say(f"mtcoll.train: {','.join(c.schedule for c in cfgs)}, "
+            f"{_plural(c0.stages, 'stage')} x {_plural(c0.replicas, 'replica')}, {what}, "
+            f"algorithm {c0.algorithm}")
         if emulate:
-            print(f"{'schedule':<10} {'batches':>7} {'mb/s':>8} {'model':>8} {'meas/mod':>8} "
-                  f"{'bubble':>6} {'model':>6} {'allred':>6}  busy per stage", file=table,
-                  flush=True)
-        elif len(cfgs) == 1:
-            print(f"{'epoch':>5} {'loss':>9} {'test acc':>8} {'seconds':>8} {'allreduce':>9} "
-                  f"{'waits':>6} {'mb/s':>8} {'meas/mod':>8}", file=table, flush=True)
+            row(f"{'schedule':<10} {'batches':>7} {'mb/s':>8} {'model':>8} {'meas/mod':>8} "
+                f"{'bubble':>6} {'model':>6} {'allred':>6}  busy per stage")
+    header = (f"{'epoch':>5} {'loss':>9} {'test acc':>8} {'seconds':>8} {'allreduce':>9} "
+              f"{'waits':>6} {'mb/s':>8} {'meas/mod':>8}")
+    if rank == 0 and not emulate and len(cfgs) == 1:
+        row(header)
 
     def log(rec):
         if emulate:
             return
         t = rec.get("throughput") or {}
-        print(f"{rec['epoch']:>5} {rec['loss']:>9.4f} {rec['test_accuracy']:>8.4f} "
-              f"{rec['seconds']:>8.2f} {rec['allreduce_share']:>9.1%} "
-              f"{rec['pipeline_wait_share']:>6.1%} {_fmt(t.get('mini_batches_per_s'), '8.2f')} "
-              f"{_fmt(t.get('measured_over_model'), '8.3f')}", file=table, flush=True)
+        row(f"{rec['epoch']:>5} {rec['loss']:>9.4f} {rec['test_accuracy']:>8.4f} "
+            f"{rec['seconds']:>8.2f} {rec['allreduce_share']:>9.1%} "
+            f"{rec['pipeline_wait_share']:>6.1%} {_fmt(t.get('mini_batches_per_s'), '>8.2f')} "
+            f"{_fmt(t.get('measured_over_model'), '>8.3f')}")
 
     results = []
     for cfg in cfgs:
         if rank == 0 and len(cfgs) > 1 and not emulate:
-            print(f"-- {cfg.schedule}", file=table, flush=True)
+            row(f"-- {cfg.schedule}")
+            row(header)
         res = run(cfg, world, log=log)
         if rank == 0:
             res = {k: v for k, v in res.items() if k != "params"}
@@ -236,41 +243,46 @@ def main(argv=None):
             if emulate:
                 t = res["epochs"][-1]["throughput"]
                 busy = " ".join(f"{b:.2f}" for b in t["stage_busy"] or [])
-                print(f"{cfg.schedule:<10} {t['mini_batches']:>7} "
-                      f"{_fmt(t['mini_batches_per_s'], '8.3f')} "
-                      f"{t['model_mini_batches_per_s']:>8.3f} "
-                      f"{_fmt(t['measured_over_model'], '8.3f')} {_fmt(t['bubble'], '6.3f')} "
-                      f"{1 - t['model_utilization']:>6.3f} {t['allreduce_share']:>6.1%}  {busy}",
-                      file=table, flush=True)
+                row(f"{cfg.schedule:<10} {t['mini_batches']:>7} "
+                    f"{_fmt(t['mini_batches_per_s'], '>8.3f')} "
+                    f"{t['model_mini_batches_per_s']:>8.3f} "
+                    f"{_fmt(t['measured_over_model'], '>8.3f')} {_fmt(t['bubble'], '>6.3f')} "
+                    f"{1 - t['model_utilization']:>6.3f} {t['allreduce_share']:>6.1%}  {busy}")
     if rank != 0:
         return None
     vs = _vs_pipedream(results) if len(results) > 1 else None
     if vs:
         for s, v in vs.items():
-            print(f"{s} / pipedream: measured {v['measured']:.3f}x, model {v['model']:.3f}x "
-                  f"(measured/model {v['measured_over_model']:.3f})", file=table, flush=True)
+            row(f"{s} / pipedream: measured {v['measured']:.3f}x, model {v['model']:.3f}x "
+                f"(measured/model {v['measured_over_model']:.3f})")
     out = results[0] if len(results) == 1 else {"runs": results, "vs_pipedream": vs}
     if args.json is not None:
+        sys.stderr.flush()
         text = json.dumps(out, indent=1)
         if to_stdout:
-            print(text)
+            print(text, flush=True)
         else:
             with open(args.json, "w") as fh:
                 fh.write(text + "\n")
     return out
 
 
+def _main():
+    main()
+    return 0
+
+
 def _cli():
     """``main()``, with a usage error printed once (rank 0) and every rank exiting with 2:
     all ranks reach the same verdict, so they finalise MPI together instead of aborting."""
     try:
-        main()
+        entry(_main)
     except SystemExit as exc:
         if exc.code in (None, 0):
             raise
         if isinstance(exc.code, str):
             if MPI.COMM_WORLD.Get_rank() == 0:
-                print(f"python -m mtcoll.train: error: {exc.code}", file=sys.stderr, flush=True)
+                say(f"python -m mtcoll.train: error: {exc.code}")
         if MPI.Is_initialized() and not MPI.Is_finalized():
             MPI.Finalize()
         raise SystemExit(2) from None
