@@ -170,8 +170,15 @@ def test_config_rejects_bad_layouts():
         Config(schedule="gpipe", batch=30, replicas=2, micro_batches=4).check()
     with pytest.raises(ValueError):
         Config(schedule="zb").check()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot fill --stages 9"):
         Config(stages=9, depth=4).check()
+    with pytest.raises(ValueError, match="--micro-batches 65"):
+        Config(schedule="gpipe", micro_batches=65).check()
+    with pytest.raises(ValueError, match="--compute"):
+        Config(compute="gpu").check()
+    with pytest.raises(ValueError, match="uniform:4 has 4 layers"):
+        Config(compute="emulate", profile="uniform:4", stages=5).check()
+    Config(compute="emulate", profile="vgg16", stages=16).check()
 
 
 # ---- serial tests that launch mpiexec -n 4 -------------------------------------------------

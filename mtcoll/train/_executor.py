@@ -174,9 +174,6 @@ class RealCompute:
         for v in [v for v in self.versions[l] if v < oldest]:
             del self.versions[l][v]
 
-    def work(self, seconds, progress):
-        pass
-
     def current(self, l):
         return self.versions[l][max(self.versions[l])]
 
@@ -202,7 +199,7 @@ class EmulatedCompute:
         self._a = [np.zeros(n, np.float32) for n in self.act]
         self._g = [np.zeros(n, np.float32) for n in self.par]
         self.loss = 0.0
-        self.progress = lambda: None
+        self.progress = lambda: False      # the Runner's, which tests pending allreduces
 
     def grad_size(self, l):
         return self.par[l]
@@ -216,7 +213,7 @@ class EmulatedCompute:
             return self.act[l]
         return self.par[l]
 
-    def work(self, cost, progress):
+    def _sleep(self, cost):
         """Sleep ``cost * seconds``; while allreduces are pending, wake every millisecond to
         test them (mtcoll progresses only inside its calls)."""
         end = time.perf_counter() + cost * self.seconds
@@ -224,7 +221,7 @@ class EmulatedCompute:
             left = end - time.perf_counter()
             if left <= 0:
                 return
-            if progress():
+            if self.progress():
                 time.sleep(min(left, 1e-3))
             else:
                 time.sleep(left)
@@ -233,23 +230,23 @@ class EmulatedCompute:
         return None
 
     def forward(self, k, l, a_prev, version):
-        self.work(self.p.f[l], self.progress)
+        self._sleep(self.p.f[l])
         return self._a[l], (self._a[l] if l == self.layers - 1 else None)
 
     def bmm(self, k, l, delta):
-        self.work(self.p.b[l] - self.p.ew[l], self.progress)
+        self._sleep(self.p.b[l] - self.p.ew[l])
         return self._a[l - 1]
 
     def bew(self, g, a_prev, l):
-        self.work(self.p.ew[l], self.progress)
+        self._sleep(self.p.ew[l])
         return self._a[l - 1]
 
     def wgrad(self, a_prev, delta, l):
-        self.work(self.p.w[l], self.progress)
+        self._sleep(self.p.w[l])
         return self._g[l]
 
     def bw(self, k, l, a_prev, delta):
-        self.work(self.p.b[l] + self.p.w[l], self.progress)
+        self._sleep(self.p.b[l] + self.p.w[l])
         return self._g[l], (self._a[l - 1] if l > 0 else None)
 
     def accumulate(self, flat, grad):

@@ -89,8 +89,9 @@ class Config:
             what = f"--profile {self.profile}" if self.compute == "emulate" else "the MLP"
             raise ValueError(f"{what} has {layers} layers; they cannot fill "
                              f"--stages {self.stages}")
-        if self.micro_batches is not None and self.micro_batches < 1:
-            raise ValueError(f"--micro-batches {self.micro_batches} must be >= 1")
+        if self.micro_batches is not None and not 1 <= self.micro_batches <= 64:
+            # message tags tell micro-batches apart modulo 128 (_executor.tag_of)
+            raise ValueError(f"--micro-batches {self.micro_batches}: between 1 and 64")
         if self.compute == "emulate":
             if not self.seconds > 0 or not self.elements > 0:
                 raise ValueError("--seconds and --elements must be positive")
@@ -180,6 +181,25 @@ def _expand(order, schedule, nb, m):
     return [(k, kind, l) for k, kind, l in order if k < nb]
 
 
+_PROFILES = {}
+
+
+def _measured_profile(comm, sizes, rows, kind):
+    """The MLP's task times, measured once per process for a shape (so that schedules run in
+    one job are placed by the same profile): rank 0 times them while the other ranks sleep in
+    a polled barrier (a rank spinning in MPI_Bcast would steal the core being timed)."""
+    key = (tuple(sizes), rows, kind)
+    if key not in _PROFILES:
+        profile = None
+        if comm.Get_rank() == 0:
+            profile = _model.measure_profile(sizes=sizes, batch=rows, repeat=10, kind=kind)
+        req = comm.Ibarrier()
+        while not req.Test():
+            time.sleep(1e-3)
+        _PROFILES[key] = comm.bcast(profile, root=0)
+    return _PROFILES[key]
+
+
 def _plan(cfg, comm, profile, nb):
     """Rank 0 runs the schedule model for this run; every rank gets (record, orders)."""
     out = None
@@ -263,12 +283,8 @@ def run(cfg: Config, comm=None, log=None, steps=None):
         x_tr, y_tr, x_te, y_te = _data.load(cfg.data, cfg.seed)
         sizes = [x_tr.shape[1]] + cfg.sizes_hidden + [int(y_tr.max()) + 1]
         params = _model.init_params(sizes, cfg.seed)
-        profile = cfg.costs
-        if profile is None and rank == 0:
-            rows = max(cfg.batch // R // cfg.m, 1)
-            profile = _model.measure_profile(sizes=sizes, batch=rows, repeat=10,
-                                             kind=cfg.activation)
-        profile = comm.bcast(profile, root=0)
+        profile = cfg.costs or _measured_profile(comm, sizes, max(cfg.batch // R // cfg.m, 1),
+                                                 cfg.activation)
         unit = 1.0
     pipe_comm = comm.Split(color=r, key=s)
     dp_raw = comm.Split(color=s, key=r)
