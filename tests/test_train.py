@@ -172,6 +172,10 @@ def test_config_rejects_bad_layouts():
         Config(schedule="zb").check()
     with pytest.raises(ValueError, match="cannot fill --stages 9"):
         Config(stages=9, depth=4).check()
+    with pytest.raises(ValueError, match="--partition 0,3,2"):
+        Config(stages=3, partition=[0, 3, 2]).check()
+    with pytest.raises(ValueError, match="--partition 0,2"):
+        Config(stages=3, partition=[0, 2]).check()
     with pytest.raises(ValueError, match="--micro-batches 65"):
         Config(schedule="gpipe", micro_batches=65).check()
     with pytest.raises(ValueError, match="--compute"):

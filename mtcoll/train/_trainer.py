@@ -89,6 +89,13 @@ class Config:
             what = f"--profile {self.profile}" if self.compute == "emulate" else "the MLP"
             raise ValueError(f"{what} has {layers} layers; they cannot fill "
                              f"--stages {self.stages}")
+        if self.partition is not None:
+            st = list(self.partition)
+            if len(st) != self.stages or st[0] != 0 or st != sorted(set(st)) \
+                    or st[-1] >= layers:
+                raise ValueError(f"--partition {','.join(map(str, st))}: the first layer of "
+                                 f"each of the {self.stages} stages, increasing from 0, "
+                                 f"below {layers}")
         if self.micro_batches is not None and not 1 <= self.micro_batches <= 64:
             # message tags tell micro-batches apart modulo 128 (_executor.tag_of)
             raise ValueError(f"--micro-batches {self.micro_batches}: between 1 and 64")
