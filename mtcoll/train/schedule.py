@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._cli import entry
 from . import _model
 from ._profile import Profile
 
@@ -689,5 +690,10 @@ def main(argv=None):
     return obj
 
 
-if __name__ == "__main__":
+def _main():
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    entry(_main)      # a closed pipe (| head) ends the tool quietly
