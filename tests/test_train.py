@@ -279,3 +279,17 @@ def test_emulated_four_stages_report_the_measured_ratio():
     v = res["vs_pipedream"]["layerpipe"]
     assert v["model"] > 1.2 and v["measured"] > 0
     assert v["measured_over_model"] == pytest.approx(v["measured"] / v["model"])
+
+
+def test_emulated_replicas_and_synchronous_schedules_run():
+    """Emulation with 2 replicas (the allreduce of the profile's gradient sizes) and the
+    synchronous schedules' repeated task lists: every run completes and reports its rate."""
+    res = _launch(4, ["--stages", "2", "--replicas", "2", "--compute", "emulate", "--profile",
+                      "uniform:4", "--schedule", "gpipe,1f1b,layerpipe", "--batches", "6",
+                      "--seconds", "2e-3", "--elements", "0.5"], timeout=120)
+    assert [r["config"]["schedule"] for r in res["runs"]] == ["gpipe", "1f1b", "layerpipe"]
+    for r in res["runs"]:
+        t = r["epochs"][0]["throughput"]
+        assert t["mini_batches"] == 6 and t["mini_batches_per_s"] > 0
+        assert r["config"]["micro_batches"] is None and r["model"]["stages"] == 2
+    assert res["vs_pipedream"] is None           # no pipedream run to compare with
