@@ -107,7 +107,8 @@ def run(lay, command, *, mpiexec=None, env=None, timeout=None, events=(), log=No
         def fire(fn=fn, what=what, at=at):
             try:
                 fn()
-                fired.append({"at_s": round(time.monotonic() - t0, 3), "what": what})
+                fired.append({"at_s": round(time.monotonic() - t0, 3),
+                              "at_unix": round(time.time(), 3), "what": what})
                 log(f"[{time.monotonic() - t0:6.1f} s] {what}")
             except Exception as e:  # noqa: BLE001 -- reported, the run goes on
                 fired.append({"at_s": round(time.monotonic() - t0, 3), "what": what,
