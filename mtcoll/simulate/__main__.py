@@ -73,7 +73,7 @@ def run(args, log=None):
     from ..topology import parse
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    bad = [a for a in algorithms if a not in ALGORITHMS]
+    bad = [a for a in algorithms if a not in ALGORITHMS + ("native",)]
     if bad:
         raise ValueError(f"unknown algorithm(s) {', '.join(bad)}; choose from "
                          f"{', '.join(ALGORITHMS)}")

@@ -26,11 +26,16 @@ from ._layout import Layout, address, format_rate, layout, parse_rate
 from ._net import PREFIX, TestbedError, cleanup, missing, testbeds
 
 __all__ = ["Testbed", "Layout", "layout", "address", "parse_rate", "format_rate", "missing",
-           "cleanup", "testbeds", "TestbedError", "PREFIX", "DEFAULT_RATE"]
+           "cleanup", "testbeds", "TestbedError", "PREFIX", "DEFAULT_RATE", "DEFAULT_CONGESTION_CONTROL"]
 
 #: default rate of every link direction; low enough that the links, not the two CPUs of the
 #: project machine, bound a 16-rank torus (docs/testbed.md)
 DEFAULT_RATE = "20mbit"
+
+#: TCP congestion control in the namespaces: Reno keeps a shaped link full where BBR, the
+#: project machine's default, left a quarter of it idle when both directions carry data
+#: (docs/testbed.md)
+DEFAULT_CONGESTION_CONTROL = "reno"
 
 
 class Testbed:
@@ -43,6 +48,10 @@ class Testbed:
         A tc-style rate (``"50mbit"``) or bytes/s.
     link_rates : dict (a, b) -> rate, optional
         Per directed link (vertex ids, ranks first then switches) overrides.
+    congestion_control : str, optional
+        TCP congestion control in every namespace (default :data:`DEFAULT_CONGESTION_CONTROL`;
+        None: the kernel's default; only those in
+        ``/proc/sys/net/ipv4/tcp_allowed_congestion_control`` can be set in a namespace).
     tb_id : str, optional
         The testbed's id (default: a fresh random one); its namespaces are ``mtcb-<id>-<v>``.
 
@@ -50,7 +59,8 @@ class Testbed:
     when it fails, and ``down`` also kills what still runs in the namespaces.
     """
 
-    def __init__(self, topology, rate=DEFAULT_RATE, link_rates=None, tb_id=None):
+    def __init__(self, topology, rate=DEFAULT_RATE, link_rates=None, tb_id=None,
+                 congestion_control=DEFAULT_CONGESTION_CONTROL):
         from . import _net
 
         self.topology = parse(topology)
@@ -59,6 +69,7 @@ class Testbed:
                            for k, v in (link_rates or {}).items()}
         self.id = tb_id or _net.new_id()
         self.layout = layout(self.topology, f"{PREFIX}{self.id}-", self.rate, self.link_rates)
+        self.congestion_control = congestion_control
         self.built = False
 
     @property
@@ -80,7 +91,8 @@ class Testbed:
         pid = os.getpid() if owner_pid == "self" else owner_pid
         _net.build(self.layout, self.id, {"spec": self.topology.spec, "rate": self.rate,
                                           "link_rates": [[a, b, r] for (a, b), r in
-                                                         self.link_rates.items()]},
+                                                         self.link_rates.items()],
+                                          "congestion_control": self.congestion_control},
                    pid, log=log)
         self.built = True
         if check:

@@ -33,7 +33,7 @@ import sys
 import time
 
 from .._cli import add_json_option, pyplot, report
-from . import DEFAULT_RATE, Testbed, TestbedError, _net, missing, parse_rate
+from . import DEFAULT_CONGESTION_CONTROL, DEFAULT_RATE, Testbed, TestbedError, _net, missing, parse_rate
 
 _PAIR = re.compile(r"^(\d+)([->])(\d+)=(.+)$")
 _FAIL = re.compile(r"^(\d+)-(\d+)@([0-9.]+)$")
@@ -59,6 +59,10 @@ def _parser():
     p.add_argument("--link-rate", action="append", default=[], metavar="A-B=RATE",
                    help="another rate for the link between vertices A and B (both ways; A>B: "
                         "that direction only); vertices are ranks, then switches; repeatable")
+    p.add_argument("--congestion-control", default=DEFAULT_CONGESTION_CONTROL, metavar="NAME",
+                   help="TCP congestion control inside the namespaces (one of "
+                        "/proc/sys/net/ipv4/tcp_allowed_congestion_control; default: "
+                        "%(default)s)")
     p.add_argument("--fail-link", action="append", default=[], metavar="A-B@SECONDS",
                    help="take the link between vertices A and B down SECONDS after the launch")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -164,7 +168,8 @@ def _from_state(tb_id):
     for st in _net.testbeds():
         if st["id"] == tb_id:
             rates = {(a, b): r for a, b, r in st.get("link_rates", [])}
-            return Testbed(st["spec"], rate=st["rate"], link_rates=rates, tb_id=tb_id), st
+            return Testbed(st["spec"], rate=st["rate"], link_rates=rates, tb_id=tb_id,
+                           congestion_control=st.get("congestion_control")), st
     raise TestbedError(f"no testbed with id {tb_id!r} (see: python -m mtcoll.testbed status)")
 
 
@@ -222,7 +227,8 @@ def main(argv=None):
         else:
             if not args.topology:
                 p.error("--topology is required (or --id of a testbed made by 'up')")
-            tb = Testbed(args.topology, rate=args.rate, link_rates=_link_rates(args.link_rate))
+            tb = Testbed(args.topology, rate=args.rate, link_rates=_link_rates(args.link_rate),
+                         congestion_control=args.congestion_control)
             keep = args.action == "up"
         fails = _fail_links(args.fail_link, tb.topology)
     except (ValueError, TestbedError) as e:
@@ -240,6 +246,7 @@ def main(argv=None):
     guard = None
     result = None
     meta = {"topology": tb.topology.spec, "id": tb.id, "rate": f"{tb.rate * 8 / 1e6:g} Mbit/s",
+            "congestion_control": tb.congestion_control,
             "rate_Bps": tb.rate, "namespaces": len(tb.layout.namespaces),
             "veth_pairs": len(tb.layout.pairs), "command": command}
     try:

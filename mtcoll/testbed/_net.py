@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -136,19 +137,30 @@ def build(lay, tb_id, meta, owner_pid, log=None):
                              pid_start=_proc_start(owner_pid) if owner_pid else None,
                              namespaces=lay.namespaces, created=time.time()))
     try:
-        _build(lay, topo)
+        _build(lay, topo, meta.get("congestion_control"))
     except BaseException:
         destroy(tb_id, lay.namespaces)
         raise
 
 
-def _build(lay, topo):
+def _build(lay, topo, congestion_control=None):
     ns = lay.namespaces
     _run(["ip", "-batch", "-"], input="".join(f"netns add {x}\n" for x in ns),
          what="creating the namespaces")
     sysctl = ("echo 1 > /proc/sys/net/ipv4/ip_forward && "
               "echo 0 > /proc/sys/net/ipv4/conf/all/rp_filter && "
               "echo 0 > /proc/sys/net/ipv4/conf/default/rp_filter")
+    if congestion_control:
+        try:
+            with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+                allowed = f.read().split()
+        except OSError:
+            allowed = [congestion_control]
+        if congestion_control not in allowed or not re.fullmatch(r"[a-z0-9_]+",
+                                                                  congestion_control):
+            raise TestbedError(f"TCP congestion control {congestion_control!r} is not allowed "
+                               f"in a namespace here (allowed: {' '.join(allowed)})")
+        sysctl += f" && echo {congestion_control} > /proc/sys/net/ipv4/tcp_congestion_control"
     nft = (f"table ip {NFT_TABLE} {{\n chain forward {{\n  type filter hook forward priority 0;"
            f" policy accept;\n  counter\n }}\n}}\n")
     have_nft = shutil.which("nft") is not None
