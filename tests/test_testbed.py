@@ -21,20 +21,21 @@ SPECS = ["ring:5", "torus:4x4", "torus:2x3", "mesh:3x3", "full:4", "fattree:2x3"
 
 
 def walk(lay, u, v):
-    """Where the tables of ``lay`` send a packet from rank u to rank v: the kernel's rule (a
-    source's table first, the main table when it has no route), done by hand."""
-    path, x = [u], u
-    for _ in range(lay.topology.nvertices + 1):
-        if x == v:
+    """The namespaces the tables of ``lay`` send a packet from rank u to rank v through: the
+    kernel's rule (a source's table first, the main table when it has no route), by hand."""
+    s, d = lay.vertex_ns[u], lay.vertex_ns[v]
+    path, x = [s], s
+    for _ in range(len(lay.namespaces) + 1):
+        if x == d:
             return path
         nxt = None
-        if x != u:
-            nxt = dict(lay.source_routes[x].get(u, [])).get(v)
+        if x != s:
+            nxt = dict(lay.source_routes[x].get(s, [])).get(d)
         if nxt is None:
-            nxt = dict(lay.main_routes[x]).get(v)
-        assert nxt is not None, f"vertex {x} has no route to {v}"
+            nxt = dict(lay.main_routes[x]).get(d)
+        assert nxt is not None, f"namespace {x} has no route to {d}"
         pair = (min(x, nxt), max(x, nxt))
-        assert pair in lay.pairs, f"vertex {x} sends to {nxt} without a veth"
+        assert pair in lay.pairs, f"namespace {x} sends to {nxt} without a veth"
         path.append(nxt)
         x = nxt
     raise AssertionError(f"packet {u}->{v} loops: {path}")
@@ -52,6 +53,28 @@ def test_layout_tables_follow_the_topology_routes(spec):
                 want = [int(topo.link_src[topo.routes(u, v)[0][0]])] + \
                     [int(topo.link_dst[l]) for l in topo.routes(u, v)[0]]
                 assert walk(lay, u, v) == want == lay.hops[(u, v)]
+
+
+def test_hier_hosts_share_a_namespace():
+    topo = parse("hier:3x4")
+    lay = layout(topo, "p", 1e6, {(12, 15): 2e6})  # host 0's NIC -> switch faster
+    assert len(lay.namespaces) == 4  # 3 hosts and the switch
+    assert lay.rank_namespaces() == ["p0"] * 4 + ["p1"] * 4 + ["p2"] * 4
+    assert lay.pairs == [(0, 3), (1, 3), (2, 3)]
+    assert lay.ns_vertex == [12, 13, 14, 15]
+    assert sorted((a, b) for a, b, _ in lay.links) == [(0, 3), (1, 3), (2, 3), (3, 0), (3, 1),
+                                                       (3, 2)]
+    assert dict(((a, b), r) for a, b, r in lay.links)[(0, 3)] == 2e6
+    assert lay.topology.bandwidth[topo.link(12, 15)] == 2e6
+    assert lay.topology.bandwidth[topo.link(13, 15)] == 1e6
+    assert lay.topology.bandwidth[topo.link(0, 1)] == topo.bandwidth[topo.link(0, 1)]
+    for u in range(12):
+        for v in range(12):
+            if u // 4 != v // 4:
+                assert walk(lay, u, v) == [u // 4, 3, v // 4] == lay.hops[(u, v)]
+    assert (0, 1) not in lay.hops  # one host: shared memory
+    with pytest.raises(ValueError, match="share a host"):
+        layout(topo, "p", 1e6, {(0, 1): 1e6})
 
 
 def test_torus_routes_need_source_tables():
@@ -95,6 +118,7 @@ def test_addresses_stay_in_the_benchmarking_range():
 
 @pytest.mark.parametrize("spec", ["torus:4x4", "ring:5", "fattree:2x3", "bigraph:2x4"])
 def test_plot_positions(spec):
+    # every vertex has its own spot
     topo = parse(spec)
     pos = positions(topo)
     assert len(pos) == topo.nvertices

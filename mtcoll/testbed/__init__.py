@@ -137,18 +137,20 @@ class Testbed:
     def traffic(self, before, after):
         """What the links carried between two :meth:`counters`: a JSON-able dict with
         ``links`` (one entry per directed link: from, to, bytes, rate_Bps), ``forwarded``
-        (bytes per vertex; None without nft) and totals."""
+        (bytes per vertex; None without nft) and totals. Vertices are the topology's; a hier
+        host is reported as its NIC vertex."""
         lay = self.layout
         links = []
         for a, b, rate in lay.links:
             nbytes = after["links"].get((a, b), 0) - before["links"].get((a, b), 0)
-            links.append({"from": a, "to": b, "bytes": nbytes, "rate_Bps": rate})
+            links.append({"from": lay.ns_vertex[a], "to": lay.ns_vertex[b], "bytes": nbytes,
+                          "rate_Bps": rate})
         fwd = {}
-        for v in range(len(lay.namespaces)):
-            x0, x1 = before["forwarded"].get(v), after["forwarded"].get(v)
-            fwd[str(v)] = None if x0 is None or x1 is None else x1 - x0
-        n = self.topology.nranks
-        rank_fwd = [fwd[str(v)] for v in range(n)]
+        for k in range(len(lay.namespaces)):
+            x0, x1 = before["forwarded"].get(k), after["forwarded"].get(k)
+            fwd[str(lay.ns_vertex[k])] = None if x0 is None or x1 is None else x1 - x0
+        rank_ns = sorted(set(lay.vertex_ns[: self.topology.nranks]))
+        rank_fwd = [fwd[str(lay.ns_vertex[k])] for k in rank_ns]
         return {"links": links, "forwarded": fwd,
                 "total_link_bytes": sum(x["bytes"] for x in links),
                 "ranks_forwarded_bytes": None if None in rank_fwd else sum(rank_fwd)}

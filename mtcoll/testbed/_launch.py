@@ -5,6 +5,12 @@ The wrapper is ``exec ip netns exec <namespace of $PMI_RANK> "$@"``: the ordinar
 starts the ranks in the root namespace, the PMI connection is an inherited descriptor and
 survives the switch, and MPICH's ``ch4:ofi`` netmod with OFI's tcp provider then talks over the
 namespace's veths (``MPIR_CVAR_NOLOCAL=1`` keeps it off shared memory).
+
+With several ranks per namespace (``hier:HxR``) mpiexec is given H made-up hosts and, as its
+``ssh``, a script that runs hydra's proxy for each "host" locally: hydra then tells the ranks
+they are on H nodes, so the library uses shared memory within a host and TCP between hosts,
+and ``Split_type(COMM_TYPE_SHARED)`` gives H groups. ``MTCOLL_TOPOLOGY`` is left unset there,
+so that mtcoll's ``auto`` finds ``hier`` through MPI as it would on a cluster.
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ if [ -z "$ns" ]; then
     echo "mtcoll.testbed: no namespace for rank $PMI_RANK" >&2; exit 2
 fi
 exec ip netns exec "$ns" "$@"
+"""
+
+# hydra's "ssh" to a testbed host: run the proxy right here (root namespace, where it reaches
+# mpiexec); its ranks enter their host's namespace through the wrapper
+_LAUNCHER = """#!/bin/sh
+while [ "${1#-}" != "$1" ]; do shift; done
+shift
+exec sh -c "$*"
 """
 
 
@@ -88,13 +102,28 @@ def run(lay, command, *, mpiexec=None, env=None, timeout=None, events=(), log=No
     os.chmod(wrapper, 0o755)
     full_env = dict(os.environ)
     full_env.update(MPI_ENV)
-    full_env.setdefault("MTCOLL_TOPOLOGY", lay.topology.spec)
+    per_ns = lay.ranks_per_namespace
+    if per_ns > 1:
+        # several ranks per namespace (hier): one hydra proxy per host, so that the library
+        # sees separate nodes (COMM_TYPE_SHARED gives one group per host, shared memory
+        # inside, TCP between) and mtcoll's auto detects hier as on a cluster
+        del full_env["MPIR_CVAR_NOLOCAL"]
+        launcher = os.path.join(tmp, "launch-host")
+        with open(launcher, "w") as f:
+            f.write(_LAUNCHER)
+        os.chmod(launcher, 0o755)
+        nhost = n // per_ns
+        hosts = ",".join(f"mtcb-host{h}:{per_ns}" for h in range(nhost))
+        launch = ["-launcher", "ssh", "-launcher-exec", launcher, "-hosts", hosts]
+    else:
+        full_env.setdefault("MTCOLL_TOPOLOGY", lay.topology.spec)
+        launch = []
     full_env.update(env or {})
     full_env["MTCOLL_TESTBED_NAMESPACES"] = " ".join(lay.rank_namespaces())
     command = list(command)
     if command and command[0] in ("python", "python3"):
         command[0] = sys.executable  # the testbed's own interpreter, not PATH's
-    argv = [find_mpiexec(mpiexec), "-n", str(n), wrapper] + command
+    argv = [find_mpiexec(mpiexec)] + launch + ["-n", str(n), wrapper] + command
     log(f"launching: {shlex.join(argv)}")
     fired = []
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)

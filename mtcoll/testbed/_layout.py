@@ -2,11 +2,12 @@
 
 Pure functions, no root needed: what :mod:`mtcoll.testbed._net` then builds with ``ip``/``tc``.
 
-* one **namespace** per vertex (ranks first, then switches), named ``<prefix><vertex>``;
-* one **veth pair** per linked pair of vertices; the end in ``a``'s namespace is named
+* one **namespace** per vertex (ranks first, then switches), named ``<prefix><vertex>``; on
+  ``hier:HxR`` one per host (its R ranks and its NIC, which share memory) and one for the switch;
+* one **veth pair** per linked pair of namespaces; the end in ``a``'s namespace is named
   ``v<b>``, so a name says where the link goes and is unique inside its namespace;
-* each vertex's one **address** (``198.18.0.1 + vertex``, RFC 2544's benchmarking range), put on
-  every veth of its namespace (OFI's tcp provider binds the address of the interface it picks);
+* each namespace's one **address** (``198.18.0.1 + k``, RFC 2544's benchmarking range), put on
+  every veth of the namespace (OFI's tcp provider binds the address of the interface it picks);
 * one **tbf** per direction, on the sending end's egress, at that directed link's rate;
 * **routes** so that a packet from rank ``u`` to rank ``v`` crosses exactly the links of
   ``topology.routes(u, v)[0]``. Routes of mtcoll's topologies depend on the source as well as the
@@ -73,28 +74,39 @@ def address(vertex):
 class Layout:
     """The emulated network of one topology (see the module docstring).
 
+    Namespaces are numbered ``0 .. len(namespaces)-1``; on every topology but ``hier`` namespace
+    ``k`` is vertex ``k``. On ``hier:HxR`` namespace ``h < H`` is host ``h`` -- its R ranks and
+    its NIC vertex, joined by shared memory, not veths -- and namespace ``H`` the switch.
+
     Attributes
     ----------
     topology : Topology
-        The topology, its ``bandwidth`` the rates the links are shaped to (bytes/s per directed
-        link); hand it to the simulator to predict this network.
+        The topology, its ``bandwidth`` the rates the veth links are shaped to (bytes/s per
+        directed link; a hier host's internal links keep the topology's figures); hand it to
+        the simulator to predict this network.
     prefix : str
         Every namespace's name starts with it.
     namespaces : list of str
+    vertex_ns : list of int
         Namespace of each vertex.
+    ns_vertex : list of int
+        The vertex each namespace stands for in reports (a hier host: its NIC vertex).
     pairs : list of (a, b)
-        Vertex pairs joined by a veth pair (a < b).
+        Namespace pairs joined by a veth pair (a < b).
     links : list of (a, b, rate)
-        Directed links with their rate in bytes/s (one tbf each).
-    main_routes : dict vertex -> list of (dst, next_hop)
-    source_routes : dict vertex -> dict source -> list of (dst, next_hop)
-    hops : dict (u, v) -> list of vertices
-        The path every rank pair's packets must take (``topology.routes(u, v)[0]``).
+        Directed namespace links with their rate in bytes/s (one tbf each).
+    main_routes : dict namespace -> list of (dst, next_hop)
+    source_routes : dict namespace -> dict source -> list of (dst, next_hop)
+    hops : dict (u, v) -> list of namespaces
+        The namespaces the packets of every pair of ranks in different namespaces must cross
+        (``topology.routes(u, v)[0]``, hops inside one namespace left out).
     """
 
     topology: object
     prefix: str
     namespaces: list
+    vertex_ns: list
+    ns_vertex: list
     pairs: list
     links: list
     main_routes: dict
@@ -102,11 +114,16 @@ class Layout:
     hops: dict = field(repr=False)
 
     def ifname(self, a, b):
-        """Name of the veth end in ``a``'s namespace that leads to ``b``."""
+        """Name of the veth end in namespace ``a`` that leads to namespace ``b``."""
         return f"v{b}"
 
     def rank_namespaces(self):
-        return self.namespaces[: self.topology.nranks]
+        """The namespace name of every rank, in rank order."""
+        return [self.namespaces[self.vertex_ns[u]] for u in range(self.topology.nranks)]
+
+    @property
+    def ranks_per_namespace(self):
+        return self.topology.nranks // len(set(self.vertex_ns[: self.topology.nranks]))
 
 
 def _vertex_path(topo, route):
@@ -120,27 +137,42 @@ def _vertex_path(topo, route):
     return path
 
 
+def _namespace_of(topo):
+    if topo.kind != "hier":
+        return list(range(topo.nvertices))
+    nhost, r = topo.dims
+    n = topo.nranks
+    return [u // r for u in range(n)] + list(range(nhost)) + [nhost]
+
+
 def layout(topo, prefix, rate, link_rates=None):
-    """The :class:`Layout` of ``topo`` with every namespace named ``prefix<vertex>``.
+    """The :class:`Layout` of ``topo`` with every namespace named ``prefix<k>``.
 
     Parameters
     ----------
     topo : Topology
     prefix : str
     rate : float
-        Bytes/s of every directed link not in ``link_rates``.
+        Bytes/s of every directed veth link not in ``link_rates``.
     link_rates : dict (a, b) -> bytes/s, optional
-        Per-link overrides; a key (a, b) sets the link a->b (use both orders for both ways).
+        Per-link overrides, by vertex ids; a key (a, b) sets the link a->b (give both orders
+        for both ways).
 
     Raises
     ------
     ValueError
-        ``link_rates`` names a pair that is not a link of ``topo``, or a rate that is not
-        positive; a directed link without its reverse (a veth carries both).
+        ``link_rates`` names a pair that is not a link of ``topo`` or lies inside one hier host,
+        or a rate that is not positive; a directed link without its reverse (a veth carries
+        both).
     """
     import numpy as np
 
     link_rates = dict(link_rates or {})
+    vns = _namespace_of(topo)
+    nns = max(vns) + 1
+    ns_vertex = list(range(nns))
+    if topo.kind == "hier":
+        ns_vertex = [topo.nranks + h for h in range(topo.dims[0])] + [topo.nvertices - 1]
     src = [int(x) for x in topo.link_src]
     dst = [int(x) for x in topo.link_dst]
     directed = set(zip(src, dst))
@@ -148,6 +180,9 @@ def layout(topo, prefix, rate, link_rates=None):
         if (a, b) not in directed:
             raise ValueError(f"--link-rate {a}-{b}: {topo.spec} has no link from vertex {a} to "
                              f"vertex {b}")
+        if vns[a] == vns[b]:
+            raise ValueError(f"--link-rate {a}-{b}: vertices {a} and {b} share a host "
+                             f"(shared memory, not a shaped link)")
         if not r > 0:
             raise ValueError(f"--link-rate {a}-{b}: the rate must be positive, got {r!r}")
     if not rate > 0:
@@ -156,30 +191,43 @@ def layout(topo, prefix, rate, link_rates=None):
         if (b, a) not in directed:
             raise ValueError(f"{topo.spec}: link {a}->{b} has no reverse; a veth carries both "
                              f"directions")
-    bw = np.array([float(link_rates.get((a, b), rate)) for a, b in zip(src, dst)])
+    bw = np.array(topo.bandwidth, dtype=float)
+    links, seen = [], {}
+    for i, (a, b) in enumerate(zip(src, dst)):
+        na, nb = vns[a], vns[b]
+        if na == nb:
+            continue
+        if (na, nb) in seen:
+            raise ValueError(f"{topo.spec}: two links join namespaces {na} and {nb}")
+        bw[i] = float(link_rates.get((a, b), rate))
+        seen[(na, nb)] = i
+        links.append((na, nb, float(bw[i])))
     shaped = object.__new__(type(topo))
     shaped.__dict__.update(topo.__dict__)
     bw.setflags(write=False)
     shaped.bandwidth = bw
 
-    namespaces = [f"{prefix}{v}" for v in range(topo.nvertices)]
-    pairs = sorted({(min(a, b), max(a, b)) for a, b in directed})
-    links = [(a, b, float(bw[i])) for i, (a, b) in enumerate(zip(src, dst))]
+    namespaces = [f"{prefix}{k}" for k in range(nns)]
+    pairs = sorted({(min(a, b), max(a, b)) for a, b, _ in links})
 
     n = topo.nranks
     hops = {}
-    # next_hop[x][(s, d)]: where vertex x sends a packet from rank s to rank d
+    # next_hop[x][(s, d)]: where namespace x sends a packet from namespace s to namespace d
     next_hop = collections.defaultdict(dict)
     for u in range(n):
         for v in range(n):
-            if u == v:
+            if u == v or vns[u] == vns[v]:
                 continue
-            path = _vertex_path(topo, topo.routes(u, v)[0])
+            path = [vns[x] for x in _vertex_path(topo, topo.routes(u, v)[0])]
+            path = [x for i, x in enumerate(path) if i == 0 or x != path[i - 1]]
             hops[(u, v)] = path
             for x, y in zip(path, path[1:]):
-                next_hop[x][(u, v)] = y
+                old = next_hop[x].setdefault((path[0], path[-1]), y)
+                if old != y:
+                    raise ValueError(f"{topo.spec}: ranks of one namespace take different "
+                                     f"routes to another; the kernel cannot tell them apart")
     main, per_source = {}, {}
-    for x in range(topo.nvertices):
+    for x in range(nns):
         table = next_hop.get(x, {})
         by_dst = collections.defaultdict(list)
         for (s, d), y in table.items():
@@ -204,4 +252,5 @@ def layout(topo, prefix, rate, link_rates=None):
                     routes.append((peer, peer))
         main[x] = routes
         per_source[x] = dict(extra)
-    return Layout(shaped, prefix, namespaces, pairs, links, main, per_source, hops)
+    return Layout(shaped, prefix, namespaces, vns, ns_vertex, pairs, links, main, per_source,
+                  hops)

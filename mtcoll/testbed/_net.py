@@ -209,7 +209,8 @@ def check_routes(lay):
     and compare with the topology's route. Returns the number of hops checked; raises
     :class:`TestbedError` listing the first mismatches."""
     asks = {x: [] for x in range(len(lay.namespaces))}
-    for (u, v), path in lay.hops.items():
+    for path in {tuple(p) for p in lay.hops.values()}:
+        u, v = path[0], path[-1]
         for i in range(len(path) - 1):
             x, y = path[i], path[i + 1]
             iif = "" if i == 0 else f" iif {lay.ifname(x, path[i - 1])}"
@@ -230,7 +231,7 @@ def check_routes(lay):
             want_dev, want_gw = lay.ifname(x, y), address(y)
             checked += 1
             if got.get("dev") != want_dev or got.get("gateway") != want_gw:
-                bad.append(f"at vertex {x}, {u}->{v} leaves by {got.get('dev')} via "
+                bad.append(f"in namespace {x}, {u}->{v} leaves by {got.get('dev')} via "
                            f"{got.get('gateway')}, the topology says {want_dev} via {want_gw}")
     if bad:
         raise TestbedError("kernel routes differ from the topology's: " + "; ".join(bad[:5]))
@@ -238,8 +239,8 @@ def check_routes(lay):
 
 
 def counters(lay):
-    """Byte counters now: ``links`` {(a, b): bytes sent on a->b, from its tbf} and
-    ``forwarded`` {vertex: bytes its kernel forwarded} (None without ``nft``)."""
+    """Byte counters now, by namespace: ``links`` {(a, b): bytes sent on a->b, from its tbf}
+    and ``forwarded`` {namespace: bytes its kernel forwarded} (None without ``nft``)."""
     links, fwd = {}, {}
     have_nft = shutil.which("nft") is not None
     for x, ns in enumerate(lay.namespaces):
@@ -264,6 +265,9 @@ def counters(lay):
 
 def set_link(lay, a, b, up):
     """Take the veth pair between vertices ``a`` and ``b`` down (both directions) or up."""
+    a, b = lay.vertex_ns[a], lay.vertex_ns[b]
+    if (min(a, b), max(a, b)) not in lay.pairs:
+        raise TestbedError(f"no veth joins vertices {a} and {b}")
     _run(["ip", "-n", lay.namespaces[a], "link", "set", lay.ifname(a, b),
           "up" if up else "down"], what=f"setting link {a}-{b} {'up' if up else 'down'}")
 

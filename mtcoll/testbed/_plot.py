@@ -64,10 +64,17 @@ def plot(path, topo, traffic, title=""):
         ax.scatter([x], [y], s=420, c="white" if not f else "salmon", edgecolors="black",
                    zorder=3)
         ax.text(x, y, str(v), ha="center", va="center", fontsize=8, zorder=4)
+        if f:
+            ax.text(x, y - 0.22, f"{f / 1e6:.1f} MB", ha="center", va="top", fontsize=6,
+                    color="darkred", zorder=4)
     sm = cm.ScalarMappable(norm=norm, cmap=cmap)
     fig.colorbar(sm, ax=ax, label="MB carried per directed link")
     ax.set_title((title + "\n" if title else "") +
-                 "vertices in red forwarded packets", fontsize=9)
+                 "red vertices forwarded packets (MB below); stubs at the edges are "
+                 "wrap-around links", fontsize=9)
+    xs, ys = [p[0] for p in pos], [p[1] for p in pos]
+    ax.set_xlim(min(xs) - 0.7, max(xs) + 0.7)  # room for the wrap-around stubs
+    ax.set_ylim(min(ys) - 0.7, max(ys) + 0.7)
     ax.set_axis_off()
     ax.set_aspect("equal")
     fig.tight_layout()
