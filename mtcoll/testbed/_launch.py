@@ -102,6 +102,8 @@ def run(lay, command, *, mpiexec=None, env=None, timeout=None, events=(), log=No
     os.chmod(wrapper, 0o755)
     full_env = dict(os.environ)
     full_env.update(MPI_ENV)
+    # "python" anywhere in the command (also after env VAR=...) is this interpreter
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
     per_ns = lay.ranks_per_namespace
     if per_ns > 1:
         # several ranks per namespace (hier): one hydra proxy per host, so that the library
