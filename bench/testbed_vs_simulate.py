@@ -109,8 +109,8 @@ def main(argv=None):
     p.add_argument("bench_json")
     p.add_argument("--min-size", default="0", help="leave out smaller sizes (default: none)")
     p.add_argument("--model", default="pieces", choices=("pieces", "step"),
-                   help="pieces: mtcoll's algorithms cut into the executor's pieces (1 MiB, "
-                        "at most 4, as when ranks sleep), replayed as dataflow with earlier "
+                   help="pieces: mtcoll's algorithms cut into the executor's pieces (256 KiB, "
+                        "at most 16, as when ranks busy-wait), replayed as dataflow with earlier "
                         "pieces first on a link; step: each schedule step by step "
                         "(default: %(default)s)")
     p.add_argument("--payload", type=float, default=PAYLOAD,

@@ -29,11 +29,13 @@ def piece_counts(schedule, nbytes, itemsize, segment_bytes, max_segments):
     return np.clip(-(-sizes // segment_bytes), 1, max_segments).astype(np.int64)
 
 
-def pieces(schedule, nbytes, itemsize=4, segment_bytes=1 << 20, max_segments=4):
+def pieces(schedule, nbytes, itemsize=4, segment_bytes=256 * 1024, max_segments=16):
     """``schedule`` with each transfer cut into its executor pieces (see the module docstring).
 
-    The defaults are the executor's when ranks sleep while waiting (more ranks than cores, as
-    on the testbed): :data:`mtcoll.execute.SLEEP_SEGMENT_BYTES` and ``SLEEP_MAX_SEGMENTS``.
+    The defaults are the executor's :data:`mtcoll.execute.SEGMENT_BYTES` and
+    :data:`~mtcoll.execute.MAX_SEGMENTS` (ranks that busy-wait, as on the testbed, where the
+    MPI library sees every rank as its own node); ``SLEEP_SEGMENT_BYTES`` and
+    ``SLEEP_MAX_SEGMENTS`` are the sleeping ranks' ones.
     """
     k = piece_counts(schedule, nbytes, itemsize, segment_bytes, max_segments)
     kmax = int(k.max()) if len(k) else 1
