@@ -13,7 +13,11 @@ import os
 import sys
 from importlib import metadata
 
-from ._cli import add_json_option, report
+from ._cli import add_json_option, entry, report
+
+
+#: the subpackages whose modules hold numba kernels compiled with ``cache=True``
+_NUMBA_PACKAGES = ("plan", "simulate")
 
 
 def info(comm=None):
@@ -33,13 +37,15 @@ def info(comm=None):
 
     topo = from_comm(comm, "auto")
     tuning, required = _tuning.resolve_path()
-    # numba caches compiled kernels beside each module that has them, unless told otherwise
+    # numba caches compiled kernels in the __pycache__ beside each module that has them (the
+    # planner's and the simulator's), unless NUMBA_CACHE_DIR says otherwise
     pkg = os.path.dirname(os.path.abspath(__file__))
-    cache_dir = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(pkg, "*", "__pycache__")
+    cache_dirs = ([os.environ["NUMBA_CACHE_DIR"]] if os.environ.get("NUMBA_CACHE_DIR") else
+                  [os.path.join(pkg, sub, "__pycache__") for sub in _NUMBA_PACKAGES])
     return {
         "mtcoll": version("mtcoll"),
         "mpi4py": version("mpi4py"),
-        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi_library": " ".join(MPI.Get_library_version().splitlines()[0].split()),
         "mpi_standard": "%d.%d" % MPI.Get_version(),
         "numba": version("numba"),
         "numpy": version("numpy"),
@@ -50,7 +56,7 @@ def info(comm=None):
         "tuning_file": None if tuning is None else str(tuning),
         "tuning_file_exists": bool(tuning is not None and tuning.is_file()),
         "tuning_source": "MTCOLL_TUNING" if required else ("off" if tuning is None else "default"),
-        "numba_cache_dir": cache_dir,
+        "numba_cache_dirs": cache_dirs,
         "environment": {k: v for k, v in os.environ.items() if k.startswith("MTCOLL_")},
     }
 
@@ -70,10 +76,12 @@ def main(argv=None):
         def table():
             w = max(len(k) for k in facts)
             for k, v in facts.items():
+                if isinstance(v, list):
+                    v = ", ".join(map(str, v))
                 print(f"{k:<{w}}  {v}")
-        report(facts, args.json, table)
+        report(facts, args.json, table, "mtcoll")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

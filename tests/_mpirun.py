@@ -32,14 +32,15 @@ def require():
     return launcher
 
 
-def run(n, argv, timeout=240, **env_extra):
+def run(n, argv, timeout=240, merged=False, **env_extra):
     """``mpiexec -n n python *argv`` in a clean environment; the CompletedProcess.
 
     Skips (the same on every rank) when the test itself runs under mpiexec, or there is no
     mpiexec. The environment drops an enclosing launch's PMI/hydra variables and every
     ``MTCOLL_*`` override, puts the source tree first on PYTHONPATH, keeps BLAS to one thread
     (ranks share two cores), and drops PYTHONUNBUFFERED (unbuffered print writes text and
-    newline apart, and the launcher interleaves ranks' lines).
+    newline apart, and the launcher interleaves ranks' lines). ``merged``: stderr into the
+    same pipe as stdout, as ``2>&1`` does (the result's ``stdout`` holds both).
     """
     launcher = require()
     env = {k: v for k, v in os.environ.items()
@@ -49,4 +50,6 @@ def run(n, argv, timeout=240, **env_extra):
     env.pop("PYTHONUNBUFFERED", None)
     env.update(env_extra)
     return subprocess.run([launcher, "-n", str(n), sys.executable, *argv],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+                          text=True, env=env, timeout=timeout)

@@ -21,7 +21,7 @@ from . import (ALGORITHMS, DEFAULT_SIZES, DEFAULT_TIME_PER_SIZE, MIN_ITERS, OPS,
                format_size,
                format_table, memory_cap, meta_for, parse_sizes, plot, run, tuning_table)
 from .. import _ops, _tuning
-from .._cli import add_json_option, report
+from .._cli import add_json_option, entry, report, say
 
 
 class _Exit(Exception):
@@ -35,6 +35,7 @@ class _Parser(argparse.ArgumentParser):
     def _print_message(self, message, file=None):
         if MPI.COMM_WORLD.Get_rank() == 0 and message:
             (file or sys.stderr).write(message)
+            (file or sys.stderr).flush()
 
     def exit(self, status=0, message=None):
         if message:
@@ -88,7 +89,7 @@ def parser():
 
 def _say(rank, text):
     if rank == 0:
-        print(f"mtcoll.bench: {text}", file=sys.stderr, flush=True)
+        say(f"mtcoll.bench: {text}")
 
 
 def _tune_path(arg):
@@ -182,8 +183,7 @@ def main(argv=None):
     if rank == 0:
         wrong = sum(r["wrong"] for r in records)
         report({"meta": meta, "results": records}, args.json,
-               lambda: sys.stdout.write(format_table(meta, records)))
-        sys.stdout.flush()
+               lambda: sys.stdout.write(format_table(meta, records)), "mtcoll.bench")
         if args.plot:
             plot(args.plot, meta, records)
             _say(rank, f"plot written to {args.plot}")
@@ -197,19 +197,22 @@ def main(argv=None):
     return 0
 
 
-def _entry():
+def _main():
     try:
-        code = main()
+        return main()
     except _Exit as e:
         if e.message and MPI.COMM_WORLD.Get_rank() == 0:
-            print(e.message, file=sys.stderr, flush=True)
-        code = e.code
+            say(e.message)
+        return e.code
     except (ValueError, TypeError) as e:
         # raised on every rank alike (bad topology, algorithm, dtype/op combination, ...)
         if MPI.COMM_WORLD.Get_rank() == 0:
-            print(f"mtcoll.bench: error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    sys.exit(code)
+            say(f"mtcoll.bench: error: {e}")
+        return 2
+
+
+def _entry():
+    entry(_main)
 
 
 if __name__ == "__main__":

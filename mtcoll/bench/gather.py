@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from .._cli import entry, say
+
 __all__ = ["load", "rows", "format_markdown", "plot_scaling", "main"]
 
 
@@ -176,7 +178,7 @@ def main(argv=None):
             raise GatherError("no FILE could be read: " + "; ".join(notes))
         algorithms, table = rows(runs)
     except (GatherError, OSError) as e:
-        print(f"mtcoll.bench.gather: error: {e}", file=sys.stderr)
+        say(f"mtcoll.bench.gather: error: {e}")
         return 2
     if any(r["wrong"] for row in table for r in row["cells"].values()):
         status = 1
@@ -184,10 +186,11 @@ def main(argv=None):
     try:
         Path(args.out_prefix + ".md").write_text(text)
     except OSError as e:
-        print(f"mtcoll.bench.gather: error: OUT_PREFIX: cannot write {args.out_prefix}.md: "
-              f"{e.strerror or e}", file=sys.stderr)
+        say(f"mtcoll.bench.gather: error: OUT_PREFIX: cannot write {args.out_prefix}.md: "
+            f"{e.strerror or e}")
         return 2
     sys.stdout.write(text)
+    sys.stdout.flush()
     if not args.no_plot:
         try:
             plot_scaling(args.out_prefix + ".png", algorithms, table)
@@ -195,12 +198,11 @@ def main(argv=None):
             notes.append(f"{args.out_prefix}.png not written: {e}")
             args.no_plot, status = True, 1
     for n in notes:
-        print(f"mtcoll.bench.gather: {n}", file=sys.stderr)
-    print(f"mtcoll.bench.gather: {len(runs)} run(s), {len(table)} rows written to "
-          f"{args.out_prefix}.md" + ("" if args.no_plot else f" and {args.out_prefix}.png"),
-          file=sys.stderr)
+        say(f"mtcoll.bench.gather: {n}")
+    say(f"mtcoll.bench.gather: {len(runs)} run(s), {len(table)} rows written to "
+        f"{args.out_prefix}.md" + ("" if args.no_plot else f" and {args.out_prefix}.png"))
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

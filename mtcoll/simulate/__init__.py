@@ -63,6 +63,10 @@ ROUTER_DELAY = 10e-9
 OVERHEAD = 1e-9
 #: bytes per element: float32 gradients
 ITEMSIZE = 4
+#: ``engine="auto"`` replays schedules of fewer transfers in Python: there the pure-Python
+#: engine takes well under a second, while compiling the kernel on a fresh machine takes about
+#: 7 s (torus:4x4 has 480 transfers, torus:8x8 8,064; docs/performance.md)
+NUMBA_FROM = 4096
 
 
 @dataclass
@@ -164,7 +168,7 @@ def _step_index(schedule):
 
 
 def _task_graph(schedule, topo, nbytes, mode, itemsize=ITEMSIZE, router_delay=ROUTER_DELAY,
-               overhead=OVERHEAD):
+               overhead=OVERHEAD, engine="numba"):
     """The replay's input arrays for a schedule: (size, delay, rptr, rlinks, cap, before,
     after, ntasks). Transfers are tasks 0..T-1 in schedule order; step mode adds one zero-time
     barrier task per step boundary."""
@@ -180,7 +184,8 @@ def _task_graph(schedule, topo, nbytes, mode, itemsize=ITEMSIZE, router_delay=RO
     if mode == "dataflow":
         from ._engine import dataflow_deps
 
-        before, after = dataflow_deps(schedule.phase, schedule.step, schedule.src, schedule.dst,
+        fn = dataflow_deps if engine == "numba" else dataflow_deps.py_func
+        before, after = fn(schedule.phase, schedule.step, schedule.src, schedule.dst,
                                       schedule.lo, schedule.hi, schedule.nranks, schedule.nchunks)
         ntasks = t
     else:
@@ -207,7 +212,7 @@ def _dependents(before, after, ntasks):
 
 def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="fair",
              itemsize=ITEMSIZE, bandwidth=None, latency=None, router_delay=ROUTER_DELAY,
-             overhead=OVERHEAD, engine="numba"):
+             overhead=OVERHEAD, engine="auto"):
     """Predict the time of an allreduce of ``nbytes`` bytes running ``schedule``.
 
     Parameters
@@ -234,8 +239,9 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         Seconds per hop (per link crossed) on top of the link latency.
     overhead : float
         Seconds per message, once per transfer.
-    engine : {"numba", "python"}
-        The compiled event engine, or its pure-Python twin (slow; for tests).
+    engine : {"auto", "numba", "python"}
+        The compiled event engine, or its pure-Python twin (identical results); ``auto`` takes
+        Python below :data:`NUMBA_FROM` transfers, where it is quicker than compiling.
 
     Returns
     -------
@@ -252,8 +258,10 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     topo = parse(schedule.topology if topology is None else topology, nranks=schedule.nranks)
     if bandwidth is not None or latency is not None:
         topo = topo.with_links(bandwidth, latency)
+    if engine == "auto":
+        engine = "python" if schedule.ntransfers < NUMBA_FROM else "numba"
     if engine not in ("numba", "python"):
-        raise ValueError(f"engine must be 'numba' or 'python', got {engine!r}")
+        raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
     if sharing not in SHARINGS:
         raise ValueError(f"sharing must be one of {', '.join(SHARINGS)}, got {sharing!r}")
     params = dict(itemsize=int(itemsize), router_delay=float(router_delay),
@@ -265,7 +273,7 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
                       np.zeros(0), np.zeros(0), np.zeros(0), int(nbytes), mode, sharing,
                       schedule.nranks, params)
     size, delay, rptr, rlinks, cap, before, after, ntasks = _task_graph(
-        schedule, topo, nbytes, mode, itemsize, router_delay, overhead)
+        schedule, topo, nbytes, mode, itemsize, router_delay, overhead, engine)
     dptr, dlist, ndeps = _dependents(before, after, ntasks)
     prio = np.zeros(ntasks, np.int64)
     if sharing == "priority":

@@ -8,6 +8,7 @@ Examples::
     python -m mtcoll.simulate --topology torus:4x4,torus:8x8,torus:16x16 --sizes 384K \\
         --per-node --plot weak.png
     python -m mtcoll.simulate --topology torus:4x4 --sizes 1M --simgrid
+    python -m mtcoll.simulate --topology auto --ranks 64 --sizes 1M:64M
 
 Sizes: ``A:B`` is every power of two from A to B, or a comma list; K, M, G mean KiB, MiB, GiB.
 Ring is always simulated, as the reference of the speedup column. Algorithms that do not fit a
@@ -22,7 +23,8 @@ import sys
 import time
 
 from ..plan import ALGORITHMS
-from .._cli import add_json_option, pyplot, report
+from .._cli import (add_json_option, add_topology_options, entry, pyplot, report,
+                    resolve_topology, say)
 from . import (ITEMSIZE, MODES, OVERHEAD, ROUTER_DELAY, SHARINGS, parse_sizes, simgrid_replay,
                sweep)
 from ..topology import DEFAULT_BANDWIDTH, DEFAULT_LATENCY
@@ -36,8 +38,7 @@ def _parser():
                                 description=__doc__.splitlines()[0],
                                 epilog="\n".join(__doc__.splitlines()[2:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--topology", default="torus:8x8",
-                   help="topology spec, or a comma list of them (default: %(default)s)")
+    add_topology_options(p, "torus:8x8", many=True)
     p.add_argument("--algorithms", default=",".join(ALGORITHMS),
                    help=f"comma list from {', '.join(ALGORITHMS)} (default: all)")
     p.add_argument("--sizes", default="32K:64M",
@@ -256,23 +257,23 @@ def plot(out, path):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    say = lambda msg: print(f"mtcoll.simulate: {msg}", file=sys.stderr)  # noqa: E731
     try:
+        args.topology = resolve_topology(args.topology, args.ranks)
         out = run(args)
+        for note in out["meta"]["notes"]:
+            say(f"mtcoll.simulate: note: {note}")
+        if args.plot:
+            try:
+                plot(out, args.plot)
+            except OSError as e:
+                raise ValueError(f"--plot: cannot write {args.plot}: {e.strerror or e}") from None
+            say(f"mtcoll.simulate: plot written to {args.plot}")
+        report(out, args.json, lambda: table(out), "mtcoll.simulate")
     except (ValueError, RuntimeError) as e:
-        say(f"error: {e}")
+        say(f"mtcoll.simulate: error: {e}")
         return 2
-    for note in out["meta"]["notes"]:
-        say(f"note: {note}")
-    if args.plot:
-        try:
-            plot(out, args.plot)
-        except RuntimeError as e:
-            say(f"error: {e}")
-            return 2
-    report(out, args.json, lambda: table(out))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from mpi4py import MPI
+
+from .._cli import entry, line, say
 
 from . import _data, _model
 from ._pipeline import SCHEDULES
@@ -91,18 +92,19 @@ def main(argv=None):
                  partition=[int(a) for a in args.partition.split(",")] if args.partition else None)
     rank = world.Get_rank()
     to_stdout = args.json == "-"
+    # the table goes to stdout, or to stderr when the JSON takes stdout
+    row = say if to_stdout else line
     if rank == 0:
-        print(f"mtcoll.train: {cfg.schedule}, {cfg.stages} stages x {cfg.replicas} replicas, "
-              f"{cfg.data}, MLP depth {cfg.depth} width {cfg.width} {cfg.activation}, "
-              f"algorithm {cfg.algorithm}", file=sys.stderr)
-        header = f"{'epoch':>5} {'loss':>9} {'test acc':>8} {'seconds':>8} {'allreduce':>9} {'waits':>6}"
-        print(header, file=sys.stderr if to_stdout else sys.stdout, flush=True)
+        say(f"mtcoll.train: {cfg.schedule}, {cfg.stages} stages x {cfg.replicas} replicas, "
+            f"{cfg.data}, MLP depth {cfg.depth} width {cfg.width} {cfg.activation}, "
+            f"algorithm {cfg.algorithm}")
+        row(f"{'epoch':>5} {'loss':>9} {'test acc':>8} {'seconds':>8} {'allreduce':>9} "
+            f"{'waits':>6}")
 
     def log(rec):
-        print(f"{rec['epoch']:>5} {rec['loss']:>9.4f} {rec['test_accuracy']:>8.4f} "
-              f"{rec['seconds']:>8.2f} {rec['allreduce_share']:>9.1%} "
-              f"{rec['pipeline_wait_share']:>6.1%}",
-              file=sys.stderr if to_stdout else sys.stdout, flush=True)
+        row(f"{rec['epoch']:>5} {rec['loss']:>9.4f} {rec['test_accuracy']:>8.4f} "
+            f"{rec['seconds']:>8.2f} {rec['allreduce_share']:>9.1%} "
+            f"{rec['pipeline_wait_share']:>6.1%}")
 
     if cfg.schedule == "sequential" or size == cfg.stages * cfg.replicas:
         comm = world
@@ -128,5 +130,10 @@ def main(argv=None):
     return result
 
 
-if __name__ == "__main__":
+def _main():
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    entry(_main)
