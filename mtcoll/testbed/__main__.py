@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from .._cli import add_json_option, pyplot, report
+from .._cli import add_json_option, entry, pyplot, report, say
 from . import DEFAULT_CONGESTION_CONTROL, DEFAULT_RATE, Testbed, TestbedError, _net, missing, parse_rate
 
 _PAIR = re.compile(r"^(\d+)([->])(\d+)=(.+)$")
@@ -40,7 +40,7 @@ _FAIL = re.compile(r"^(\d+)-(\d+)@([0-9.]+)$")
 
 
 def _say(text):
-    print(f"mtcoll.testbed: {text}", file=sys.stderr, flush=True)
+    say(f"mtcoll.testbed: {text}")
 
 
 def _parser():
@@ -284,8 +284,12 @@ def main(argv=None):
             guard.stdin.close()
             guard.wait(timeout=30)
 
-    report({"meta": meta, "run": result, "traffic": traffic}, args.json,
-           lambda: sys.stdout.write(_table(meta, traffic, result)))
+    try:
+        report({"meta": meta, "run": result, "traffic": traffic}, args.json,
+               lambda: sys.stdout.write(_table(meta, traffic, result)), "mtcoll.testbed")
+    except ValueError as e:  # --json FILE not writable
+        _say(f"error: {e}")
+        return 2
     if args.plot:
         from ._plot import plot
         plot(args.plot, tb.topology, traffic, title=f"{tb.topology.spec} at {meta['rate']}: "
@@ -297,4 +301,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry(main)
