@@ -231,6 +231,14 @@ def test_error_without_root_or_command():
         assert r.returncode == 2 and "command to run after '--'" in r.stderr
         r = run_testbed(["--topology", "ring:4", "--fail-link", "0-2@1", "--", "true"])
         assert r.returncode == 2 and "no link between vertices 0 and 2" in r.stderr
+        for args, text in ((["--rate", "0"], "--rate: rate '0' must be positive"),
+                           (["--link-rate", "0-1=fast"], "--link-rate '0-1=fast': bad rate"),
+                           (["--link-rate", "0-2=1mbit"], "ring:4 has no link from vertex 0"),
+                           (["--congestion-control", "nope"], "'nope' is not allowed")):
+            r = run_testbed(["--topology", "ring:4"] + args + ["--", "true"])
+            assert r.returncode == 2 and text in r.stderr, (args, r.stderr)
+        r = run_testbed(["--topology", "blob:4", "--", "true"])
+        assert r.returncode == 2 and "--topology: bad topology spec 'blob:4'" in r.stderr
     else:
         r = run_testbed(["--topology", "ring:3", "--", "true"])
         assert r.returncode == 2 and "needs root" in r.stderr

@@ -33,6 +33,7 @@ import sys
 import time
 
 from .._cli import add_json_option, entry, pyplot, report, say
+from ..topology import parse
 from . import DEFAULT_CONGESTION_CONTROL, DEFAULT_RATE, Testbed, TestbedError, _net, missing, parse_rate
 
 _PAIR = re.compile(r"^(\d+)([->])(\d+)=(.+)$")
@@ -46,7 +47,9 @@ def _say(text):
 def _parser():
     p = argparse.ArgumentParser(
         prog="python -m mtcoll.testbed",
-        description=__doc__.splitlines()[0].strip("`"),
+        description="An emulated cluster on this machine (network namespaces, veth links "
+                    "shaped with tc tbf, the topology's routes) and a command run on it under "
+                    "mpiexec (as root).",
         epilog="\n".join(__doc__.splitlines()[2:]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", nargs="?", choices=("up", "down", "status"),
@@ -91,7 +94,11 @@ def _link_rates(items):
         m = _PAIR.match(item.strip())
         if not m:
             raise ValueError(f"--link-rate {item!r}: expected A-B=RATE or A>B=RATE")
-        a, kind, b, rate = int(m.group(1)), m.group(2), int(m.group(3)), parse_rate(m.group(4))
+        try:
+            rate = parse_rate(m.group(4))
+        except ValueError as e:
+            raise ValueError(f"--link-rate {item!r}: {e}") from None
+        a, kind, b = int(m.group(1)), m.group(2), int(m.group(3))
         out[(a, b)] = rate
         if kind == "-":
             out[(b, a)] = rate
@@ -227,7 +234,15 @@ def main(argv=None):
         else:
             if not args.topology:
                 p.error("--topology is required (or --id of a testbed made by 'up')")
-            tb = Testbed(args.topology, rate=args.rate, link_rates=_link_rates(args.link_rate),
+            try:
+                parse(args.topology)
+            except ValueError as e:
+                raise ValueError(f"--topology: {e}") from None
+            try:
+                rate = parse_rate(args.rate)
+            except ValueError as e:
+                raise ValueError(f"--rate: {e}") from None
+            tb = Testbed(args.topology, rate=rate, link_rates=_link_rates(args.link_rate),
                          congestion_control=args.congestion_control)
             keep = args.action == "up"
         fails = _fail_links(args.fail_link, tb.topology)
