@@ -320,8 +320,15 @@ def cleanup(everything=False):
         known.add(st["id"])
         if everything or not st["alive"]:
             gone += destroy(st["id"], st.get("namespaces"))
-    orphans = sorted({n[len(PREFIX):].split("-")[0] for n in _netns_list()
-                      if n.startswith(PREFIX)} - known)
+    names = [n for n in _netns_list() if n.startswith(PREFIX)]
+    probe = f"{PREFIX}probe-"
+    for n in names:  # missing()'s probe of a process that is gone
+        if n.startswith(probe) and n[len(probe):].isdigit() \
+                and _proc_start(int(n[len(probe):])) is None:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+            gone.append(n)
+    orphans = sorted({n[len(PREFIX):].split("-")[0] for n in names
+                      if not n.startswith(probe)} - known)
     for tb_id in orphans:
         gone += destroy(tb_id)
     return gone
