@@ -7,9 +7,9 @@ that testbed (docs/testbed.md).
 TESTBED.json is what ``python -m mtcoll.testbed --json FILE`` wrote (its link rates), BENCH.json
 what ``python -m mtcoll.bench --json FILE`` wrote inside it. Every algorithm of the benchmark,
 ``native`` included (the model of the MPI library's own allreduce, mtcoll/simulate/_native.py),
-is simulated (``--model``) on the topology with each link's bandwidth set to its shaped rate times the share
-of a frame that is payload (``--payload``: 1448 of the 1514 bytes tbf counts per full TCP
-segment), no latency, and printed beside its measured average time.
+is simulated (``--model``) on the topology with each link's bandwidth set to its shaped rate
+times the share of a frame that is payload (``--payload``: 1448 of the 1514 bytes tbf counts
+per full TCP segment), no latency, and printed beside its measured average time.
 
 With ``--links``, TESTBED.json is a run of CALLS allreduces of SIZE bytes with algorithm ALGO
 (``tests/testbed_script.py loop ALGO SIZE CALLS``): the bytes each directed link carried are
@@ -41,7 +41,9 @@ def predicted(topo, algorithm, nbytes, model, plans):
     "pieces" (the executor's pieces, dataflow, earlier pieces first on a link)."""
     from mtcoll.plan import plan
 
-    kw = dict(latency=0.0, router_delay=0.0, overhead=0.0)
+    # the compiled engine: piece schedules are small enough for "auto" to pick the Python one,
+    # which is slow on dataflow replays of thousands of pieces
+    kw = dict(latency=0.0, router_delay=0.0, overhead=0.0, engine="numba")
     if algorithm == "native":
         s = native_schedule(topo, nbytes)
     else:

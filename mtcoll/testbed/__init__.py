@@ -26,7 +26,8 @@ from ._layout import Layout, address, format_rate, layout, parse_rate
 from ._net import PREFIX, TestbedError, cleanup, missing, testbeds
 
 __all__ = ["Testbed", "Layout", "layout", "address", "parse_rate", "format_rate", "missing",
-           "cleanup", "testbeds", "TestbedError", "PREFIX", "DEFAULT_RATE", "DEFAULT_CONGESTION_CONTROL"]
+           "cleanup", "testbeds", "TestbedError", "PREFIX", "DEFAULT_RATE",
+           "DEFAULT_CONGESTION_CONTROL"]
 
 #: default rate of every link direction; low enough that the links, not the two CPUs of the
 #: project machine, bound a 16-rank torus (docs/testbed.md)

@@ -25,16 +25,15 @@ exits with the command's status (124 on --timeout).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
-import time
 
 from .._cli import add_json_option, entry, pyplot, report, say
 from ..topology import parse
-from . import DEFAULT_CONGESTION_CONTROL, DEFAULT_RATE, Testbed, TestbedError, _net, missing, parse_rate
+from . import (DEFAULT_CONGESTION_CONTROL, DEFAULT_RATE, Testbed, TestbedError, _net, missing,
+               parse_rate)
 
 _PAIR = re.compile(r"^(\d+)([->])(\d+)=(.+)$")
 _FAIL = re.compile(r"^(\d+)-(\d+)@([0-9.]+)$")
