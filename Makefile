@@ -28,7 +28,7 @@ test: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet -e '.[mpich,test,train,plot]'
-	@echo "compiling mtcoll's numba kernels into the cache (once, about 20 s)"
+	@echo "compiling mtcoll's numba kernels into the cache (once; about 20 s on an idle 2-core machine)"
 	$(PY) -m mtcoll.plan --topology torus:16x16 >/dev/null
 	$(PY) -m mtcoll.simulate --topology torus:8x8 --sizes 1M >/dev/null
 	touch $@

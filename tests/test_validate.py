@@ -144,3 +144,54 @@ def test_report_lists_at_most_max_errors():
     r = validate(s, parse("full:8", ports=1), max_errors=3)
     assert len(r.errors) == 3 and sum(r.counts.values()) > 3
     assert "more" in str(r)
+
+
+def _lookup_routes_loop(src, dst, alt, nbr_ptr, nbr, edge_route_ptr):
+    """The slow twin of mtcoll.plan._graph.lookup_routes: the first candidate edge u->v."""
+    out = np.full(len(src), -1, np.int32)
+    for i, (u, v, a) in enumerate(zip(src.tolist(), dst.tolist(), alt.tolist())):
+        for e in range(nbr_ptr[u], nbr_ptr[u + 1]):
+            if nbr[e] == v:
+                if 0 <= a and edge_route_ptr[e] + a < edge_route_ptr[e + 1]:
+                    out[i] = edge_route_ptr[e] + a
+                break
+    return out
+
+
+@pytest.mark.parametrize("spec", ["torus:4x4", "mesh:3x5", "ring:2", "ring:7", "full:5",
+                                  "fattree:2x3", "bigraph:2x4", "hier:2x3"])
+def test_route_lookup_equals_its_loop_twin(spec):
+    from mtcoll.plan import ALGORITHMS
+    from mtcoll.plan._graph import flatten, lookup_routes
+
+    topo = parse(spec)
+    g = flatten(topo)
+    rng = np.random.default_rng(0)
+    for algorithm in ALGORITHMS:
+        try:
+            s = plan(topo, algorithm)
+        except ValueError:  # ring2d off grids
+            continue
+        # the schedule's own transfers (rhd and dbtree: some are not tree edges), then the
+        # same pairs with route numbers past the last route, and random pairs
+        alt = s.route.astype(np.int64)
+        cases = [(s.src, s.dst, alt), (s.src, s.dst, alt + 3)]
+        n = topo.nranks
+        cases.append((rng.integers(0, n, 200), rng.integers(0, n, 200), rng.integers(0, 3, 200)))
+        for src, dst, a in cases:
+            got = lookup_routes(src, dst, a, g.nbr_ptr, g.nbr, g.edge_route_ptr)
+            want = _lookup_routes_loop(src, dst, a, g.nbr_ptr, g.nbr, g.edge_route_ptr)
+            assert got.dtype == np.int32 and np.array_equal(got, want), (spec, algorithm)
+
+
+def test_validating_a_small_schedule_does_not_load_numba():
+    import subprocess
+    import sys
+
+    code = ("import sys; from mtcoll.plan import plan, validate; "
+            "assert validate(plan('torus:8x8'), 'torus:8x8').valid; "
+            "print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

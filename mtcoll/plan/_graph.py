@@ -45,6 +45,33 @@ def flatten(topo):
                  i32(links))
 
 
+def lookup_routes(src, dst, alt, nbr_ptr, nbr, edge_route_ptr):
+    """Per transfer, the route id in the graph's route table (int32), or -1 if (src, dst) is not
+    a candidate edge or has no route number ``alt``; for a pair listed twice, its first edge.
+
+    Vectorised numpy (a sort and a binary search), so that validating and simulating never need
+    numba for it: importing numba alone costs about half a second per process.
+    """
+    src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+    alt = np.asarray(alt, np.int64)
+    nbr_ptr, nbr = np.asarray(nbr_ptr, np.int64), np.asarray(nbr, np.int64)
+    out = np.full(len(src), -1, np.int32)
+    if not len(src) or not len(nbr):
+        return out
+    width = max(int(nbr.max()), int(src.max()), int(dst.max())) + 1
+    owner = np.repeat(np.arange(len(nbr_ptr) - 1), np.diff(nbr_ptr))
+    order = np.argsort(owner * width + nbr, kind="stable")  # ties keep the first edge first
+    keys = (owner * width + nbr)[order]
+    want = src * width + dst
+    pos = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+    e = order[pos]
+    erp = np.asarray(edge_route_ptr, np.int64)
+    q = erp[e] + alt
+    hit = (keys[pos] == want) & (alt >= 0) & (q < erp[e + 1])
+    out[hit] = q[hit]
+    return out
+
+
 def route_ids(schedule, topo):
     """The links every transfer of ``schedule`` crosses on ``topo``.
 
@@ -53,11 +80,9 @@ def route_ids(schedule, topo):
     from the flattened graph; the few other pairs (a baseline's long hops) from
     :meth:`Topology.routes`.
     """
-    from ._kernels import lookup_routes
-
     g = flatten(topo)
     q = lookup_routes(schedule.src, schedule.dst, schedule.route, g.nbr_ptr, g.nbr,
-                               g.edge_route_ptr)  # int32, -1 where not a tree edge
+                      g.edge_route_ptr)  # -1 where not a tree edge
     miss = np.flatnonzero(q < 0)
     rl_ptr, rl = g.route_link_ptr, g.route_links
     if miss.size:

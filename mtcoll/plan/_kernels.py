@@ -216,24 +216,6 @@ from ._validate import (E_EARLY_GATHER, E_EARLY_REDUCE, E_LINK, E_MISSING,  # no
 
 
 @njit(cache=True)
-def lookup_routes(src, dst, alt, nbr_ptr, nbr, edge_route_ptr):
-    """Per transfer, the route id in the graph's route table, or -1 if (src, dst) is not a
-    tree edge or has no route number ``alt``."""
-    out = np.empty(len(src), np.int32)
-    for i in range(len(src)):
-        u = src[i]
-        v = dst[i]
-        out[i] = -1
-        for e in range(nbr_ptr[u], nbr_ptr[u + 1]):
-            if nbr[e] == v:
-                q = edge_route_ptr[e] + alt[i]
-                if q < edge_route_ptr[e + 1]:
-                    out[i] = q
-                break
-    return out
-
-
-@njit(cache=True)
 def _record(errs, nerr, counts, kind, a, b, c, d):
     counts[kind] += 1
     if nerr < errs.shape[0]:
