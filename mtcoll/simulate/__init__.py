@@ -344,7 +344,8 @@ def parse_sizes(text):
 
 def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, log=None,
           **params):
-    """Plan each algorithm on ``topology`` and simulate it at each size.
+    """Plan each algorithm on ``topology`` and simulate it at each size (``native``: the model
+    of the MPI library's own allreduce, :mod:`mtcoll.simulate._native`).
 
     Returns ``(records, notes)``: one dict per (algorithm, size) with ``algorithm``, ``bytes``,
     ``time_s``, ``algbw_GBps``, ``busbw_GBps``, ``speedup_vs_ring`` (ring is always simulated
@@ -358,6 +359,9 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
     n = topo.nranks
     scheds, notes = {}, []
     for a in dict.fromkeys(list(algorithms) + ["ring"]):
+        if a == "native":
+            scheds[a] = (None, 0.0)  # the MPI library's algorithm depends on the size
+            continue
         try:
             c0 = _time.process_time()
             scheds[a] = (plan(topo, a), _time.process_time() - c0)
@@ -371,6 +375,9 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
         ring_time = None
         rows = []
         for a, (s, plan_cpu) in scheds.items():
+            if a == "native":
+                from ._native import native_schedule
+                s = native_schedule(topo, nbytes, itemsize)
             c0 = _time.process_time()
             r = simulate(s, topo, nbytes, mode, **params)
             cpu = _time.process_time() - c0
