@@ -63,9 +63,11 @@ ROUTER_DELAY = 10e-9
 OVERHEAD = 1e-9
 #: bytes per element: float32 gradients
 ITEMSIZE = 4
-#: ``engine="auto"`` replays schedules of fewer transfers in Python: there the pure-Python
-#: engine takes well under a second, while compiling the kernel on a fresh machine takes about
-#: 7 s (torus:4x4 has 480 transfers, torus:8x8 8,064; docs/performance.md)
+#: ``engine="auto"`` replays step-synchronous, fair-sharing runs of schedules of fewer
+#: transfers in Python: there the pure-Python engine takes well under a second, while compiling
+#: the kernel on a fresh machine takes about 7 s (torus:4x4 has 480 transfers, torus:8x8 8,064;
+#: docs/performance.md). Dataflow and priority replays always take the kernel: there the Python
+#: engine's cost grows much faster (3,000 pieces, dataflow with priority: over 10 minutes).
 NUMBA_FROM = 4096
 
 
@@ -241,7 +243,8 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         Seconds per message, once per transfer.
     engine : {"auto", "numba", "python"}
         The compiled event engine, or its pure-Python twin (identical results); ``auto`` takes
-        Python below :data:`NUMBA_FROM` transfers, where it is quicker than compiling.
+        Python for step mode with fair sharing below :data:`NUMBA_FROM` transfers, where it is
+        quicker than compiling, and the kernel otherwise.
 
     Returns
     -------
@@ -259,7 +262,8 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     if bandwidth is not None or latency is not None:
         topo = topo.with_links(bandwidth, latency)
     if engine == "auto":
-        engine = "python" if schedule.ntransfers < NUMBA_FROM else "numba"
+        small = mode == "step" and sharing == "fair" and schedule.ntransfers < NUMBA_FROM
+        engine = "python" if small else "numba"
     if engine not in ("numba", "python"):
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
     if sharing not in SHARINGS:
