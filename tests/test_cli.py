@@ -196,7 +196,8 @@ def test_simulate_auto_engine_matches_both_engines():
 
     small = plan("torus:4x4", "multitree")
     assert small.ntransfers < NUMBA_FROM
-    for mode in ("step", "dataflow"):
-        auto = simulate(small, nbytes=1 << 20, mode=mode)
-        assert auto.time == simulate(small, nbytes=1 << 20, mode=mode, engine="python").time
-        assert auto.time == simulate(small, nbytes=1 << 20, mode=mode, engine="numba").time
+    for mode, sharing in (("step", "fair"), ("step", "priority"), ("dataflow", "fair")):
+        kw = dict(nbytes=1 << 20, mode=mode, sharing=sharing)
+        auto = simulate(small, **kw)
+        assert auto.time == simulate(small, engine="python", **kw).time
+        assert auto.time == simulate(small, engine="numba", **kw).time

@@ -16,81 +16,81 @@ import pytest
 from mpi4py import MPI
 
 from mtcoll.train import _model
-from mtcoll.train._pipeline import Stage
+from mtcoll.train import schedule as sm
+from mtcoll.train._executor import Placement, RealCompute, message_list
 from mtcoll.train._trainer import Config, run, run_sequential
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _setup(sizes=(6, 8, 7, 5, 3), rows=4, seed=1):
-    rng = np.random.default_rng(seed)
-    params = _model.init_params(list(sizes), seed)
-    x = rng.standard_normal((rows, sizes[0]))
-    y = rng.integers(0, sizes[-1], rows)
-    return params, x, y
+#: layerpipe on 2 stages of partition [0, 2] with every kind of move at the one boundary:
+#: W of layer 1 down to stage 1, W of layer 2 up to stage 0, Bew of layer 2 up to stage 0
+MOVES = ([0, 1, 0, 1, 1], [0, 0, 0, 1, 1])
 
 
-def _stage_grads(stage):
-    return [(gw.copy(), gb.copy()) for gw, gb in stage.grads]
+def test_moves_are_checked():
+    p = sm.profile_uniform(5)
+    rec = sm.run_schedule(p, "layerpipe", 2, starts=[0, 2], moves=MOVES)
+    assert rec["w_moved"] == ["layer2", "layer3"] and rec["bew_moved"] == ["layer3"]
+    with pytest.raises(ValueError, match="layer 1"):
+        sm.run_schedule(p, "layerpipe", 2, starts=[0, 2], moves=([0, 0, 1, 1, 1], [0, 1, 0, 1, 1]))
+    with pytest.raises(ValueError, match="no moves"):
+        sm.run_schedule(p, "pipedream", 2, moves=MOVES)
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_two_stages_give_the_sequential_gradient(split):
-    """Whole-backward and LayerPipe's split (g sent upstream, element-wise part applied there)."""
-    params, x, y = _setup()
-    _, ref = _model.sequential_step(params, x, y, "tanh", len(y))
-    up = Stage(params[:2], "tanh", first=True, last=False, lr=0.1, momentum=0.0,
-               split_backward=split)
-    down = Stage(params[2:], "tanh", first=False, last=True, lr=0.1, momentum=0.0,
-                 split_backward=split)
-    h = up.forward(0, x)
-    logits = down.forward(0, h)
-    _, delta = _model.loss_and_delta(logits, y, len(y))
-    delta = delta.copy()
-    sent = []
-    down.backward(0, delta, final=True, send_up=sent.append)
-    assert len(sent) == 1
-    if split:
-        # the matrix-product part only: delta_3 @ W_3.T, not yet times tanh'(z)
-        a2 = _model.forward_layer(*params[2], h, "tanh", False)
-        delta2 = _model.bew(_model.bmm(params[3][0], delta), a2, "tanh")
-        np.testing.assert_allclose(sent[0], _model.bmm(params[2][0], delta2), rtol=1e-12)
-    up.backward(0, sent[0], final=True, send_up=None)
-    got = _stage_grads(up) + _stage_grads(down)
-    for (gw, gb), (rw, rb) in zip(got, ref):
-        np.testing.assert_allclose(gw, rw, rtol=1e-12, atol=1e-15)
-        np.testing.assert_allclose(gb, rb, rtol=1e-12, atol=1e-15)
+def test_stashed_weights_are_the_forwards():
+    """Weight stashing: a backward reads the version its forward used, not a newer one."""
+    params = _model.init_params([6, 8, 7, 3], 1)
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((4, 6)), rng.integers(0, 3, 4)
+    c = RealCompute(dict(enumerate(params)), "relu", 3, lambda k: (x, y), 4, 0.5, 0.0,
+                    split=True)
+    c.forward(0, 1, x @ params[0][0], 0)
+    c.update(1, np.ones(c.grad_size(1)), 0)          # version 1 of layer 1 exists now
+    c.forward(1, 1, x @ params[0][0], 1)
+    delta = rng.standard_normal((4, 7))
+    np.testing.assert_array_equal(c.bmm(0, 1, delta), delta @ params[1][0].T)
+    assert not np.allclose(c.bmm(1, 1, delta), delta @ params[1][0].T)
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_backward_uses_the_stashed_weights(split):
-    """Forward of mb 0, an update, forward of mb 1, then backward of mb 0: the backward must use
-    the weights mb 0's forward used (PipeDream's weight stashing), not the updated ones."""
-    params, x, y = _setup(sizes=(6, 8, 7, 3))
-    st = Stage(params, "relu", first=True, last=True, lr=0.5, momentum=0.0,
-               split_backward=split)
-    out0 = st.forward(0, x)
-    _, delta0 = _model.loss_and_delta(out0, y, len(y))
-    # an update from some other mini-batch's gradient: a new weight version
-    for gw, gb in st.grads:
-        gw[...] = 1.0
-        gb[...] = 1.0
-    st.update()
-    assert st.version == 1
-    new_params = st.params
-    st.forward(1, x)
-    st.zero_grads()
-    st.backward(0, delta0, final=True)
-    assert st.log[-1] == (0, 0, 1)   # mb 0 ran with version 0 while version 1 was current
-    _, ref_old = _model.sequential_step(params, x, y, "relu", len(y))
-    for (gw, _), (rw, _) in zip(_stage_grads(st), ref_old):
-        np.testing.assert_allclose(gw, rw, rtol=1e-12)
-    # and it is not what the current weights give (the test would not notice otherwise)
-    _, ref_new = _model.sequential_step(new_params, x, y, "relu", len(y))
-    assert not np.allclose(_stage_grads(st)[0][0], ref_new[0][0])
-    st.zero_grads()
-    st.backward(1, delta0, final=True)
-    assert st.log[-1] == (1, 1, 1)
+def test_delayed_reference_differs_from_sgd():
+    """The asynchronous schedules' reference is not plain SGD (the delay is real), and a delay
+    of 1 is plain SGD exactly."""
+    cfg = _tiny("sequential", 1, 1)
+    sgd = run_sequential(cfg, steps=6)
+    one = run_sequential(cfg, steps=6, delay=1)
+    two = run_sequential(cfg, steps=6, delay=2)
+    for (w, _), (w1, _) in zip(sgd["params"], one["params"]):
+        np.testing.assert_array_equal(w, w1)
+    assert not np.allclose(sgd["params"][0][0], two["params"][0][0])
+
+
+def test_one_extra_message_per_moved_w():
+    """For the model's vgg16 placements: the stage that runs a moved W receives one value it
+    would not otherwise (d_l when W_l moved up, a_(l-1) when it moved down) -- two when W_l
+    moved down across the boundary where Bew_(l+1) moved up, since d_l is then made upstream
+    -- and sends the gradient back to the owner; no other message changes."""
+    p = sm.profile_vgg16()
+    for S in (4, 7, 8):
+        stage_f, stage_w, stage_ew, _ = sm.layerpipe_placement(p, S)
+        moved = Placement(stage_f, stage_w, stage_ew, True)
+        kept = Placement(stage_f, stage_f, stage_ew, True)
+        w_moved = [l for l in range(p.layers) if moved.w[l] != moved.f[l]]
+        assert w_moved
+        extra = message_list(moved) - message_list(kept)
+        assert not message_list(kept) - message_list(moved)
+        assert {m for m in extra if m[0] == "gw"} == \
+            {("gw", l, moved.w[l], moved.f[l]) for l in w_moved}
+        want = set()
+        for l in w_moved:
+            if moved.w[l] < moved.f[l]:
+                want.add(("d", l, moved.producer("d", l), moved.w[l]))
+            else:
+                if l > 0:                               # the input is on every rank
+                    want.add(("a", l - 1, moved.f[l - 1], moved.w[l]))
+                if moved.ew[l + 1] != moved.w[l]:
+                    want.add(("d", l, moved.ew[l + 1], moved.w[l]))
+        assert {m for m in extra if m[0] != "gw"} == want
 
 
 def _tiny(schedule, stages, replicas, **kw):
@@ -133,19 +133,32 @@ def test_synchronous_schedules_match_sequential(schedule):
 
 @pytest.mark.mpi(min_size=2)
 def test_layerpipe_computes_what_pipedream_computes():
-    """Same staleness and stashing: the split only moves work, so the weights agree."""
+    """Same weight versions (delay S) and stashing: moving W and Bew only moves work, so
+    pipedream and layerpipe (with every kind of move) both give the delayed reference's
+    weights, which are not plain SGD's."""
     comm, S, R = _sub(2)
     if comm == MPI.COMM_NULL:
         return
     try:
-        out = {s: run(_tiny(s, S, R, depth=4, partition=[0, 2]), comm, steps=6)
-               for s in ("pipedream", "layerpipe")}
+        out = {}
+        for s in ("pipedream", "layerpipe"):
+            out[s] = run(_tiny(s, S, R, depth=4, partition=[0, 2],
+                               moves=MOVES if s == "layerpipe" else None), comm, steps=20)
         if comm.Get_rank() == 0:
-            for (w, _), (rw, _) in zip(out["layerpipe"]["params"], out["pipedream"]["params"]):
-                np.testing.assert_allclose(w, rw, rtol=1e-9, atol=1e-12)
-            # asynchronous: not the sequential result (stale weights in stage 0's updates)
-            ref = run_sequential(_tiny("sequential", 1, 1, depth=4), steps=6)
-            assert not np.allclose(out["pipedream"]["params"][0][0], ref["params"][0][0])
+            assert out["layerpipe"]["placement"]["stage_w"] == MOVES[0]
+            assert out["layerpipe"]["placement"]["stage_bew"] == MOVES[1]
+            ref = run_sequential(_tiny("sequential", 1, 1, depth=4), steps=20, delay=S)
+            for s in ("pipedream", "layerpipe"):
+                assert len(out[s]["params"]) == len(ref["params"])
+                for (w, b), (rw, rb) in zip(out[s]["params"], ref["params"]):
+                    np.testing.assert_allclose(w, rw, rtol=1e-9, atol=1e-12)
+                    np.testing.assert_allclose(b, rb, rtol=1e-9, atol=1e-12)
+            sgd = run_sequential(_tiny("sequential", 1, 1, depth=4), steps=20)
+            assert not np.allclose(out["pipedream"]["params"][0][0], sgd["params"][0][0])
+            # the run reports its steady-state throughput beside the model's
+            t = out["layerpipe"]["epochs"][-1]["throughput"]
+            assert t["mini_batches_per_s"] > 0 and t["model_mini_batches_per_s"] > 0
+            assert len(t["stage_busy"]) == S
     finally:
         comm.Free()
 
@@ -157,8 +170,19 @@ def test_config_rejects_bad_layouts():
         Config(schedule="gpipe", batch=30, replicas=2, micro_batches=4).check()
     with pytest.raises(ValueError):
         Config(schedule="zb").check()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot fill --stages 9"):
         Config(stages=9, depth=4).check()
+    with pytest.raises(ValueError, match="--partition 0,3,2"):
+        Config(stages=3, partition=[0, 3, 2]).check()
+    with pytest.raises(ValueError, match="--partition 0,2"):
+        Config(stages=3, partition=[0, 2]).check()
+    with pytest.raises(ValueError, match="--micro-batches 65"):
+        Config(schedule="gpipe", micro_batches=65).check()
+    with pytest.raises(ValueError, match="--compute"):
+        Config(compute="gpu").check()
+    with pytest.raises(ValueError, match="uniform:4 has 4 layers"):
+        Config(compute="emulate", profile="uniform:4", stages=5).check()
+    Config(compute="emulate", profile="vgg16", stages=16).check()
 
 
 # ---- serial tests that launch mpiexec -n 4 -------------------------------------------------
@@ -205,3 +229,67 @@ def test_cli_runs_gpipe_on_4_ranks_like_sequential():
     for e, r in zip(res["epochs"], ref["epochs"]):
         assert e["loss"] == pytest.approx(r["loss"], rel=1e-9)
         assert e["test_accuracy"] == r["test_accuracy"]
+
+
+def _cli(n, args, timeout=120):
+    return _mpirun.run(n, ["-m", "mpi4py", "-m", "mtcoll.train", *args], timeout)
+
+
+def test_cli_refuses_layouts_that_do_not_fit_once_and_cleanly():
+    """A layout that leaves a rank idle, or needs more ranks than launched, is refused before
+    anything is printed: one error line from rank 0, exit status 2 on every rank, no hang."""
+    for n, args, need in ((4, ["--stages", "3"], "3 stages x 1 replica need 3 processes; "
+                                                  "launched 4"),
+                          (3, ["--stages", "2", "--replicas", "2"],
+                           "2 stages x 2 replicas need 4 processes; launched 3")):
+        out = _cli(n, [*args, "--data", "teacher"])
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stdout == ""
+        lines = [s for s in out.stderr.splitlines() if s.strip()]
+        assert lines == [f"python -m mtcoll.train: error: {need} "
+                         f"({'launch 4' if n == 3 else 'launch a multiple of 3'}, "
+                         "or change --stages/--replicas)"], out.stderr
+
+
+def test_cli_banner_counts_in_the_singular():
+    out = _cli(2, ["--stages", "2", "--data", "teacher", "--epochs", "1", "--depth", "2",
+                   "--width", "8", "--schedule", "pipedream"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 stages x 1 replica," in out.stderr
+    assert "mb/s" in out.stdout.splitlines()[0]
+
+
+def test_emulated_four_stages_report_the_measured_ratio():
+    """4 stages of vgg16, emulated (each task asleep for its modelled time): every run reports
+    its steady-state mini-batches/s beside the model's, and layerpipe over pipedream measured
+    beside the model's ratio."""
+    res = _launch(4, ["--stages", "4", "--compute", "emulate", "--profile", "vgg16",
+                      "--schedule", "pipedream,layerpipe", "--batches", "12",
+                      "--seconds", "5e-12"], timeout=120)
+    assert [r["config"]["schedule"] for r in res["runs"]] == ["pipedream", "layerpipe"]
+    for r in res["runs"]:
+        t = r["epochs"][0]["throughput"]
+        assert t["mini_batches"] == 12 and t["window"] == [3, 9]
+        assert t["mini_batches_per_s"] > 0 and t["model_mini_batches_per_s"] > 0
+        assert t["measured_over_model"] == pytest.approx(
+            t["mini_batches_per_s"] / t["model_mini_batches_per_s"])
+        assert len(t["stage_busy"]) == 4 and 0 <= t["bubble"] < 1
+    lp = res["runs"][1]
+    assert lp["placement"]["w_moved"]            # the model's moves ran
+    v = res["vs_pipedream"]["layerpipe"]
+    assert v["model"] > 1.2 and v["measured"] > 0
+    assert v["measured_over_model"] == pytest.approx(v["measured"] / v["model"])
+
+
+def test_emulated_replicas_and_synchronous_schedules_run():
+    """Emulation with 2 replicas (the allreduce of the profile's gradient sizes) and the
+    synchronous schedules' repeated task lists: every run completes and reports its rate."""
+    res = _launch(4, ["--stages", "2", "--replicas", "2", "--compute", "emulate", "--profile",
+                      "uniform:4", "--schedule", "gpipe,1f1b,layerpipe", "--batches", "6",
+                      "--seconds", "2e-3", "--elements", "0.5"], timeout=120)
+    assert [r["config"]["schedule"] for r in res["runs"]] == ["gpipe", "1f1b", "layerpipe"]
+    for r in res["runs"]:
+        t = r["epochs"][0]["throughput"]
+        assert t["mini_batches"] == 6 and t["mini_batches_per_s"] > 0
+        assert r["config"]["micro_batches"] is None and r["model"]["stages"] == 2
+    assert res["vs_pipedream"] is None           # no pipedream run to compare with

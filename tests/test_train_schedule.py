@@ -102,7 +102,7 @@ def test_list_schedule_respects_dependencies_and_processors():
     sent = []
     for k in range(4):
         entry = [sent[k - 3]] if k >= 3 else []
-        sent.append(sm._add_batch(g, k, p, stage, stage, stage, True, 1.0, sm._PF, entry))
+        sent.append(sm._add_batch(g, k, p, stage, stage, stage, True, 1.0, sm._PF, entry)[0])
     finish = sm.list_schedule(g, 3)
     start = [f - d for f, d in zip(finish, g.dur)]
     for t, deps in enumerate(g.deps):
@@ -152,3 +152,12 @@ def test_bad_input():
         sm.partition_layers([1, 2], 3)
     with pytest.raises(ValueError):
         sm.run_schedule(sm.profile_uniform(4), "zb", 2)
+
+
+def test_table_names_its_units(capsys):
+    sm.main(["--stages", "2", "--profile", "uniform:4"])
+    out = capsys.readouterr().out
+    assert "makespan[unit]" in out and "bound[unit]" in out
+    sm.main(["--stages", "4", "--schedules", "pipedream"])
+    out = capsys.readouterr().out
+    assert "makespan[MAC]" in out and "multiply-accumulates per mini-batch" in out

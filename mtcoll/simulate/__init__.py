@@ -63,9 +63,11 @@ ROUTER_DELAY = 10e-9
 OVERHEAD = 1e-9
 #: bytes per element: float32 gradients
 ITEMSIZE = 4
-#: ``engine="auto"`` replays schedules of fewer transfers in Python: there the pure-Python
-#: engine takes well under a second, while compiling the kernel on a fresh machine takes about
-#: 7 s (torus:4x4 has 480 transfers, torus:8x8 8,064; docs/performance.md)
+#: ``engine="auto"`` replays step-synchronous, fair-sharing runs of schedules of fewer
+#: transfers in Python: there the pure-Python engine takes well under a second, while compiling
+#: the kernel on a fresh machine takes about 7 s (torus:4x4 has 480 transfers, torus:8x8 8,064;
+#: docs/performance.md). Dataflow and priority replays always take the kernel: there the Python
+#: engine's cost grows much faster (3,000 pieces, dataflow with priority: over 10 minutes).
 NUMBA_FROM = 4096
 
 
@@ -241,7 +243,8 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         Seconds per message, once per transfer.
     engine : {"auto", "numba", "python"}
         The compiled event engine, or its pure-Python twin (identical results); ``auto`` takes
-        Python below :data:`NUMBA_FROM` transfers, where it is quicker than compiling.
+        Python for step mode with fair sharing below :data:`NUMBA_FROM` transfers, where it is
+        quicker than compiling, and the kernel otherwise.
 
     Returns
     -------
@@ -259,7 +262,8 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     if bandwidth is not None or latency is not None:
         topo = topo.with_links(bandwidth, latency)
     if engine == "auto":
-        engine = "python" if schedule.ntransfers < NUMBA_FROM else "numba"
+        small = mode == "step" and sharing == "fair" and schedule.ntransfers < NUMBA_FROM
+        engine = "python" if small else "numba"
     if engine not in ("numba", "python"):
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
     if sharing not in SHARINGS:
@@ -344,7 +348,8 @@ def parse_sizes(text):
 
 def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, log=None,
           **params):
-    """Plan each algorithm on ``topology`` and simulate it at each size.
+    """Plan each algorithm on ``topology`` and simulate it at each size (``native``: the model
+    of the MPI library's own allreduce, :mod:`mtcoll.simulate._native`).
 
     Returns ``(records, notes)``: one dict per (algorithm, size) with ``algorithm``, ``bytes``,
     ``time_s``, ``algbw_GBps``, ``busbw_GBps``, ``speedup_vs_ring`` (ring is always simulated
@@ -358,6 +363,9 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
     n = topo.nranks
     scheds, notes = {}, []
     for a in dict.fromkeys(list(algorithms) + ["ring"]):
+        if a == "native":
+            scheds[a] = (None, 0.0)  # the MPI library's algorithm depends on the size
+            continue
         try:
             c0 = _time.process_time()
             scheds[a] = (plan(topo, a), _time.process_time() - c0)
@@ -371,6 +379,9 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
         ring_time = None
         rows = []
         for a, (s, plan_cpu) in scheds.items():
+            if a == "native":
+                from ._native import native_schedule
+                s = native_schedule(topo, nbytes, itemsize)
             c0 = _time.process_time()
             r = simulate(s, topo, nbytes, mode, **params)
             cpu = _time.process_time() - c0

@@ -141,10 +141,16 @@ def measure_layer_costs(sizes, kind="relu", batch=DEFAULT_BATCH, repeat=20, seed
 
 
 def measure_profile(depth=None, width=None, batch=None, repeat=20, n_in=64, n_out=10,
-                    kind="relu"):
-    from .schedule import Profile
+                    kind="relu", sizes=None):
+    """The :class:`~mtcoll.train.schedule.Profile` of an MLP (seconds per task, measured):
+    ``sizes`` (all layer widths, input first), or the default shape from ``depth``/``width``."""
+    from ._profile import Profile
 
-    sizes = layer_sizes(n_in, n_out, depth or DEFAULT_DEPTH, width or DEFAULT_WIDTH)
-    f, b, w, ew = measure_layer_costs(sizes, kind, batch or DEFAULT_BATCH, repeat)
+    if sizes is None:
+        sizes = layer_sizes(n_in, n_out, depth or DEFAULT_DEPTH, width or DEFAULT_WIDTH)
+    rows = batch or DEFAULT_BATCH
+    f, b, w, ew = measure_layer_costs(sizes, kind, rows, repeat)
     names = tuple(f"fc{i + 1}({sizes[i]}x{sizes[i + 1]})" for i in range(len(sizes) - 1))
-    return Profile("measured", names, f, b, w, ew, "s")
+    act = np.array([rows * n for n in sizes[1:]], dtype=float)
+    params = np.array([a * c + c for a, c in zip(sizes[:-1], sizes[1:])], dtype=float)
+    return Profile("measured", names, f, b, w, ew, "s", act, params)

@@ -52,6 +52,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._cli import entry
+from . import _model
+from ._profile import Profile
+
 SCHEDULES = ("gpipe", "1f1b", "pipedream", "layerpipe")
 
 #: LayerPipe's reported gain over PipeDream with 7 to 9 processors (average; best case)
@@ -61,27 +65,6 @@ PAPER = {"average_speedup": 1.25, "max_speedup": 1.80, "stages": (7, 8, 9)}
 # ---------------------------------------------------------------------------------------------
 # Profiles: per-layer costs
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Profile:
-    """Per-layer task costs. ``ew[l]`` is the element-wise part of ``B_l`` (included in ``b``)."""
-
-    name: str
-    names: tuple
-    f: np.ndarray
-    b: np.ndarray
-    w: np.ndarray
-    ew: np.ndarray
-    unit: str
-
-    @property
-    def layers(self):
-        return len(self.f)
-
-    @property
-    def total(self):
-        return float(self.f.sum() + self.b.sum() + self.w.sum())
-
 
 VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
                 512, 512, 512, "M")
@@ -118,6 +101,27 @@ def vgg16_layers(image=224, classes=1000):
     return layers
 
 
+def vgg16_tensors(image=224, classes=1000):
+    """Per layer of VGG-16: elements of its output after pooling (what the next layer gets),
+    and its parameters (weights and biases)."""
+    act, params = [], []
+    h, c = image, 3
+    for i, item in enumerate(VGG16_CONFIG):
+        if item == "M":
+            continue
+        pooled = i + 1 < len(VGG16_CONFIG) and VGG16_CONFIG[i + 1] == "M"
+        h_out = h // 2 if pooled else h
+        act.append(h_out * h_out * item)
+        params.append(9 * c * item + item)
+        h, c = h_out, item
+    fan_in = h * h * c
+    for out in (4096, 4096, classes):
+        act.append(out)
+        params.append(fan_in * out + out)
+        fan_in = out
+    return np.asarray(act, dtype=float), np.asarray(params, dtype=float)
+
+
 def profile_vgg16():
     names, macs, ew = zip(*vgg16_layers())
     f = np.asarray(macs, dtype=float)
@@ -125,7 +129,8 @@ def profile_vgg16():
     b = f.copy()          # B costs the forward's MACs (the brief's cost model) ...
     b[0] = 0.0            # ... except that nothing needs the gradient of the input image
     ew[0] = 0.0
-    return Profile("vgg16", names, f, b, f.copy(), ew, "MAC")
+    act, params = vgg16_tensors()
+    return Profile("vgg16", names, f, b, f.copy(), ew, "MAC", act, params)
 
 
 def profile_uniform(layers):
@@ -138,8 +143,6 @@ def profile_uniform(layers):
 
 def profile_measured(depth=None, width=None, batch=None, repeat=20):
     """Per-layer F, B, W times (seconds) of the trainer's numpy MLP (its default shape)."""
-    from . import _model
-
     return _model.measure_profile(depth=depth, width=width, batch=batch, repeat=repeat)
 
 
@@ -200,15 +203,22 @@ def stage_of_layers(starts, layers):
 _MOVES = tuple(itertools.product((False, True), repeat=3))
 
 
-def layerpipe_placement(p: Profile, stages):
+def layerpipe_placement(p: Profile, stages, starts=None):
     """Stage of every task of a layerpipe schedule: (stage_F, stage_W, stage_Bew) per layer.
 
     Dynamic programme over stage blocks and the moves across each boundary, minimising the most
-    loaded stage (exact for this placement space).
+    loaded stage (exact for this placement space). ``starts`` (the first layer of each stage)
+    fixes the blocks and leaves only the moves to choose: the trainer uses it to run layerpipe
+    on the same layer partition as pipedream.
     """
     n = p.layers
     if not 1 <= stages <= n:
         raise ValueError(f"cannot split {n} layers into {stages} stages")
+    if starts is not None:
+        starts = [int(a) for a in starts]
+        if len(starts) != stages or starts[0] != 0 or starts != sorted(set(starts)) \
+                or starts[-1] >= n:
+            raise ValueError(f"bad partition {starts} for {stages} stages of {n} layers")
     full = p.f + p.b + p.w
     pre = np.concatenate([[0.0], np.cumsum(full)])
     inf = float("inf")
@@ -250,7 +260,12 @@ def layerpipe_placement(p: Profile, stages):
         for (i, left), (val, _) in layers_of[s - 1].items():
             if val == inf:
                 continue
-            jrange = [n] if last else range(i + 1, n - (stages - s) + 1)
+            if last:
+                jrange = [n]
+            elif starts is not None:
+                jrange = [starts[s]] if starts[s] > i else []
+            else:
+                jrange = range(i + 1, n - (stages - s) + 1)
             for j in jrange:
                 rights = [None] if last else _MOVES
                 for right in rights:
@@ -312,41 +327,62 @@ class _Graph:
 _PB, _PW, _PF = 0, 1, 2
 
 
-def _add_forward(g, k, p: Profile, stage_f, scale, fclass, entry_deps):
-    """Forward tasks of batch ``k``; returns their ids (the last one yields ``delta_L``)."""
+def _add_forward(g, k, p: Profile, stage_f, scale, fclass, entry_deps, version_deps=None):
+    """Forward tasks of batch ``k``; returns their ids (the last one yields ``delta_L``).
+
+    ``version_deps[l]``: the task whose weight gradient ``F_l`` must see applied (weight
+    stashing with PipeDream's delays; see :func:`weight_delay`), or absent.
+    """
     ids = []
     for l in range(p.layers):
         deps = [ids[-1]] if ids else list(entry_deps)
+        if version_deps and l in version_deps:
+            deps.append(version_deps[l])
         ids.append(g.add(stage_f[l], p.f[l] * scale, (fclass, k, l), deps, (k, "F", l)))
     return ids
 
 
 def _add_backward(g, k, p: Profile, stage_f, stage_w, stage_ew, split, scale, delta):
-    """Backward tasks of batch ``k``, starting once task ``delta`` (delta_L) is done."""
-    ids = []
+    """Backward tasks of batch ``k``, starting once task ``delta`` (delta_L) is done.
+
+    Returns ``{layer: id of the task that yields its weight gradient}`` (W, or the whole BW).
+    """
+    wtask = {}
     for l in range(p.layers - 1, -1, -1):
         if split:
-            ids.append(g.add(stage_w[l], p.w[l] * scale, (_PW, k, -l), [delta], (k, "W", l)))
+            wtask[l] = g.add(stage_w[l], p.w[l] * scale, (_PW, k, -l), [delta], (k, "W", l))
             if l > 0:
                 mm = g.add(stage_f[l], (p.b[l] - p.ew[l]) * scale, (_PB, k, -l), [delta],
                            (k, "Bmm", l))
                 ew = g.add(stage_ew[l], p.ew[l] * scale, (_PB, k, -l), [mm], (k, "Bew", l))
-                ids += [mm, ew]
                 delta = ew
         else:
             # the whole backward of a layer is one task: delta_(l-1) only after W_l
             bw = g.add(stage_f[l], (p.b[l] + p.w[l]) * scale, (_PB, k, -l), [delta],
                        (k, "BW", l))
-            ids.append(bw)
+            wtask[l] = bw
             delta = bw
-    return ids
+    return wtask
 
 
-def _add_batch(g, k, p: Profile, stage_f, stage_w, stage_ew, split, scale, fclass, entry_deps):
-    """Add the tasks of mini-batch (or micro-batch) ``k``; return its completion sentinel."""
-    fwd = _add_forward(g, k, p, stage_f, scale, fclass, entry_deps)
-    bwd = _add_backward(g, k, p, stage_f, stage_w, stage_ew, split, scale, fwd[-1])
-    return g.add(None, 0.0, (0, k, 0), fwd + bwd, (k, "done", -1))
+def _add_batch(g, k, p: Profile, stage_f, stage_w, stage_ew, split, scale, fclass, entry_deps,
+               version_deps=None):
+    """Add the tasks of mini-batch (or micro-batch) ``k``; return (completion sentinel, the
+    weight-gradient task of every layer)."""
+    first = len(g.proc)
+    fwd = _add_forward(g, k, p, stage_f, scale, fclass, entry_deps, version_deps)
+    wtask = _add_backward(g, k, p, stage_f, stage_w, stage_ew, split, scale, fwd[-1])
+    done = g.add(None, 0.0, (0, k, 0), range(first, len(g.proc)), (k, "done", -1))
+    return done, wtask
+
+
+def weight_version(k, delay):
+    """The weight version (updates applied) that mini-batch ``k``'s forward uses on every layer:
+    the updates of mini-batches ``0 .. k - delay``. The asynchronous schedules use
+    ``delay`` = the in-flight limit (PipeDream's *vertical sync*: every stage uses the version
+    the first stage can hold), which the admission of mini-batches already implies; the
+    arithmetic is then the same for any partition and any placement of the W tasks."""
+    return max(0, k - delay + 1)
 
 
 def list_schedule(g: _Graph, procs):
@@ -404,23 +440,54 @@ def list_schedule(g: _Graph, procs):
     return finish
 
 
-def run_schedule(p: Profile, schedule, stages, micro_batches=None, batches=None, in_flight=None):
-    """List-schedule one schedule; return its result record (a dict).
-
-    ``in_flight``: the most (micro-)batches admitted at once by 1f1b, pipedream and layerpipe
-    (default ``S``, PipeDream's choice for a straight pipeline).
-    """
-    limit = in_flight or stages
+def placement(p: Profile, schedule, stages, starts=None):
+    """``(stage_f, stage_w, stage_ew, bound)``: the stage of every layer's F (and Bmm), W and
+    Bew. gpipe, 1f1b and pipedream keep each layer whole on the min-max partition (or
+    ``starts``); layerpipe may move boundary W and Bew tasks (:func:`layerpipe_placement`)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if schedule == "layerpipe":
+        return layerpipe_placement(p, stages, starts)
     full = p.f + p.b + p.w
-    split = schedule == "layerpipe"
-    if split:
-        stage_f, stage_w, stage_ew, bound = layerpipe_placement(p, stages)
-    else:
+    if starts is None:
         starts = partition_layers(full, stages)
-        stage_f = stage_of_layers(starts, p.layers)
-        stage_w = stage_ew = stage_f
+    elif len(starts) != stages or starts[0] != 0 or list(starts) != sorted(set(starts)) \
+            or starts[-1] >= p.layers:
+        raise ValueError(f"bad partition {list(starts)} for {stages} stages of {p.layers} layers")
+    stage_f = stage_of_layers(starts, p.layers)
+    loads = np.zeros(stages)
+    np.add.at(loads, stage_f, full)
+    return stage_f, stage_f.copy(), stage_f.copy(), float(loads.max())
+
+
+def simulate(p: Profile, schedule, stages, micro_batches=None, batches=None, in_flight=None,
+             starts=None, moves=None):
+    """List-schedule one schedule; return ``(record, orders)``.
+
+    ``record`` is the result dict of :func:`run_schedule`. ``orders[q]`` is processor ``q``'s
+    tasks in the order the list scheduler started them, as ``(batch, kind, layer)`` with kind
+    ``F``, ``Bmm``, ``Bew``, ``W`` (layerpipe) or ``BW`` (the whole backward of a layer): the
+    trainer runs exactly these lists. For gpipe and 1f1b ``batch`` is the micro-batch of one
+    mini-batch (every mini-batch repeats the list); for pipedream and layerpipe it is the
+    mini-batch, over all ``batches`` of the run.
+
+    ``in_flight``: the most (micro-)batches admitted at once by 1f1b, pipedream and layerpipe
+    (default ``S``, PipeDream's choice for a straight pipeline). ``starts`` fixes the first
+    layer of each stage; ``moves = (stage_w, stage_bew)`` (layerpipe) fixes where every W and
+    Bew runs instead of the model's choice (tests use it to exercise every kind of move).
+    """
+    limit = in_flight or stages
+    stage_f, stage_w, stage_ew, bound = placement(p, schedule, stages, starts)
+    if moves is not None:
+        if schedule != "layerpipe":
+            raise ValueError(f"{schedule} keeps every layer's tasks on its stage: no moves")
+        stage_w, stage_ew = (np.asarray(m, dtype=int) for m in moves)
+        for l in range(p.layers):
+            if abs(stage_w[l] - stage_f[l]) > 1 or not 0 <= stage_f[l] - stage_ew[l] <= 1 \
+                    or (stage_ew[l] != stage_f[l] and (l == 0 or stage_f[l - 1] == stage_f[l])):
+                raise ValueError(f"moves: layer {l} cannot run W on stage {stage_w[l]} and Bew "
+                                 f"on stage {stage_ew[l]} (its F is on stage {stage_f[l]})")
+    split = schedule == "layerpipe"
     loads = np.zeros(stages)
     np.add.at(loads, stage_f, p.f + p.b - p.ew)
     np.add.at(loads, stage_w, p.w)
@@ -443,22 +510,30 @@ def run_schedule(p: Profile, schedule, stages, micro_batches=None, batches=None,
         for k in range(m):
             entry = [sentinels[k - limit]] if k >= limit else []
             sentinels.append(_add_batch(g, k, p, stage_f, stage_w, stage_ew, False, 1.0 / m,
-                                        _PF, entry))
+                                        _PF, entry)[0])
         finish = list_schedule(g, stages)
         makespan = max(finish)
         extra = {"micro_batches": m}
     else:
+        # asynchronous: at most `limit` mini-batches in flight, and F_l of mini-batch k waits
+        # for the weight gradient its stashed version includes (the trainer's arithmetic)
         nb = batches or 16 * stages + 32
-        sentinels = []
+        sentinels, wtasks = [], []
         for k in range(nb):
             entry = [sentinels[k - limit]] if k >= limit else []
-            sentinels.append(_add_batch(g, k, p, stage_f, stage_w, stage_ew, split, 1.0, _PF,
-                                        entry))
+            vdeps = {}
+            j = weight_version(k, limit) - 1     # the last update F_l(k) must see
+            if j >= 0:
+                vdeps = dict(wtasks[j])
+            done, wtask = _add_batch(g, k, p, stage_f, stage_w, stage_ew, split, 1.0, _PF,
+                                     entry, vdeps)
+            sentinels.append(done)
+            wtasks.append(wtask)
         finish = list_schedule(g, stages)
         done = [finish[s] for s in sentinels]
         # the middle half: away from the fill at the start and the drain at the end, where
         # deferred W tasks complete without new work behind them
-        a, b = nb // 4, 3 * nb // 4
+        a, b = window_bounds(nb)
         makespan = (done[b] - done[a]) / (b - a)
         first = done[0]
         extra = {"mini_batches_simulated": nb, "window": b - a, "latency": first,
@@ -479,11 +554,32 @@ def run_schedule(p: Profile, schedule, stages, micro_batches=None, batches=None,
         "max_stage_load": float(loads.max()),
         "stage_loads": [float(x) for x in loads],
         "stage_first_layer": [p.names[a] for a in starts],
+        "partition": starts,
         "w_moved": moved_w,
         "bew_moved": moved_ew,
+        "stage_f": [int(x) for x in stage_f],
+        "stage_w": [int(x) for x in stage_w],
+        "stage_bew": [int(x) for x in stage_ew],
     }
     rec.update(extra)
-    return rec
+    start = [f - d for f, d in zip(finish, g.dur)]
+    orders = [[] for _ in range(stages)]
+    for t in sorted(range(len(g.proc)), key=lambda t: (start[t], t)):
+        if g.proc[t] is not None:
+            orders[g.proc[t]].append(g.label[t])
+    return rec, orders
+
+
+def window_bounds(nb):
+    """The steady-state window of a run of ``nb`` mini-batches: mini-batches ``a`` to ``b``
+    (the middle half); the period is ``(done[b] - done[a]) / (b - a)``."""
+    return nb // 4, 3 * nb // 4
+
+
+def run_schedule(p: Profile, schedule, stages, micro_batches=None, batches=None, in_flight=None,
+                 starts=None, moves=None):
+    """List-schedule one schedule; return its result record (a dict): see :func:`simulate`."""
+    return simulate(p, schedule, stages, micro_batches, batches, in_flight, starts, moves)[0]
 
 
 def compare(p: Profile, stages_list, schedules=SCHEDULES, micro_batches=None, in_flight=None):
@@ -531,8 +627,16 @@ def _parser():
     return p
 
 
+UNITS = {"MAC": "multiply-accumulates per mini-batch of one image",
+         "s": "seconds per mini-batch", "unit": "cost units per mini-batch"}
+
+
 def _table(results, summary, out):
-    print(f"{'schedule':<10} {'S':>2} {'makespan':>12} {'bound':>10} {'util':>6} {'bubble':>6} "
+    unit = results[0]["unit"] if results else ""
+    print(f"makespan = time per mini-batch, bound = work of the busiest stage, both in {unit} "
+          f"({UNITS.get(unit, unit)})", file=out)
+    mk, bd = f"makespan[{unit}]", f"bound[{unit}]"
+    print(f"{'schedule':<10} {'S':>2} {mk:>13} {bd:>11} {'util':>6} {'bubble':>6} "
           f"{'vs pipedream':>12}  first layer of each stage / moved tasks", file=out)
     by = {(r["schedule"], r["stages"]): r for r in results}
     for r in results:
@@ -542,8 +646,8 @@ def _table(results, summary, out):
         if r["w_moved"] or r["bew_moved"]:
             moved = f"  W moved: {','.join(r['w_moved']) or '-'}; Bew moved: " \
                     f"{','.join(r['bew_moved']) or '-'}"
-        print(f"{r['schedule']:<10} {r['stages']:>2} {r['makespan']:>12.4g} "
-              f"{r['max_stage_load']:>10.4g} "
+        print(f"{r['schedule']:<10} {r['stages']:>2} {r['makespan']:>13.4g} "
+              f"{r['max_stage_load']:>11.4g} "
               f"{r['utilization']:>6.3f} {r['bubble']:>6.3f} {sp:>12}  "
               f"{','.join(r['stage_first_layer'])}{moved}", file=out)
     if summary:
@@ -586,5 +690,10 @@ def main(argv=None):
     return obj
 
 
-if __name__ == "__main__":
+def _main():
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    entry(_main)      # a closed pipe (| head) ends the tool quietly

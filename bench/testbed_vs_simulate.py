@@ -1,0 +1,152 @@
+"""Predicted against measured: the simulator on the testbed's network, beside a benchmark run on
+that testbed (docs/testbed.md).
+
+    python bench/testbed_vs_simulate.py TESTBED.json BENCH.json [--min-size 4M] [--model step]
+    python bench/testbed_vs_simulate.py --links ALGO SIZE CALLS TESTBED.json
+
+TESTBED.json is what ``python -m mtcoll.testbed --json FILE`` wrote (its link rates), BENCH.json
+what ``python -m mtcoll.bench --json FILE`` wrote inside it. Every algorithm of the benchmark,
+``native`` included (the model of the MPI library's own allreduce, mtcoll/simulate/_native.py),
+is simulated (``--model``) on the topology with each link's bandwidth set to its shaped rate
+times the share of a frame that is payload (``--payload``: 1448 of the 1514 bytes tbf counts
+per full TCP segment), no latency, and printed beside its measured average time.
+
+With ``--links``, TESTBED.json is a run of CALLS allreduces of SIZE bytes with algorithm ALGO
+(``tests/testbed_script.py loop ALGO SIZE CALLS``): the bytes each directed link carried are
+printed beside the payload the schedule sends over it (each transfer's bytes on every link of
+its default route), and the forwarded bytes beside the payload that crosses a middle vertex.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from mtcoll.bench import parse_size
+from mtcoll.simulate import simulate
+from mtcoll.simulate._native import native_schedule
+from mtcoll.simulate._pieces import pieces
+from mtcoll.topology import parse
+
+#: payload bytes per byte tbf counts for a full segment: MSS 1448 (1500 MTU, TCP timestamps)
+#: in a 1514-byte Ethernet frame
+PAYLOAD = 1448 / 1514
+
+
+def predicted(topo, algorithm, nbytes, model, plans):
+    """Seconds the simulator predicts: ``model`` "step" (the schedule step by step) or
+    "pieces" (the executor's pieces, dataflow, earlier pieces first on a link)."""
+    from mtcoll.plan import plan
+
+    # the compiled engine: piece schedules are small enough for "auto" to pick the Python one,
+    # which is slow on dataflow replays of thousands of pieces
+    kw = dict(latency=0.0, router_delay=0.0, overhead=0.0, engine="numba")
+    if algorithm == "native":
+        s = native_schedule(topo, nbytes)
+    else:
+        if algorithm not in plans:
+            plans[algorithm] = plan(topo, algorithm)
+        s = plans[algorithm]
+    if model == "step":
+        return simulate(s, topo, nbytes, "step", **kw).time
+    if algorithm != "native":  # the MPI library sends each message whole
+        s = pieces(s, nbytes)
+    return simulate(s, topo, nbytes, "dataflow", sharing="priority", **kw).time
+
+
+def link_payload(topo, algorithm, nbytes, itemsize=4):
+    """Payload bytes per directed link (by link id) and forwarded per vertex of one call."""
+    from mtcoll.plan import plan
+
+    s = native_schedule(topo, nbytes, itemsize) if algorithm == "native" else plan(topo,
+                                                                                   algorithm)
+    bounds = s.chunk_bounds(nbytes // itemsize)
+    per_link = np.zeros(topo.nlinks)
+    fwd = np.zeros(topo.nvertices)
+    for k in range(len(s.src)):
+        nb = (bounds[s.hi[k]] - bounds[s.lo[k]]) * itemsize
+        route = topo.routes(int(s.src[k]), int(s.dst[k]))[int(s.route[k])]
+        for lid in route:
+            per_link[lid] += nb
+        for lid in route[1:]:
+            fwd[int(topo.link_src[lid])] += nb
+    return per_link, fwd
+
+
+def links_main(algorithm, size, calls, path):
+    with open(path) as f:
+        tb = json.load(f)
+    topo = parse(tb["meta"]["topology"])
+    nbytes = parse_size(size)
+    per_link, fwd = link_payload(topo, algorithm, nbytes)
+    per_link *= int(calls)
+    fwd *= int(calls)
+    print(f"# {topo.spec}: {calls} x {algorithm} of {nbytes} B; measured (frames, from tbf) "
+          f"against the schedule's payload")
+    ratios = []
+    for x in tb["traffic"]["links"]:
+        want = per_link[topo.link(x["from"], x["to"])]
+        ratios.append(x["bytes"] / want if want else float("inf") if x["bytes"] else 1.0)
+    ratios = np.array(ratios)
+    used = per_link > 0
+    print(f"links the schedule uses: {int(used.sum())} of {topo.nlinks}; measured/payload "
+          f"on them: min {ratios[np.isfinite(ratios)].min():.3f}, "
+          f"max {ratios[np.isfinite(ratios)].max():.3f}")
+    meas_fwd = tb["traffic"]["forwarded"]
+    print(f"forwarded: schedule payload {fwd.sum() / 1e6:.2f} MB, measured "
+          f"{sum(v or 0 for v in meas_fwd.values()) / 1e6:.2f} MB; per vertex measured: "
+          + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in meas_fwd.items()))
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--links"]:
+        return links_main(*argv[1:5])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("testbed_json")
+    p.add_argument("bench_json")
+    p.add_argument("--min-size", default="0", help="leave out smaller sizes (default: none)")
+    p.add_argument("--model", default="pieces", choices=("pieces", "step"),
+                   help="pieces: mtcoll's algorithms cut into the executor's pieces (256 KiB, "
+                        "at most 16, as when ranks busy-wait), replayed as dataflow with earlier "
+                        "pieces first on a link; step: each schedule step by step "
+                        "(default: %(default)s)")
+    p.add_argument("--payload", type=float, default=PAYLOAD,
+                   help="payload share of the shaped bytes (default: %(default).4f)")
+    args = p.parse_args(argv)
+    with open(args.testbed_json) as f:
+        tb = json.load(f)
+    with open(args.bench_json) as f:
+        bench = json.load(f)
+    topo = parse(tb["meta"]["topology"])
+    bw = np.array(topo.bandwidth, dtype=float)
+    for link in tb["traffic"]["links"]:
+        bw[topo.link(link["from"], link["to"])] = link["rate_Bps"] * args.payload
+    shaped = object.__new__(type(topo))
+    shaped.__dict__.update(topo.__dict__)
+    shaped.bandwidth = bw
+    low = parse_size(args.min_size)
+    plans = {}
+    print(f"# {topo.spec} at {tb['meta']['rate']} ({tb['meta'].get('congestion_control')}), "
+          f"payload share {args.payload:.4f}, simulator model {args.model}")
+    print(f"# {'size':>10} {'algorithm':>10} {'measured(s)':>12} {'predicted(s)':>12} "
+          f"{'pred/meas':>9}")
+    worst = 0.0
+    for r in bench["results"]:
+        if r["bytes"] < low or r["algorithm"] == "auto":
+            continue
+        meas = r["time_avg_us"] / 1e6
+        pred = predicted(shaped, r["algorithm"], r["bytes"], args.model, plans)
+        worst = max(worst, abs(pred / meas - 1))
+        print(f"  {r['bytes']:>10} {r['algorithm']:>10} {meas:>12.3f} {pred:>12.3f} "
+              f"{pred / meas:>9.2f}")
+    print(f"# largest |pred/meas - 1|: {worst:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
