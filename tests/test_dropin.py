@@ -5,7 +5,7 @@ forced through ``MTCOLL_ALGO`` where the algorithm matters, every result compare
 mpi4py on ``MPI.COMM_WORLD`` (or a plain ``Split`` of it). Runs serially (one rank) and under
 ``mpiexec`` at every suite size.
 
-1. a numpy scalar inside a buffer spec (the CG and psum idioms);
+1. a numpy scalar inside a buffer spec (the CG and psum idioms; a Jacobi loop's LAND test);
 2. requests that ``MPI.Request.Waitall`` & co. accept, ``Wait(status)``, ``wait()``/``test()``;
 3. DLPack and ``__cuda_array_interface__`` exporters (host memory);
 4. ``sendbuf=None`` and ``sendbuf is recvbuf`` in place;
@@ -120,6 +120,43 @@ def test_1_cg_loop_with_scalar_specs(comm, forced):
     out = np.zeros(1, np.int32)
     forced.Allreduce([np.int32(rank + 1), MPI.INT], [out, MPI.INT])
     assert out[0] == sum(range(1, comm.Get_size() + 1))
+
+
+@pytest.mark.mpi
+@pytest.mark.mpi_short
+def test_1_jacobi_with_a_land_convergence_test_every_iteration(comm, forced):
+    """The Jacobi idiom: every iteration ends with ``Allreduce`` of the local "converged" flag
+    under ``MPI.LAND`` (as a bool array and as a numpy-scalar spec); the loop stops on the same
+    iteration, with the same iterate, as with mpi4py."""
+    rank = comm.Get_rank()
+    n = 30
+    diag = 4.0 + (np.arange(n) + rank) % 3  # a diagonally dominant tridiagonal block per rank
+    off = np.full(n - 1, 1.0)
+    b = 1.0 + (np.arange(n) * (rank + 1)) % 5
+
+    def jacobi(c, scalar):
+        x = np.zeros(n)
+        for it in range(1, 200):
+            new = b.copy()
+            new[1:] -= off * x[:-1]
+            new[:-1] -= off * x[1:]
+            new /= diag
+            ok = bool(np.max(np.abs(new - x)) < 1e-10 * (1 + rank))  # differs between ranks
+            x = new
+            flag = np.zeros(1, dtype=bool)
+            if scalar:
+                c.Allreduce([np.bool_(ok), MPI.C_BOOL], [flag, MPI.C_BOOL], op=MPI.LAND)
+            else:
+                c.Allreduce(np.array([ok]), flag, op=MPI.LAND)
+            if flag[0]:
+                return it, x
+        return None, x
+
+    for scalar in (False, True):
+        it_mt, x_mt = jacobi(forced, scalar)
+        it_mpi, x_mpi = jacobi(comm, scalar)
+        assert it_mt is not None and it_mt == it_mpi
+        assert np.array_equal(x_mt, x_mpi)
 
 
 # -- 2. requests MPI accepts --------------------------------------------------------------------
