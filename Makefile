@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.mtcoll-installed
 
 # The main job: the allreduce benchmark on 64 ranks (auto topology: an 8x8 torus), every
 # algorithm against the MPI library's Allreduce, 8 B to 64 MiB (docs/performance.md).
-BENCH  = $(VENV)/bin/mpiexec -n 64 $(PY) -m mtcoll.bench
+BENCH  = $(VENV)/bin/mpiexec -n 64 $(PY) -m mpi4py -m mtcoll.bench
 
 .PHONY: bench test
 

@@ -1,43 +1,48 @@
 """The public communicator, :class:`Comm`, and the module-level calls built on it.
 
-A :class:`Comm` wraps an mpi4py intracommunicator. It duplicates it once (its messages never
-mix with the caller's), builds the network topology, plans schedules on demand (on rank 0,
-broadcast to the others) and runs them with :mod:`mtcoll.execute`. Calls it cannot or should
-not run itself go to the MPI library on the duplicate; see :class:`Comm` for the rules.
+A :class:`Comm` *is* an mpi4py ``MPI.Intracomm`` (a subclass, as ``mpi4py.util.pkl5`` builds
+its communicators): the user's communicator, with ``Allreduce``, ``Iallreduce``,
+``Reduce_scatter_block`` and ``Allgather`` replaced by topology-aware schedules where that
+pays, and every other method mpi4py's own. Its own messages travel on a private duplicate. The
+pieces behind it: :mod:`mtcoll._buffers` (arguments), :mod:`mtcoll._requests` (requests and
+progress), :mod:`mtcoll._agreement` (the agreement check), :mod:`mtcoll._errors`.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import pickle
 import sys
 import time
-import zlib
 from collections import deque
 
 import numpy as np
 from mpi4py import MPI
-from mpi4py.util import dtlib
 
 from . import _ops, _tuning, execute
+from ._agreement import agree
+from ._buffers import prepare
+from ._errors import ABANDONED, StallError, env_flag, env_quiet, env_timeout, positive_int
+from ._requests import LOCK, Request, poll, reraise, thread_enabled, waitall, wake
 from .schedule import GATHER, REDUCE, Schedule
 from .topology import from_comm, host_leaders, mpi_topology
 
-__all__ = ["Comm", "Request", "Allreduce", "Iallreduce", "waitall", "choose", "StallError",
-           "SMALL_MESSAGE_BYTES", "ENV_VARS"]
+__all__ = ["Comm", "Cartcomm", "Request", "Allreduce", "Iallreduce", "waitall", "choose",
+           "StallError", "SMALL_MESSAGE_BYTES", "ENV_VARS"]
 
 #: ``algorithm="auto"`` leaves messages below this many bytes to the MPI library.
 SMALL_MESSAGE_BYTES = 64 * 1024
 
 #: Environment variables mtcoll reads.
 ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "MTCOLL_CHECK",
-            "MTCOLL_DEBUG", "MTCOLL_TIMEOUT")
+            "MTCOLL_DEBUG", "MTCOLL_TIMEOUT", "MTCOLL_PROGRESS")
 
 _SPECIAL_ALGORITHMS = ("auto", "native")
-_CALLS = ("Allreduce", "Iallreduce", "Reduce_scatter_block", "Allgather")
+_FAST_CACHE = 256  # (nbytes, dtype, op) choices remembered per Comm
+_COMPLETE = Request()  # what a blocking call the library ran returns: nothing to wait for
+_IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, looked up once)
 
 
 def choose(nbytes, nranks, topology, tuning=None):
@@ -56,7 +61,7 @@ def choose(nbytes, nranks, topology, tuning=None):
     nranks : int
         Size of the communicator.
     topology : mtcoll.topology.Topology or str
-        The communicator's topology (or its spec).
+        The communicator's network model (or its spec), :attr:`Comm.network`.
     tuning : dict, optional
         A tuning table as :func:`mtcoll._tuning.load` returns it, keyed by
         ``(nranks, topology spec)``. :class:`Comm` passes the table it read at construction.
@@ -65,7 +70,8 @@ def choose(nbytes, nranks, topology, tuning=None):
     -------
     str
         ``"native"`` or a name from ``mtcoll.plan.ALGORITHMS``. It must depend only on the
-        arguments, so that every rank chooses the same.
+        arguments, so that every rank chooses the same. :class:`Comm` caches the answer per
+        (size, dtype, op).
     """
     if nranks < 2:
         return "native"
@@ -78,480 +84,34 @@ def choose(nbytes, nranks, topology, tuning=None):
     return "multitree"
 
 
-def _env_flag(name):
-    raw = os.environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"environment variable {name}={os.environ[name]!r} (rank "
-                     f"{MPI.COMM_WORLD.Get_rank()} of MPI.COMM_WORLD): expected 0 or 1")
-
-
-def _positive_int(name, value, rank, per_rank=False):
-    # None (the default) or a positive int; ``ports`` may also be one int per rank.
-    if value is None:
-        return None
-    if per_rank and not isinstance(value, (int, np.integer)):
-        try:
-            values = [int(v) for v in value if isinstance(v, (int, np.integer))]
-            ok = len(values) == len(value)
-        except TypeError:
-            ok = False
-        if ok and values and min(values) >= 1:
-            return value
-    elif isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    what = "a positive int or one per rank" if per_rank else "a positive int"
-    raise ValueError(f"{name} (rank {rank}) must be {what} or None, got {value!r}")
-
-
-def _env_timeout():
-    # MTCOLL_TIMEOUT: seconds (float > 0) for the stall watchdog; unset or empty: none.
-    raw = os.environ.get("MTCOLL_TIMEOUT", "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"environment variable MTCOLL_TIMEOUT={os.environ['MTCOLL_TIMEOUT']!r} "
-                         f"(rank {MPI.COMM_WORLD.Get_rank()} of MPI.COMM_WORLD): expected a "
-                         f"number of seconds > 0, or unset for no timeout")
-    return value
-
-
-class StallError(TimeoutError):
-    """An mtcoll call gave up waiting after ``MTCOLL_TIMEOUT`` seconds.
-
-    Raised by the agreement check (``MTCOLL_CHECK=1``) when some ranks did not make the call in
-    time, by ``Wait`` (a blocking call, :meth:`Request.Wait`, :func:`waitall`) when no
-    message of the running calls completed for that long, and by the broadcast of the schedule
-    that an algorithm's first call (or :meth:`Comm.schedule`) plans on rank 0, when not every
-    rank took part in time (naming no ranks). The :class:`Comm` is broken
-    afterwards (messages of the call may still be in flight): its calls raise RuntimeError;
-    free it and make a new one, or end the job.
-
-    Attributes
-    ----------
-    call : str
-        ``"Allreduce"``, ``"Iallreduce"``, ``"Reduce_scatter_block"`` or ``"Allgather"``
-        (None when :meth:`Comm.schedule` was called directly).
-    timeout : float
-        The seconds waited (``MTCOLL_TIMEOUT``).
-    ranks : list of int
-        The ranks (of the communicator) waited for: those that did not make the call (check),
-        or those whose messages had not arrived (data path; empty when the MPI library ran the
-        call, which does not say).
-    """
-
-    def __init__(self, message, call=None, timeout=None, ranks=()):
-        super().__init__(message)
-        self.call, self.timeout, self.ranks = call, timeout, list(ranks)
-
-    def __str__(self):
-        return self.args[0]
-
-
-# Whatever a broken Comm leaves behind (requests with their buffers, its communicators): kept
-# alive for good, since MPI may still read or write those buffers, and a freed communicator's
-# context could be reused by a new one while stale messages for it are in flight.
-_ABANDONED = []
-
-
-def _poll(test, deadline=math.inf, sleep=False):
-    """Call ``test()`` until it returns True (then True) or ``deadline`` passes (then False).
-
-    In between, advance mtcoll's running calls (:func:`mtcoll.execute.progress`): another rank
-    may be unable to join what we wait for until one of those finishes, since the ranks may
-    complete their calls in different orders. And sleep as the executor does in sleep mode, or
-    not at all.
-    """
-    delay = execute.SLEEP_MIN
-    while not test():
-        if execute.running():
-            execute.progress(block=False)
-        if time.monotonic() >= deadline:
-            return False
-        if sleep:
-            time.sleep(delay)
-            delay = min(2 * delay, execute.SLEEP_MAX)
-    return True
-
-
-def _mpi_error_text(e):
-    # MPI_ERR_IN_STATUS (from Waitsome/Testsome) says only "see the status": name the class.
-    try:
-        cls = e.Get_error_class()
-        names = {getattr(MPI, n): n for n in ("ERR_TRUNCATE", "ERR_IN_STATUS", "ERR_OTHER",
-                                              "ERR_COUNT", "ERR_TYPE", "ERR_INTERN")}
-        return f"{names.get(cls, f'error class {cls}')}: {e.Get_error_string()}"
-    except Exception:
-        return str(e)
-
-
-def _code(text):
-    return zlib.crc32(str(text).encode()) & 0x7FFFFFFF
-
-
-# The agreement check's text per rank (UTF-8 JSON, zero-padded): the call's fields, or the error
-# its arguments raised, shortened to fit.
-_CHECK_TEXT = 1024
-
-
-def _fit_json(fields, limit):
-    """``fields`` (a dict of str, int or None) as JSON in at most ``limit`` bytes: the longest
-    string is shortened (ending in "...") until it fits."""
-    fields = dict(fields)
-    while True:
-        data = json.dumps(fields).encode()
-        if len(data) <= limit:
-            return data
-        texts = [k for k, v in fields.items() if isinstance(v, str) and len(v) > 3]
-        if not texts:
-            return json.dumps({"error": "ValueError", "message": "(too long)"}).encode()
-        k = max(texts, key=lambda k: len(fields[k]))
-        v = fields[k]
-        cut = len(v) - 4
-        while cut > 0 and len(json.dumps(v[:cut] + "...").encode()) > \
-                len(json.dumps(v).encode()) - (len(data) - limit):
-            cut = cut * 3 // 4  # escaped characters take up to 6 bytes each
-        fields[k] = v[:max(0, cut)] + "..."
-
-
-def _unfit_json(row):
-    data = row.tobytes().rstrip(b"\0")
-    try:
-        return json.loads(data.decode())
-    except ValueError:
-        return {}
-
-
-# -- buffers -------------------------------------------------------------------------------------
-
-class _Buf:
-    """A buffer argument as a flat array (``flat``); ``orig`` is set when ``flat`` is a copy
-    of a non-contiguous array, which :meth:`copy_back` refreshes."""
-
-    __slots__ = ("flat", "orig", "full")
-
-    def __init__(self, flat, orig=None, full=None):
-        self.flat, self.orig, self.full = flat, orig, full
-
-    def copy_back(self):
-        if self.orig is not None:
-            self.orig[...] = self.full.reshape(self.orig.shape)
-
-
-def _buffer(spec, name, rank, writable):
-    """Parse an mpi4py buffer spec (``buf``, ``[buf, datatype]``, ``[buf, count, datatype]``,
-    ``[buf, (count, displ), datatype]``). Returns a :class:`_Buf`, or None when only the MPI
-    library can handle it (a derived or pair datatype)."""
-    where = f"{name} (rank {rank})"
-    buf, count, displ, dt = spec, None, 0, None
-    if isinstance(spec, (list, tuple)):
-        if not 1 <= len(spec) <= 3:
-            raise TypeError(f"{where}: a buffer spec is buf, [buf, datatype] or "
-                            f"[buf, count, datatype], got a sequence of {len(spec)}")
-        if isinstance(spec[0], (int, float, complex, np.number)):
-            raise TypeError(f"{where}: expected a buffer (numpy array, bytearray, "
-                            f"memoryview...), got a {type(spec).__name__} of numbers")
-        buf, rest = spec[0], list(spec[1:])
-        if len(rest) == 2:
-            count, dt = rest
-        elif len(rest) == 1:
-            if isinstance(rest[0], (int, np.integer, tuple, list)):
-                count = rest[0]
-            else:
-                dt = rest[0]
-        if isinstance(count, (tuple, list)):
-            if len(count) != 2:
-                raise TypeError(f"{where}: expected (count, displacement), got {count!r}")
-            count, displ = count
-    npdt = None
-    if dt is not None:
-        if isinstance(dt, MPI.Datatype):
-            if dt == MPI.DATATYPE_NULL:
-                raise TypeError(f"{where}: MPI.DATATYPE_NULL is not a datatype")
-            if not dt.is_predefined:
-                return None
-            try:
-                npdt = np.dtype(dtlib.to_numpy_dtype(dt))
-            except (ValueError, TypeError):
-                return None
-        else:
-            try:
-                npdt = np.dtype(dt)
-            except TypeError:
-                raise TypeError(f"{where}: {dt!r} is not a datatype") from None
-        if not _ops.simple_dtype(npdt):
-            return None
-    if buf is MPI.IN_PLACE or buf is MPI.BOTTOM:
-        raise TypeError(f"{where}: MPI.IN_PLACE/MPI.BOTTOM are not accepted here")
-    if isinstance(buf, np.ndarray):
-        arr = buf
-    else:
-        try:
-            arr = np.asarray(memoryview(buf))
-        except (TypeError, ValueError, NotImplementedError) as e:
-            raise TypeError(f"{where}: expected a buffer (numpy array, bytearray, "
-                            f"memoryview...), got {type(buf).__name__}: {e}") from None
-    if writable and not arr.flags.writeable:
-        raise ValueError(f"{where} is read-only")
-    if npdt is None and not _ops.simple_dtype(arr.dtype):
-        # mpi4py maps no other dtype to an MPI datatype by itself (it would raise a KeyError
-        # or BufferError naming neither the argument nor the rank)
-        raise TypeError(f"{where}: dtype {arr.dtype} has no predefined MPI datatype "
-                        f"(object, structured, byte-swapped, string, void and datetime arrays "
-                        f"need [buf, datatype] with an MPI datatype, or a conversion)")
-    orig = full = None
-    if arr.flags.c_contiguous or arr.flags.f_contiguous:
-        flat = arr.ravel(order="K")  # a view, in memory order (what MPI would see)
-    else:
-        orig = arr
-        flat = full = np.ascontiguousarray(arr).ravel()
-    if npdt is not None and npdt != flat.dtype:
-        if orig is not None:
-            raise TypeError(f"{where}: cannot reinterpret a non-contiguous array as {npdt}")
-        if flat.nbytes % npdt.itemsize:
-            raise ValueError(f"{where}: {flat.nbytes} bytes is not a whole number of "
-                             f"{npdt.name} elements")
-        flat = flat.view(np.uint8).view(npdt)
-    if count is not None:
-        count, displ = int(count), int(displ)
-        if count < 0 or displ < 0 or displ + count > flat.size:
-            raise ValueError(f"{where}: count {count} at displacement {displ} does not fit "
-                             f"in its {flat.size} elements")
-        flat = flat[displ:displ + count]
-    return _Buf(flat, orig, full)
-
-
-# -- requests ------------------------------------------------------------------------------------
-
-class Request:
-    """The handle of a nonblocking mtcoll call (mpi4py-style).
-
-    It keeps the call's buffers alive until the call completes. Until :meth:`Test` returns True
-    or :meth:`Wait` returns, the send buffer must not be modified and the receive buffer must
-    not be read or written. Progress happens only inside mtcoll calls (``Wait``, ``Test``,
-    :func:`waitall` and the start of any other mtcoll call): do not block in other MPI calls
-    on something another rank can only do after its own ``Wait``.
-
-    With ``MTCOLL_TIMEOUT`` set when the call started, :meth:`Wait` raises :class:`StallError`
-    once no message of the running calls has completed for that many seconds, naming the
-    ranks whose messages are outstanding. That, or any other error inside ``Wait`` (an MPI
-    error such as a truncated message), breaks the :class:`Comm`: its receives are cancelled,
-    and this request and every later call on that Comm raise RuntimeError.
-    """
-
-    def __init__(self, execution=None, native=None, on_done=(), keep=(), seq=None):
-        self._exec = execution
-        self._native = native
-        self._on_done = list(on_done)
-        self._keep = keep
-        self.seq = seq
-        self._comm = None  # set by Comm._start: the Comm to break on a stall
-        self._timeout = None
-        self._kind = None
-        self._complete = execution is None and native is None
-        if execution is not None:
-            execution.on_done.append(self._finish)
-            execution.on_error.append(self._exec_failed)
-            if execution.done:
-                self._finish()
-        elif self._complete:
-            self._finish()
-
-    def _finish(self):
-        self._complete = True
-        callbacks, self._on_done = self._on_done, []
-        self._keep = None
-        for fn in callbacks:
-            fn()
-
-    def Test(self):
-        """Advance the call (and every other running mtcoll call) without blocking.
-
-        Returns
-        -------
-        bool
-            True once the call is complete; its receive buffer then holds the result.
-
-        Errors as for :meth:`Wait`.
-        """
-        if self._complete:
-            return True
-        self._usable()
-        try:
-            if self._exec is not None:
-                if self._exec.test() and not self._complete:
-                    self._abandoned()
-            else:
-                if execute.running():  # a peer may need one of them before it joins this call
-                    execute.progress(block=False)
-                if self._native.Test():
-                    self._finish()
-        except BaseException as e:
-            self._raise_failure(e)
-        return self._complete
-
-    def Wait(self):
-        """Block until the call is complete (advancing every running mtcoll call). Returns True.
-
-        Raises :class:`StallError` after ``MTCOLL_TIMEOUT`` seconds without progress (see the
-        class notes), RuntimeError if the call's :class:`Comm` is broken or freed.
-        """
-        if self._complete:
-            return True
-        self._usable()
-        try:
-            if self._exec is not None:
-                if not self._exec.wait(self._timeout):
-                    recv, send = self._exec.outstanding()
-                    what = [f"messages from ranks {recv} have not arrived"] if recv else []
-                    if send:
-                        what.append(f"messages to ranks {send} have not been received")
-                    self._stall("; ".join(what) or "nothing outstanding", recv or send)
-                if not self._complete:
-                    self._abandoned()
-            elif self._timeout is None and not execute.running():
-                self._native.Wait()
-                self._finish()
-            else:
-                # poll: to advance the running mtcoll calls while the MPI library's call
-                # completes (a peer may need one of them before it can take part in this one),
-                # and to give up after MTCOLL_TIMEOUT
-                deadline = math.inf if self._timeout is None else time.monotonic() + self._timeout
-                sleep = self._comm is not None and self._comm.wait == "sleep"
-                if not _poll(self._native.Test, deadline, sleep):
-                    self._stall("the MPI library's collective did not complete (it does not "
-                                "say which ranks it waits for; MTCOLL_CHECK=1 names ranks "
-                                "that did not make the call)", [])
-                self._finish()
-        except BaseException as e:
-            self._raise_failure(e)
-        return True
-
-    def _raise_failure(self, e):
-        # An error inside Test/Wait leaves messages in flight: break the Comm (_fail), then
-        # raise it again, an MPI error as RuntimeError naming the call.
-        self._fail(e)
-        if not isinstance(e, MPI.Exception):
-            raise e
-        raise RuntimeError(
-            f"mtcoll {self._kind} on rank {self._rank()}: MPI error in a message of this call: "
-            f"{_mpi_error_text(e)}. With MTCOLL_CHECK off this is how a call ends whose "
-            f"count differs between ranks (a message longer than its receive is "
-            f"MPI_ERR_TRUNCATE). The Comm is now broken: free it and make a new one, or "
-            f"end the job") from e
-
-    def _rank(self):
-        return self._comm._rank if self._comm is not None else MPI.COMM_WORLD.Get_rank()
-
-    def _usable(self):
-        if self._exec is not None and self._exec.error is not None:
-            return  # the call's own failure: Wait/Test raise it
-        comm = self._comm
-        if comm is not None and comm._broken is not None:
-            raise RuntimeError(f"this request belongs to a broken mtcoll.Comm ({comm._broken}); "
-                               f"free the Comm and make a new one, or end the job")
-
-    def _abandoned(self):
-        # The execution ended without completing while we waited: another call's failure broke
-        # this call's Comm (see _exec_failed), which abandoned it. The buffers hold no result.
-        self._usable()
-        raise RuntimeError(f"mtcoll {self._kind} on rank {self._rank()}: the call was "
-                           f"abandoned before it completed")
-
-    def _exec_failed(self, error):
-        # A message of this call failed while some wait (maybe of another call) made progress:
-        # break the Comm now; Wait and Test on this request raise the error.
-        if self._comm is not None:
-            self._comm._break(f"{self._kind} on rank {self._comm._rank} failed: MPI error "
-                              f"{_mpi_error_text(error)}")
-
-    def _stall(self, what, ranks):
-        seq = f" (call {self.seq})" if self.seq is not None else ""
-        raise StallError(f"mtcoll {self._kind}{seq} on rank {self._rank()}: no progress for "
-                         f"{self._timeout:g} s (MTCOLL_TIMEOUT); {what}. A rank may not have "
-                         f"made this call, or made a different one. The Comm is now broken: "
-                         f"free it and make a new one, or end the job", self._kind,
-                         self._timeout, ranks)
-
-    def _fail(self, e):
-        # An error inside the data path leaves messages in flight: break the Comm.
-        if self._complete:
-            return
-        self._abandon()
-        if self._comm is not None:
-            if isinstance(e, StallError):
-                kind = "stalled"
-            elif isinstance(e, MPI.Exception):
-                kind = f"failed: MPI error {_mpi_error_text(e)}"
-            else:
-                kind = f"failed ({type(e).__name__}: {e})"
-            self._comm._break(f"{self._kind} on rank {self._comm._rank} {kind}")
-
-    def _abandon(self):
-        if self._exec is not None:
-            self._exec.abandon()
-        if self not in _ABANDONED:
-            _ABANDONED.append(self)  # keeps the MPI requests and the buffers alive
-
-    def __repr__(self):
-        state = "complete" if self._complete else "active"
-        how = "native" if self._native is not None else "mtcoll"
-        return f"<mtcoll.Request {how} {state}>"
-
-
-def waitall(requests):
-    """Wait for every request in ``requests`` (mtcoll :class:`Request` or ``MPI.Request``).
-
-    The mtcoll calls are advanced together (waiting for one advances them all), then the MPI
-    requests are waited for. Returns True. Errors as for :meth:`Request.Wait`
-    (:class:`StallError` with ``MTCOLL_TIMEOUT``); the MPI requests are not waited for then.
-    """
-    requests = list(requests)
-    for r in requests:
-        if isinstance(r, Request):
-            r.Wait()
-    rest = [r for r in requests if not isinstance(r, Request)]
-    if rest and execute.running():
-        _poll(lambda: MPI.Request.Testall(rest))
-    elif rest:
-        MPI.Request.Waitall(rest)
-    return True
-
-
-# -- the communicator ----------------------------------------------------------------------------
-
-class _Call:
-    """One validated call: everything decided before any message is sent."""
-
-    __slots__ = ("kind", "send", "recv", "raw", "count", "dtype", "op", "ufunc", "algorithm",
-                 "why", "nbytes")
-
-    def __init__(self, kind):
-        self.kind = kind
-        self.send = self.recv = self.raw = self.dtype = self.op = self.ufunc = None
-        self.count = -1
-        self.algorithm = "native"
-        self.why = ""
-        self.nbytes = 0
-
-
-class Comm:
+def _cart_spec(dims, periods):
+    # The network model of a Cartesian grid: a torus when every dimension wraps, else a mesh
+    # (a dimension that wraps loses its wrap-around link: the model never invents links).
+    dims = [int(d) for d in dims]
+    if periods is None or isinstance(periods, bool):
+        periods = [bool(periods)] * len(dims)
+    periodic = len(periods) == len(dims) and all(periods)
+    if len(dims) == 1:
+        return f"ring:{dims[0]}" if periodic else f"mesh:1x{dims[0]}"
+    return ("torus:" if periodic else "mesh:") + "x".join(map(str, dims))
+
+
+class Comm(MPI.Intracomm):
     """A communicator whose collectives run topology-aware schedules (MultiTree and others).
+
+    ``mtcoll.Comm(comm)`` is ``comm`` itself as far as MPI is concerned (``isinstance(c,
+    MPI.Intracomm)``, ``c == comm``, ``MPI.Win.Create(..., comm=c)``, ``pkl5.Intracomm(c)``,
+    attributes, error handlers, ``c.topology`` = ``MPI.UNDEFINED``/``MPI.CART``...): every
+    method mtcoll does not define is mpi4py's own, on the user's communicator.
 
     Parameters
     ----------
     comm : MPI.Intracomm, default ``MPI.COMM_WORLD``
-        The communicator to wrap. It is duplicated once; mtcoll's messages travel on the
-        duplicate only.
+        The communicator to stand for. It is duplicated once; mtcoll's own messages travel on
+        the duplicate only.
     topology : str or mtcoll.topology.Topology, default ``"auto"``
-        The network the ranks sit on (see :mod:`mtcoll.topology` for spec strings);
-        ``MTCOLL_TOPOLOGY`` overrides it.
+        The network the ranks sit on (see :mod:`mtcoll.topology` for spec strings), kept as
+        :attr:`network`; ``MTCOLL_TOPOLOGY`` overrides it.
     algorithm : str, default ``"auto"``
         ``"auto"`` (chosen per call by :func:`choose`), ``"native"`` (always the MPI library) or
         a name from ``mtcoll.plan.ALGORITHMS``; ``MTCOLL_ALGO`` overrides it.
@@ -567,12 +127,15 @@ class Comm:
 
     Attributes
     ----------
-    topology : mtcoll.topology.Topology
+    network : mtcoll.topology.Topology
+        mtcoll's model of the network (``topology`` keeps mpi4py's meaning).
     virtual_topology : MPI.Cartcomm or MPI.Distgraphcomm
-        The topology as an MPI virtual topology over the same ranks, never reordered:
+        The network as an MPI virtual topology over the same ranks, never reordered:
         ``Create_cart`` with periods for torus, mesh and ring, ``Create_dist_graph_adjacent``
         (tree neighbours) otherwise. mtcoll's own messages do not use it; it is there for
         coordinates and neighbour queries. Freed by :meth:`Free`.
+    comm : MPI.Intracomm
+        The communicator given at construction.
     tuning, tuning_path
         The tuning table for ``algorithm="auto"`` read at construction (the entry for this
         communicator's size and topology, or None) and the file it came from; see
@@ -588,6 +151,13 @@ class Comm:
     ``MTCOLL_CHECK=1`` to have every call first check that the ranks agree; a disagreement then
     raises the same error on every rank, naming the ranks, instead of hanging.
 
+    ``Dup``, ``Dup_with_info``, ``Split``, ``Split_type``, ``Create``, ``Create_group`` and
+    ``Create_cart`` return mtcoll communicators with this one's options (``Create_cart``: a
+    :class:`Cartcomm` whose network is the matching ``torus:``/``mesh:``/``ring:``; the others
+    detect their network, ``"auto"``) and its algorithm where that fits their network (else
+    ``"auto"``). ``Idup`` returns a plain mpi4py communicator (it is not
+    usable before its request completes).
+
     Calls go to the MPI library (on the duplicate communicator) when: the algorithm is
     ``"native"`` or ``"auto"`` chose it; the op is not one of MPI's predefined arithmetic,
     logical or bitwise reductions (user-defined ops from ``MPI.Op.Create``, MINLOC, MAXLOC);
@@ -595,63 +165,75 @@ class Comm:
     messages between two ranks than the tag space allows. ``Reduce_scatter_block`` and
     ``Allgather`` need a schedule with one chunk per rank and each chunk owned by a different
     rank: they use the configured algorithm's schedule if it is one, else MultiTree's, else
-    ring's, else the MPI library.
+    ring's, else the MPI library. A blocking call handed to the library is the library's
+    blocking call (with the progress thread of :mod:`mtcoll._requests` advancing mtcoll's calls
+    in flight meanwhile); the choice for a (size, dtype, op) is cached.
 
     With ``MTCOLL_TIMEOUT=<seconds>`` nothing waits for ever: the agreement check gives up
     after that many seconds, naming the ranks that did not make the call, and the data path
-    (``Wait``) after that many seconds without a completed message, naming the ranks whose
-    messages are outstanding. Both raise :class:`StallError` and leave the Comm broken:
-    messages of the call may still be in flight, so every later call (and ``Wait`` on its
-    requests) raises RuntimeError. :meth:`Free` still works on a broken Comm (it waits for
-    nothing and keeps the duplicate communicators allocated, so their messages can never reach
-    a new communicator). Calls that go to the MPI library always run as its nonblocking twin
-    (``Iallreduce``...), blocking ones too, and are waited for while the other running calls
-    are advanced, so that they can time out too.
-
-    Every attribute not defined here (``Get_rank``, ``Barrier``, ``Bcast``, ``rank``, ``size``,
-    ``allreduce``...) is the wrapped communicator's, so a Comm can stand in for it.
+    (``Wait``) after that many seconds without a completed message. Both raise
+    :class:`StallError` and leave the Comm broken: messages of the call may still be in
+    flight, so every later call (and ``Wait`` on its requests) raises RuntimeError.
+    :meth:`Free` still works on a broken Comm (it waits for nothing and keeps the duplicate
+    communicators allocated, so their messages can never reach a new communicator). With
+    ``MTCOLL_TIMEOUT`` (or without the progress thread) calls handed to the MPI library run as
+    its nonblocking twin (``Iallreduce``...), blocking ones too, waited for while the other
+    running calls are advanced, so that they can time out too.
     """
+
+    def __new__(cls, comm=None, *args, **kwargs):
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+            raise TypeError(f"comm must be an MPI intracommunicator, got {comm!r}")
+        return MPI.Intracomm.__new__(cls, comm)  # the static base of Comm and Cartcomm
 
     def __init__(self, comm=None, topology="auto", algorithm="auto", ports=None,
                  segment_bytes=None, max_segments=None, wait=None):
-        if comm is None:
-            comm = MPI.COMM_WORLD
-        if isinstance(comm, Comm):
-            comm = comm._orig
-        if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-            raise TypeError(f"comm must be an MPI intracommunicator, got {comm!r}")
-        env_algo = os.environ.get("MTCOLL_ALGO", "").strip()
-        env_topo = os.environ.get("MTCOLL_TOPOLOGY", "").strip()
-        self._orig = comm
+        self._setup(MPI.COMM_WORLD if comm is None else comm, topology, algorithm, ports,
+                    segment_bytes, max_segments, wait, owned=False)
+
+    def _setup(self, comm, topology, algorithm, ports, segment_bytes, max_segments, wait,
+               owned, env_topology=True):
         self._dup = None
+        self._owned = owned  # Free frees the communicator itself too (mtcoll made it)
+        self._orig = comm
+        self._options = dict(algorithm=algorithm, segment_bytes=segment_bytes,
+                             max_segments=max_segments, wait=wait)
+        env_algo = os.environ.get("MTCOLL_ALGO", "").strip()
+        env_topo = os.environ.get("MTCOLL_TOPOLOGY", "").strip() if env_topology else ""
         algorithm = (env_algo or str(algorithm)).strip().lower()
-        rank = comm.Get_rank()
-        ports = _positive_int("ports", ports, rank, per_rank=True)
-        segment_bytes = _positive_int("segment_bytes", segment_bytes, rank)
-        max_segments = _positive_int("max_segments", max_segments, rank)
-        self._dup = self._duplicate(comm, rank)
+        self.algorithm = algorithm
+        rank = MPI.Intracomm.Get_rank(self)
+        ports = positive_int("ports", ports, rank, per_rank=True)
+        segment_bytes = positive_int("segment_bytes", segment_bytes, rank)
+        max_segments = positive_int("max_segments", max_segments, rank)
+        try:
+            threaded = thread_enabled()
+        except ValueError:
+            threaded = None  # a bad value: reported on every rank by _wait_mode
+        self._dup = self._duplicate(MPI.Intracomm(self), rank)  # mpi4py's Idup, not ours
         try:
             leaders = host_leaders(self._dup)
             ranks_here = leaders.count(leaders[self._dup.Get_rank()])
-            self.wait = self._wait_mode(wait, ranks_here)
+            self.wait, self._threaded = self._wait_mode(wait, ranks_here, threaded)
             self._check_algorithm(algorithm, "MTCOLL_ALGO" if env_algo else "algorithm")
             try:
-                self.topology = from_comm(self._dup, env_topo or topology, ports, leaders)
+                self.network = from_comm(self._dup, env_topo or topology, ports, leaders)
             except ValueError as e:
                 where = f"environment variable MTCOLL_TOPOLOGY={env_topo!r}" if env_topo \
                     else f"topology={topology!r}"
                 raise ValueError(f"{where} (rank {rank}): {e}") from None
             self.tuning, self.tuning_path = self._load_tuning()
-            # the topology as an MPI virtual topology (Create_cart for torus, mesh and ring, a
+            # the network as an MPI virtual topology (Create_cart for torus, mesh and ring, a
             # distributed graph otherwise), for users who want coordinates or neighbours
-            self.virtual_topology = mpi_topology(self._dup, self.topology)
+            self.virtual_topology = mpi_topology(self._dup, self.network)
             # the agreement check's own communicator: its messages never meet the executor's
             self._chk = self._dup.Dup()
         except BaseException:
             self._dup.Free()
             self._dup = None
             raise
-        self.algorithm = algorithm
         self.ports = ports
         self.segment_bytes = segment_bytes
         self.max_segments = max_segments
@@ -662,7 +244,13 @@ class Comm:
         self._seq = 0
         self._requests = deque()  # in flight, oldest first
         self._nchecks = 0  # agreement checks made (their tag)
+        self._ncalls = 0  # calls made (every rank counts alike: the stall's presence round)
         self._broken = None  # why this Comm is broken (a stall or an error mid-call), or None
+        # (nbytes, dtype, op handle) of blocking Allreduce calls the library runs, when the
+        # progress thread runs (only then are they the library's blocking calls)
+        self._fast = set()
+        self._lib_allreduce, self._lib_iallreduce = self._dup.Allreduce, self._dup.Iallreduce
+
 
     @staticmethod
     def _duplicate(comm, rank):
@@ -673,20 +261,20 @@ class Comm:
         # for no absent rank (unless one gave up just as the last rank joined: the window the
         # second Test below narrows, not closes).
         try:
-            timeout = _env_timeout()
+            timeout = env_timeout()
         except ValueError:
             timeout = None  # a bad value is reported by the first call, on this rank
         dup, req = comm.Idup()
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         try:
-            done = _poll(req.Test, deadline, sleep=True)
+            done = poll(req.Test, deadline, sleep=True)
         except BaseException:  # e.g. KeyboardInterrupt: MPI may still complete the duplicate
-            _ABANDONED.append((dup, req))
+            ABANDONED.append((dup, req))
             raise
         if not done:
             done = req.Test()  # the last rank may have joined just now: narrow the window
         if not done:
-            _ABANDONED.append((dup, req))
+            ABANDONED.append((dup, req))
             raise StallError(
                 f"mtcoll.Comm on rank {rank}: not every rank of the communicator constructed an "
                 f"mtcoll.Comm within MTCOLL_TIMEOUT={timeout:g} s (constructing one is "
@@ -721,7 +309,7 @@ class Comm:
         # took 13.5 s that way, 1.9 s this way).
         if getattr(self, "wait", "busy") != "sleep":
             return
-        _poll(self._dup.Ibarrier().Test, sleep=True)
+        poll(self._dup.Ibarrier().Test, sleep=True)
 
     def _bcast_within(self, payload, timeout, what):
         # bcast(payload, root=0) that advances mtcoll's running calls while it waits (a rank
@@ -740,13 +328,13 @@ class Comm:
             else:
                 req = self._dup.Ibcast(size, root=0)
             try:
-                done = _poll(req.Test, deadline, sleep)
+                done = poll(req.Test, deadline, sleep)
             except BaseException:  # e.g. another call's error, raised by the progress made
-                _ABANDONED.append((req, data, size))  # MPI may still write or read them
+                ABANDONED.append((req, data, size))  # MPI may still write or read them
                 self._break(f"{what} interrupted on rank {self._rank}")
                 raise
             if not done:
-                _ABANDONED.append((req, data, size))
+                ABANDONED.append((req, data, size))
                 self._break(f"{what} timed out on rank {self._rank}")
                 raise StallError(
                     f"{what} on rank {self._rank}: not every rank took part within "
@@ -756,7 +344,7 @@ class Comm:
                     f"a new one, or end the job", None, timeout, [])
         return pickle.loads(data) if self._rank else payload
 
-    def _wait_mode(self, wait, ranks_here):
+    def _wait_mode(self, wait, ranks_here, threaded):
         # "sleep" when a host runs more ranks than it has cores: a rank waiting for a message
         # then gives its core to one with work instead of polling (see mtcoll.execute.WAIT).
         # The ranks agree (sleep if any rank asks for it): the mode also sets the segment
@@ -770,11 +358,17 @@ class Comm:
             bad = f"{where} (rank {self._dup.Get_rank()}) is not one of auto, busy, sleep"
         if mode == "auto":
             mode = "sleep" if ranks_here > (os.cpu_count() or 1) else "busy"
-        flags = self._dup.allreduce((mode == "sleep") | (bad is not None) << 1, op=MPI.BOR)
+        if threaded is None:
+            bad = f"environment variable MTCOLL_PROGRESS={os.environ['MTCOLL_PROGRESS']!r} " \
+                  f"(rank {self._dup.Get_rank()}) is not one of thread, off"
+        # and whether every rank runs the progress thread: only then do blocking calls handed
+        # to the library run as the library's blocking calls (the same call on every rank)
+        flags = self._dup.allreduce((mode == "sleep") | (bad is not None) << 1
+                                    | (not threaded) << 2, op=MPI.BOR)
         if flags & 2:
-            raise ValueError(bad or "MTCOLL_WAIT or wait is not one of auto, busy, sleep "
+            raise ValueError(bad or "MTCOLL_WAIT, MTCOLL_PROGRESS or wait is not valid "
                                     "on some rank")
-        return "sleep" if flags & 1 else "busy"
+        return ("sleep" if flags & 1 else "busy"), not flags & 4
 
     def _load_tuning(self):
         # Rank 0 reads the file and broadcasts the table for this communicator: every rank must
@@ -788,7 +382,7 @@ class Comm:
                 else:
                     from .plan import ALGORITHMS
                     table = _tuning.load(path, ALGORITHMS)
-                    key = (self._dup.Get_size(), self.topology.spec.strip().lower())
+                    key = (self._dup.Get_size(), self.network.spec.strip().lower())
                     mine = {key: table[key]} if key in table else None
                     payload = ("ok", mine, str(path))
             except (ValueError, ImportError) as e:
@@ -802,20 +396,23 @@ class Comm:
 
     # -- passthrough and lifetime --------------------------------------------------------------
 
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._orig, name)
+    # -- lifetime ----------------------------------------------------------------------------
 
     @property
     def comm(self):
-        """The wrapped communicator (not the private duplicate)."""
+        """The communicator given at construction (not the private duplicate)."""
         return self._orig
 
+    @property
+    def network_spec(self):
+        """:attr:`network`'s spec string (``"torus:4x4"``...)."""
+        return self.network.spec
+
     def __repr__(self):
-        state = "freed" if self._dup is None else f"{self._orig.Get_size()} ranks"
-        spec = getattr(getattr(self, "topology", None), "spec", "?")
-        return f"<mtcoll.Comm {state}, topology {spec!r}, algorithm {self.algorithm!r}>"
+        state = "freed" if getattr(self, "_dup", None) is None else f"{self._size} ranks"
+        spec = getattr(getattr(self, "network", None), "spec", "?")
+        return (f"<mtcoll.Comm {state}, network {spec!r}, "
+                f"algorithm {getattr(self, 'algorithm', '?')!r}>")
 
     def __enter__(self):
         return self
@@ -825,30 +422,35 @@ class Comm:
         return False
 
     def Free(self):
-        """Wait for this Comm's calls still in flight, then free its duplicate communicator.
+        """Wait for this Comm's calls still in flight, then free what mtcoll made.
 
-        Collective. The wrapped communicator is left alone. Freeing twice is harmless; any
-        other call after ``Free`` raises RuntimeError. A broken Comm (see the class notes) waits
-        for nothing and keeps its duplicate communicators allocated, so that no new
-        communicator gets their context while messages of the broken call may still arrive.
-        The other ranks, whose Comm may not be broken, free theirs (MPICH's ``MPI_Comm_free``
-        does not wait for the other ranks).
+        Collective. mtcoll's duplicate communicators and virtual topology are freed; the
+        communicator given at construction (``MPI.COMM_WORLD``, say) is left alone, while one
+        that mtcoll made (by ``Dup``, ``Split``, ``Create_cart``...) is freed too, as mpi4py's
+        ``Free`` would. Freeing twice is harmless; any other mtcoll call after ``Free`` raises
+        RuntimeError. A broken Comm (see the class notes) waits for nothing and keeps its
+        duplicate communicators allocated, so that no new communicator gets their context while
+        messages of the broken call may still arrive.
         """
         if self._dup is None:
             return
-        while self._requests and self._broken is None:
-            self._requests.popleft().Wait()
-        self.virtual_topology.Free()
-        self.virtual_topology = None
-        if self._broken is None:
-            self._chk.Free()
-            self._dup.Free()
-        else:
-            _ABANDONED.append((self._dup, self._chk))
-        self._dup = self._chk = None
-        self._requests.clear()
-        self._schedules.clear()
-        self._executors.clear()
+        with LOCK:
+            while self._requests and self._broken is None:
+                self._requests.popleft().Wait()
+            self.virtual_topology.Free()
+            self.virtual_topology = None
+            if self._broken is None:
+                self._chk.Free()
+                self._dup.Free()
+            else:
+                ABANDONED.append((self._dup, self._chk))
+            self._dup = self._chk = None
+            self._requests.clear()
+            self._schedules.clear()
+            self._executors.clear()
+            self._fast.clear()
+        if self._owned:
+            MPI.Intracomm.Free(self)
 
     def _alive(self):
         if self._dup is None:
@@ -860,14 +462,87 @@ class Comm:
 
     def _break(self, reason):
         # A call stalled or failed midway: stop every call in flight (their receives are
-        # cancelled; their sends and buffers stay alive in _ABANDONED) and refuse new ones.
+        # cancelled; their sends and buffers stay alive in ABANDONED) and refuse new ones.
         if self._broken is not None:
             return
-        self._broken = reason
-        while self._requests:
-            self._requests.popleft()._abandon()
+        with LOCK:
+            self._broken = reason
+            self._fast.clear()  # no fast path on a broken Comm: every call raises
+            while self._requests:
+                self._requests.popleft()._abandon()
 
-    # -- schedules -------------------------------------------------------------------------------
+    # -- derived communicators: mtcoll communicators too -------------------------------------
+
+    def _derive(self, new, cls=None, topology="auto", ports=None, env_topology=False):
+        # ``new``: what mpi4py's method returned (MPI.COMM_NULL on ranks left out). A
+        # subcommunicator has its own network: MTCOLL_TOPOLOGY (for the whole job) applies
+        # only to a duplicate.
+        if new == MPI.COMM_NULL:
+            return new
+        cls = cls or Comm
+        plain = (MPI.Cartcomm if issubclass(cls, MPI.Cartcomm) else MPI.Intracomm)(new)
+        out = cls.__new__(cls, plain)
+        try:
+            out._setup(plain, topology, ports=ports, owned=True, env_topology=env_topology,
+                       **self._options)
+        except BaseException:
+            plain.Free()
+            raise
+        if out.algorithm not in _SPECIAL_ALGORITHMS:
+            # the inherited algorithm where it fits the new network, else auto's choice (the
+            # planner's verdict is broadcast: every rank falls back alike)
+            try:
+                out.schedule()
+            except ValueError:
+                out.algorithm = "auto"
+        return out
+
+    def Dup(self, info=None):
+        """Duplicate: an mtcoll :class:`Comm` with the same options (collective)."""
+        new = MPI.Intracomm(self).Dup(info)
+        return self._derive(new, type(self), self._topology_arg(), self.ports, True)
+
+    def Dup_with_info(self, info):
+        """Duplicate with ``info``: an mtcoll :class:`Comm` (collective)."""
+        new = MPI.Intracomm(self).Dup_with_info(info)
+        return self._derive(new, type(self), self._topology_arg(), self.ports, True)
+
+    def Idup(self, info=None):
+        """mpi4py's ``Idup`` on the communicator: ``(MPI.Intracomm, MPI.Request)`` -- a plain
+        mpi4py communicator, since it is not usable before the request completes (wrap it in
+        :class:`Comm` then)."""
+        return MPI.Intracomm(self).Idup(info)
+
+    def Split(self, color=0, key=0):
+        """mpi4py's ``Split``; the new communicator is an mtcoll :class:`Comm` (collective;
+        ``MPI.COMM_NULL`` for ``color=MPI.UNDEFINED``)."""
+        return self._derive(MPI.Intracomm(self).Split(color, key))
+
+    def Split_type(self, split_type, key=0, info=MPI.INFO_NULL):
+        """mpi4py's ``Split_type``; the new communicator is an mtcoll :class:`Comm`."""
+        return self._derive(MPI.Intracomm(self).Split_type(split_type, key, info))
+
+    def Create(self, group):
+        """mpi4py's ``Create``; the new communicator is an mtcoll :class:`Comm`."""
+        return self._derive(MPI.Intracomm(self).Create(group))
+
+    def Create_group(self, group, tag=0):
+        """mpi4py's ``Create_group``; the new communicator is an mtcoll :class:`Comm`."""
+        return self._derive(MPI.Intracomm(self).Create_group(group, tag))
+
+    def Create_cart(self, dims, periods=None, reorder=False):
+        """mpi4py's ``Create_cart``; the new communicator is an mtcoll :class:`Cartcomm` whose
+        :attr:`network` is the grid: ``torus:AxB...`` when every dimension is periodic,
+        ``mesh:AxB...`` otherwise (``ring:N``/``mesh:1xN`` in one dimension). Ranks outside the
+        grid get ``MPI.COMM_NULL``."""
+        new = MPI.Intracomm(self).Create_cart(dims, periods, reorder)
+        return self._derive(new, Cartcomm, _cart_spec(dims, periods))
+
+    def _topology_arg(self):
+        # a duplicate keeps the network (same ranks); a given Topology object is reused
+        return self.network.spec
+
+    # -- schedules ---------------------------------------------------------------------------
 
     def schedule(self, algorithm=None):
         """The :class:`~mtcoll.schedule.Schedule` of ``algorithm`` (default: this Comm's).
@@ -886,7 +561,7 @@ class Comm:
             if self._rank == 0:
                 try:
                     from .plan import plan
-                    sched = plan(self.topology, name)
+                    sched = plan(self.network, name)
                     out = io.BytesIO()
                     sched.save(out)
                     payload = ("ok", out.getvalue())
@@ -894,12 +569,12 @@ class Comm:
                     payload = ("error", type(e).__name__, str(e))
             # nonblocking and polled on every rank (the same calls everywhere: whether calls are
             # running differs between ranks), sleeping in sleep mode like _gate
-            payload = self._bcast_within(payload, _env_timeout(),
+            payload = self._bcast_within(payload, env_timeout(),
                                          f"planning {name!r} on first use")
             if payload[0] == "ok":
                 got = sched if self._rank == 0 else Schedule.load(io.BytesIO(payload[1]))
                 if got.nranks != self._size:
-                    raise ValueError(f"plan({self.topology.spec!r}, {name!r}) gave a schedule "
+                    raise ValueError(f"plan({self.network.spec!r}, {name!r}) gave a schedule "
                                      f"for {got.nranks} ranks, not {self._size}")
             else:
                 got = payload[1:]
@@ -907,7 +582,7 @@ class Comm:
         if isinstance(got, tuple):
             kind, message = got
             cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
-            raise cls(f"planning {name!r} on {self.topology.spec!r}: {message}")
+            raise cls(f"planning {name!r} on {self.network.spec!r}: {message}")
         return got
 
     def _executor(self, name):
@@ -920,14 +595,18 @@ class Comm:
 
     # -- the calls -------------------------------------------------------------------------------
 
+    # -- the calls -------------------------------------------------------------------------------
+
     def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):
         """Combine the ``sendbuf`` of every rank with ``op``; every rank gets the result.
 
         Parameters
         ----------
-        sendbuf : buffer spec or ``MPI.IN_PLACE``
-            A numpy array or other buffer, or ``[buf, datatype]``, ``[buf, count, datatype]``
-            as in mpi4py. With ``MPI.IN_PLACE`` the input is taken from ``recvbuf``.
+        sendbuf : buffer spec, ``MPI.IN_PLACE`` or None
+            A buffer (numpy array or scalar, ``bytearray``, ``array.array``, a DLPack or
+            ``__cuda_array_interface__`` exporter in host memory), or ``[buf, datatype]``,
+            ``[buf, count, datatype]`` as in mpi4py. With ``MPI.IN_PLACE`` or None (or
+            ``recvbuf`` itself) the input is taken from ``recvbuf``.
         recvbuf : buffer spec
             Writable, same dtype and number of elements as ``sendbuf``; receives the result.
             Non-contiguous arrays are copied in and out.
@@ -937,37 +616,87 @@ class Comm:
 
         Raises
         ------
-        ValueError, TypeError
-            Before any message is sent, naming the argument and rank: a read-only, too small
-            or too large ``recvbuf``, one of another dtype, overlapping buffers, or an op MPI
-            does not define on the dtype (e.g. ``MPI.MIN`` on complex).
+        ValueError, TypeError, BufferError
+            Before any message is sent, naming the argument and rank: a read-only (BufferError),
+            too small or too large ``recvbuf``, one of another dtype, overlapping buffers, or an
+            op MPI does not define on the dtype (e.g. ``MPI.MIN`` on complex).
 
         Notes
         -----
         Collective. The result is bitwise identical on every rank and from run to run (for a
         given algorithm, topology, count and segment settings).
         """
+        # The fast path: plain contiguous arrays whose (size, dtype, op) this Comm has already
+        # handed to the MPI library, nothing to check or print, no watchdog: straight to the
+        # library's blocking call (mtcoll's calls in flight are advanced by the progress thread).
+        try:
+            fast = (recvbuf.nbytes, recvbuf.dtype.num, op.handle) in self._fast
+        except AttributeError:  # not an array, or not an op: the slow path says what is wrong
+            fast = False
+        if fast and env_quiet():
+            if sendbuf is None or sendbuf is recvbuf:
+                sendbuf = _IN_PLACE
+            elif sendbuf is not _IN_PLACE and not (
+                    type(sendbuf) is _ndarray and sendbuf.dtype is recvbuf.dtype
+                    and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
+                    and (sendbuf.base is None or sendbuf.base is not recvbuf.base)):
+                fast = False  # maybe overlapping, or another dtype: the slow path checks
+            if fast:
+                try:
+                    self._lib_allreduce(sendbuf, recvbuf, op)
+                    self._ncalls += 1
+                    return
+                except (BufferError, ValueError, TypeError):
+                    pass  # not as mpi4py takes it (non-contiguous...): the slow path says why
         self._start("Allreduce", sendbuf, recvbuf, op, blocking=True).Wait()
 
     def Iallreduce(self, sendbuf, recvbuf, op=MPI.SUM):
-        """Start an :meth:`Allreduce`; returns a :class:`Request`.
+        """Start an :meth:`Allreduce`; returns a :class:`Request` (an ``MPI.Request``).
 
         The buffers must stay untouched (``sendbuf`` unmodified, ``recvbuf`` neither read nor
         written) until the request completes. The request keeps them alive. Several
-        Iallreduce calls may be in flight at once; completing them in any order is fine.
-        Data moves only inside mtcoll calls (see :class:`Request`). With ``MTCOLL_CHECK=1``
+        Iallreduce calls may be in flight at once; completing them in any order is fine, with
+        the request's ``Wait``/``Test``, :func:`mtcoll.waitall` or ``MPI.Request.Waitall`` &
+        co. (see :mod:`mtcoll._requests` for how progress happens). With ``MTCOLL_CHECK=1``
         the start synchronises the ranks (the agreement check exchanges a small descriptor
         between every pair of ranks).
         """
+        try:  # the fast path, as for Allreduce: the library's own request, returned as is
+            fast = (recvbuf.nbytes, recvbuf.dtype.num, op.handle) in self._fast
+        except AttributeError:
+            fast = False
+        if fast and env_quiet():
+            if sendbuf is None or sendbuf is recvbuf:
+                sendbuf = _IN_PLACE
+            elif sendbuf is not _IN_PLACE and not (
+                    type(sendbuf) is _ndarray and sendbuf.dtype is recvbuf.dtype
+                    and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
+                    and (sendbuf.base is None or sendbuf.base is not recvbuf.base)):
+                fast = False
+            if fast:
+                try:
+                    native = self._lib_iallreduce(sendbuf, recvbuf, op)
+                except (BufferError, ValueError, TypeError):
+                    pass
+                else:
+                    self._ncalls += 1
+                    req = Request._library(native, (sendbuf, recvbuf), self, "Iallreduce",
+                                           self._ncalls)
+                    reqs = self._requests
+                    reqs.append(req)
+                    if len(reqs) > 64:  # what _retire does, now and then
+                        self._requests = deque(r for r in reqs if not r._done())
+                    return req
         return self._start("Iallreduce", sendbuf, recvbuf, op, blocking=False)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
         """Reduce ``sendbuf`` (``size * k`` elements) over all ranks; rank ``r`` gets block ``r``
         (elements ``r*k .. r*k+k-1`` of the result) in ``recvbuf`` (``k`` elements).
 
-        With ``sendbuf=MPI.IN_PLACE``, ``recvbuf`` holds the ``size * k`` input elements and
-        gets the block in its first ``k``. Runs the reduce phase of a schedule with one chunk
-        per rank (see the class notes). Collective; errors as for :meth:`Allreduce`.
+        With ``sendbuf=MPI.IN_PLACE`` (or None), ``recvbuf`` holds the ``size * k`` input
+        elements and gets the block in its first ``k``. Runs the reduce phase of a schedule
+        with one chunk per rank (see the class notes). Collective; errors as for
+        :meth:`Allreduce`.
         """
         self._start("Reduce_scatter_block", sendbuf, recvbuf, op, blocking=True).Wait()
 
@@ -975,189 +704,72 @@ class Comm:
         """Gather ``sendbuf`` (``k`` elements) of every rank into ``recvbuf`` (``size * k``),
         rank ``r``'s data in block ``r``, on every rank.
 
-        With ``sendbuf=MPI.IN_PLACE`` each rank's contribution is already in its block of
-        ``recvbuf``. Runs the gather phase of a schedule with one chunk per rank (see the class
-        notes). Collective; errors as for :meth:`Allreduce`.
+        With ``sendbuf=MPI.IN_PLACE`` (or None) each rank's contribution is already in its
+        block of ``recvbuf``. Runs the gather phase of a schedule with one chunk per rank (see
+        the class notes). Collective; errors as for :meth:`Allreduce`.
         """
         self._start("Allgather", sendbuf, recvbuf, None, blocking=True).Wait()
 
     # -- machinery -------------------------------------------------------------------------------
 
     def _start(self, kind, sendbuf, recvbuf, op, blocking):
+        reraise()  # what the progress thread hit, in this thread
         self._alive()
-        check = _env_flag("MTCOLL_CHECK")
-        debug = _env_flag("MTCOLL_DEBUG")
-        timeout = _env_timeout()
+        check = env_flag("MTCOLL_CHECK")
+        debug = env_flag("MTCOLL_DEBUG")
+        timeout = env_timeout()
         call, err = None, None
         try:
             call = self._prepare(kind, sendbuf, recvbuf, op)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, BufferError) as e:
             err = e
-        if check:
-            self._agree(kind, call, err, timeout)
-        elif err is not None:
-            raise err
-        self._retire()
-        self._alive()  # the progress made above may have broken it (another call's MPI error)
-        try:
-            req = self._launch(call, blocking, debug)
-        except StallError as e:  # from planning on first use, which does not know the call
-            e.call = kind
-            e.args = (f"mtcoll {kind}: {e.args[0]}",)
-            raise
-        req._comm, req._timeout, req._kind = self, timeout, kind
-        if not req._complete:
-            self._requests.append(req)
-        return req
+        with LOCK:
+            if check:
+                agree(self, kind, call, err, timeout)
+            elif err is not None:
+                raise err
+            self._retire()
+            self._alive()  # the progress made above may have broken it (another call's error)
+            try:
+                req = self._launch(call, blocking, debug, timeout)
+            except StallError as e:  # from planning on first use, which does not know the call
+                e.call = kind
+                e.args = (f"mtcoll {kind}: {e.args[0]}",)
+                raise
+            self._ncalls += 1
+            if type(req) is not tuple:
+                req._comm, req._timeout, req._kind = self, timeout, kind
+                req._threaded, req._number = self._threaded, self._ncalls
+                if not req._done():
+                    self._requests.append(req)
+                    if req._greq is not None and self._threaded and not blocking:
+                        wake()  # (a blocking call's own Wait advances it)
+                return req
+        # the library's blocking call, outside the lock: the progress thread must be able to
+        # advance mtcoll's calls in flight meanwhile
+        run, done = req
+        run()
+        for fn in done:
+            fn()
+        return _COMPLETE
 
     def _prepare(self, kind, sendbuf, recvbuf, op):
-        c = _Call(kind)
-        c.raw = (sendbuf, recvbuf)
-        rank, size = self._rank, self._size
-        if kind != "Allgather":
-            if not isinstance(op, MPI.Op) or op == MPI.OP_NULL:
-                raise TypeError(f"op (rank {rank}) must be an MPI.Op, got {op!r}")
-            c.op = op
-        if recvbuf is MPI.IN_PLACE or recvbuf is None:
-            raise TypeError(f"recvbuf (rank {rank}) must be a buffer, got {recvbuf!r}")
-        c.recv = _buffer(recvbuf, "recvbuf", rank, writable=True)
-        if sendbuf is not MPI.IN_PLACE:
-            if sendbuf is None:
-                raise TypeError(f"sendbuf (rank {rank}) must be a buffer or MPI.IN_PLACE")
-            c.send = _buffer(sendbuf, "sendbuf", rank, writable=False)
-            if c.send is None and c.recv is not None or c.send is not None and c.recv is None:
-                c.why = "derived datatype"
-                return c
-        if c.recv is None:
-            c.why = "derived datatype"
-            return c
-        recv = c.recv.flat
-        c.dtype = recv.dtype
-        if c.send is not None:
-            send = c.send.flat
-            if send.dtype != recv.dtype:
-                raise TypeError(f"recvbuf (rank {rank}) has dtype {recv.dtype.name} but "
-                                f"sendbuf has {send.dtype.name}")
-            if send.size and np.may_share_memory(send, recv):
-                raise ValueError(f"sendbuf and recvbuf (rank {rank}) overlap; pass "
-                                 f"MPI.IN_PLACE as sendbuf to reduce in place")
-            want = {"Allreduce": send.size, "Iallreduce": send.size,
-                    "Reduce_scatter_block": send.size // size if send.size % size == 0 else None,
-                    "Allgather": send.size * size}[kind]
-            if want is None:
-                raise ValueError(f"sendbuf (rank {rank}) holds {send.size} elements, not a "
-                                 f"multiple of the {size} ranks")
-            if recv.size != want:
-                what = "too small" if recv.size < want else "too large"
-                raise ValueError(f"recvbuf (rank {rank}) is {what}: it holds {recv.size} "
-                                 f"elements, the call needs {want}")
-        elif kind in ("Reduce_scatter_block", "Allgather") and recv.size % size:
-            raise ValueError(f"recvbuf (rank {rank}) holds {recv.size} elements, not a "
-                             f"multiple of the {size} ranks (MPI.IN_PLACE)")
-        # count: the elements of the whole buffer a schedule runs on (for Allgather the
-        # gathered result, for Reduce_scatter_block the input)
-        c.count = c.send.flat.size if c.send is not None and kind != "Allgather" else recv.size
-        c.nbytes = c.count * c.dtype.itemsize
-        if kind != "Allgather":
-            c.ufunc = _ops.lookup(op, c.dtype)  # TypeError for combinations MPI leaves undefined
-            if c.ufunc is None:
-                c.why = f"op {_ops.op_name(op) or 'user-defined'} or dtype {c.dtype}"
-                return c
+        c = prepare(kind, sendbuf, recvbuf, op, self._rank, self._size)
+        if c.why:
+            return c  # only the MPI library can run it
+        size = self._size
         if self.algorithm == "native":
             c.why = "algorithm 'native'"
         elif self.algorithm == "auto":
             # the hook takes the table only when there is one, so that a three-argument
             # replacement of choose() keeps working
-            c.algorithm = (choose(c.nbytes, size, self.topology, tuning=self.tuning)
-                           if self.tuning else choose(c.nbytes, size, self.topology))
+            c.algorithm = (choose(c.nbytes, size, self.network, tuning=self.tuning)
+                           if self.tuning else choose(c.nbytes, size, self.network))
             how = "tuning table" if self.tuning else "built-in rule"
             c.why = f"chosen by auto, {how}"
         else:
             c.algorithm = self.algorithm
         return c
-
-    def _agree(self, kind, call, err, timeout):
-        # Every rank sends a descriptor of its call to every other rank on the check
-        # communicator (nonblocking, tagged with the check's number) and waits for theirs: up
-        # to ``timeout`` seconds, so a rank that never makes the call is named, not waited for.
-        # (One Allgather would be cheaper, but cannot tell who is missing.) A descriptor is a
-        # row of numbers to compare and a text to report (the call's fields, or the error its
-        # arguments raised): whatever a rank concludes from the rows it got, it needs nothing
-        # more from the others, so a rank that gave up waiting cannot hold the rest.
-        fields = ("validation", "call", "count", "datatype", "op", "algorithm", "topology")
-        if err is not None:
-            mine = [0, _CALLS.index(kind), -1, -1, -1, -1, -1]
-            text = {"error": type(err).__name__, "message": str(err)}
-        else:
-            dcode = _ops.dtype_code(call.dtype) if call.dtype is not None else 0
-            mine = [1, _CALLS.index(kind), call.count, dcode, _ops.op_code(call.op),
-                    _code(self.algorithm), _code(self.topology.spec)]
-            text = {"call": kind, "count": call.count,
-                    "datatype": None if call.dtype is None else call.dtype.name,
-                    "op": _ops.op_name(call.op) if call.op is not None else None,
-                    "algorithm": self.algorithm, "topology": self.topology.spec}
-        self._nchecks += 1
-        tag = self._nchecks % 32768  # MPI guarantees tags up to 32767
-        size, rank = self._size, self._rank
-        head = 8 * len(fields)
-        rows = np.zeros((size, head + _CHECK_TEXT), dtype=np.uint8)
-        rows[rank, :head] = np.array(mine, dtype=np.int64).view(np.uint8)
-        packed = _fit_json(text, _CHECK_TEXT)
-        rows[rank, head:head + len(packed)] = np.frombuffer(packed, dtype=np.uint8)
-        peers = [r for r in range(size) if r != rank]
-        recvs = [self._chk.Irecv(rows[r], r, tag) for r in peers]
-        sends = [self._chk.Isend(rows[rank], r, tag) for r in peers]
-        if timeout is None and self.wait == "busy" and not execute.running():
-            MPI.Request.Waitall(recvs + sends)
-        else:
-            deadline = math.inf if timeout is None else time.monotonic() + timeout
-            reqs = recvs + sends
-            try:
-                agreed = _poll(lambda: MPI.Request.Testall(reqs), deadline, self.wait == "sleep")
-            except BaseException:  # e.g. another call's error, raised by the progress made
-                _ABANDONED.append((reqs, rows))  # MPI may still write or read them
-                self._break(f"{kind} agreement check interrupted on rank {rank}")
-                raise
-            if not agreed:
-                missing = []
-                for r, q in zip(peers, recvs):
-                    if q:  # not completed yet: cancel it (it may still complete meanwhile)
-                        q.Cancel()
-                        st = MPI.Status()
-                        q.Wait(st)
-                        if st.Is_cancelled():
-                            missing.append(r)
-                _ABANDONED.append((sends, rows))  # the sends may still be read
-                if missing:
-                    came = [r for r in range(size) if r not in missing]
-                    self._break(f"{kind} agreement check timed out on rank {rank}")
-                    raise StallError(
-                        f"mtcoll {kind} on rank {rank}: rank(s) {missing} did not make this "
-                        f"call within MTCOLL_TIMEOUT={timeout:g} s (MTCOLL_CHECK agreement "
-                        f"check {self._nchecks}; ranks {came} did). The Comm is now broken: "
-                        f"free it and make a new one, or end the job", kind, timeout, missing)
-                # every descriptor came in after all (only our sends are not yet taken):
-                # judge them like the others
-        every = rows[:, :head].copy().view(np.int64)
-        bad = np.flatnonzero(every[:, 0] == 0).tolist()
-        if bad:
-            if err is not None:
-                raise err
-            got = _unfit_json(rows[bad[0], head:])
-            cls = TypeError if got.get("error") == "TypeError" else ValueError
-            raise cls(f"mtcoll {kind}: rank(s) {bad} rejected their arguments; "
-                      f"rank {bad[0]}: {got.get('message', '?')}")
-        diff = [j for j in range(1, len(fields)) if (every[:, j] != every[0, j]).any()]
-        if diff:
-            descs = {r: _unfit_json(rows[r, head:]) for r in range(size)}
-            parts = []
-            for j in diff:
-                f = fields[j]
-                others = np.flatnonzero(every[:, j] != every[0, j]).tolist()
-                shown = ", ".join(f"rank {r}: {descs[r].get(f)!r}" for r in others[:8])
-                parts.append(f"{f}: rank 0 has {descs[0].get(f)!r} but ranks {others} differ "
-                             f"({shown})")
-            raise ValueError(f"mtcoll {kind}: the ranks disagree on " + "; ".join(parts))
 
     def _retire(self):
         # Drop finished calls; wait for any call old enough that a new one would reuse its tag
@@ -1170,10 +782,10 @@ class Comm:
         oldest = self._seq + 1 - execute.TAG_SLOTS
         for r in [r for r in reqs if r.seq is not None and r.seq <= oldest]:
             r.Wait()
-        if any(r._complete for r in reqs):
-            self._requests = deque(r for r in reqs if not r._complete)
+        if any(r._done() for r in reqs):
+            self._requests = deque(r for r in reqs if not r._done())
 
-    def _launch(self, c, blocking, debug):
+    def _launch(self, c, blocking, debug, timeout):
         kind = c.kind
         size = self._size
         if c.dtype is not None and (c.count == 0 or size == 1):
@@ -1205,13 +817,13 @@ class Comm:
         if debug and self._rank == 0:
             self._debug(c, f"algorithm=native ({c.why})")
         self._alive()  # planning a schedule above advanced the running calls: one may have failed
-        return self._native(c)
+        return self._native(c, blocking and self._threaded and timeout is None)
 
     def _debug(self, c, how):
         op = _ops.op_name(c.op) or "user-defined" if c.op is not None else "-"
         print(f"mtcoll[rank 0]: {c.kind} count={c.count} "
               f"dtype={getattr(c.dtype, 'name', 'derived')} op={op} bytes={c.nbytes} "
-              f"topology={self.topology.spec} {how}", file=sys.stderr, flush=True)
+              f"topology={self.network.spec} {how}", file=sys.stderr, flush=True)
 
     def _block_executor(self, name):
         """An executor whose schedule has one chunk per rank, each owned by another rank."""
@@ -1232,9 +844,16 @@ class Comm:
         c.recv.copy_back()
         return Request()
 
-    def _native(self, c):
+    def _native(self, c, direct):
+        # The MPI library runs the call, on the duplicate. ``direct``: a blocking call with the
+        # progress thread running and no watchdog: the library's blocking call, the same on
+        # every rank (MPI matches a blocking collective with a nonblocking one on no rank, so
+        # the choice must not depend on what each rank has in flight). Otherwise its
+        # nonblocking twin, which Request.Wait waits for while advancing mtcoll's calls (a
+        # rank blocked in MPI_Allreduce could not advance them while a peer waits for one of
+        # them before it joins) and can give up on after MTCOLL_TIMEOUT.
         comm = self._dup
-        if c.recv is None or (c.send is None and c.raw[0] is not MPI.IN_PLACE):
+        if c.recv is None:
             sendspec, recvspec = c.raw  # derived datatypes: as given
             recv = None
         else:
@@ -1242,11 +861,17 @@ class Comm:
             recvspec = c.recv.flat
             recv = c.recv
         done = [recv.copy_back] if recv is not None and recv.orig is not None else []
-        # Always the nonblocking twin, also for a blocking call (whose caller waits at once):
-        # whether mtcoll calls are still running differs between ranks, and a rank blocked in
-        # MPI_Allreduce cannot advance them while a peer waits for one of them before it joins
-        # (MPI matches a blocking collective with a nonblocking one on no rank, so the choice
-        # must not depend on that). Request.Wait advances the running calls while it waits.
+        if direct:
+            if c.kind == "Allgather":
+                return (lambda: comm.Allgather(sendspec, recvspec)), done
+            if c.kind == "Reduce_scatter_block":
+                return (lambda: comm.Reduce_scatter_block(sendspec, recvspec, c.op)), done
+            if c.dtype is not None and env_quiet() and len(self._fast) < _FAST_CACHE:
+                self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
+            return (lambda: comm.Allreduce(sendspec, recvspec, c.op)), done
+        if c.kind == "Iallreduce" and not done and c.dtype is not None and self._threaded \
+                and env_quiet() and len(self._fast) < _FAST_CACHE:
+            self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
         if c.kind == "Allgather":
             req = comm.Iallgather(sendspec, recvspec)
         elif c.kind == "Reduce_scatter_block":
@@ -1300,6 +925,13 @@ class Comm:
         execution = ex.start(acc, c.ufunc, self._seq, phases, src)
         return Request(execution=execution, on_done=done, keep=(c.raw, c.send, recv, acc, src),
                        seq=self._seq)
+
+
+
+
+class Cartcomm(Comm, MPI.Cartcomm):
+    """An mtcoll :class:`Comm` that is an ``MPI.Cartcomm`` (what :meth:`Comm.Create_cart`
+    returns): mpi4py's coordinates and shifts, mtcoll's collectives on the grid's network."""
 
 
 # -- module level --------------------------------------------------------------------------------

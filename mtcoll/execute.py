@@ -50,8 +50,9 @@ as fewer than :data:`TAG_SLOTS` calls are in flight (the caller, :class:`mtcoll.
 the oldest before reusing its slot). A layout needing tags above the communicator's
 ``MPI.TAG_UB`` is reported by :meth:`Executor.fits_tags`; the caller then uses the MPI library.
 
-Progress happens only inside mtcoll calls (``Wait``, ``Test``, starting another call): there
-is no progress thread.
+Progress happens when :func:`progress` is called: inside mtcoll calls (``Wait``, ``Test``,
+starting another call) and from :mod:`mtcoll._requests`' progress thread, which serialises
+every call into this module with one lock (nothing here is thread-safe by itself).
 """
 
 from __future__ import annotations

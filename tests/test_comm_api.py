@@ -101,7 +101,7 @@ def test_bad_input_names_argument_and_rank(comm, mt):
     with pytest.raises(TypeError, match=rf"recvbuf \(rank {r}\) has dtype float32"):
         mt.Allreduce(x, np.zeros(10, np.float32))
     with pytest.raises(ValueError, match="overlap"):
-        mt.Allreduce(x, x)
+        mt.Allreduce(x[:6], x[4:])  # (x, x) is in place, as in mpi4py >= 4.2
     with pytest.raises(TypeError, match=r"op \(rank"):
         mt.Allreduce(x, np.zeros(10), op="sum")
     with pytest.raises(TypeError, match=r"sendbuf \(rank .*expected a buffer"):
@@ -453,7 +453,7 @@ def test_env_overrides(comm, monkeypatch):
     spec = "full:%d" % n
     monkeypatch.setenv("MTCOLL_TOPOLOGY", spec)
     with mtcoll.Comm(comm, algorithm="multitree", topology="auto") as c:
-        assert c.algorithm == "ring" and c.topology.spec == spec
+        assert c.algorithm == "ring" and c.network.spec == spec
     monkeypatch.setenv("MTCOLL_ALGO", "fastest")
     with pytest.raises(ValueError, match="MTCOLL_ALGO='fastest'"):
         mtcoll.Comm(comm)
@@ -482,7 +482,7 @@ def test_debug_prints_on_rank_0(comm, monkeypatch, capfd):
         line = [x for x in err.splitlines() if x.startswith("mtcoll[rank 0]: Allreduce")]
         assert len(line) == 1, err
         if comm.Get_size() > 1:
-            assert "algorithm=multitree" in line[0] and f"topology={c.topology.spec}" in line[0]
+            assert "algorithm=multitree" in line[0] and f"topology={c.network.spec}" in line[0]
             assert "segment=" in line[0]
     else:
         assert "mtcoll[" not in err
@@ -528,8 +528,8 @@ def test_virtual_topology(comm):
     with mtcoll.Comm(comm) as c:
         vt = c.virtual_topology
         assert vt.Get_rank() == comm.Get_rank() and vt.Get_size() == comm.Get_size()
-        assert c.topology.spec == auto_spec(comm.Get_size())
-        assert vt.Get_topology() == MPI.CART and list(vt.dims) == list(c.topology.dims)
+        assert c.network.spec == auto_spec(comm.Get_size())
+        assert vt.Get_topology() == MPI.CART and list(vt.dims) == list(c.network.dims)
         assert all(vt.periods)
     assert c.virtual_topology is None
     n = comm.Get_size()

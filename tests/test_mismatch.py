@@ -243,10 +243,11 @@ def test_watchdog_without_check(comm, fresh, need_size, monkeypatch, algorithm, 
                                 warm):
     """Checking off, the last rank does not call: every other rank raises StallError within
     timeout + slack. On a planned Comm ("planned") the data path's watchdog fires, and together
-    the ranks name the missing one. On a Comm's first call with the algorithm, the broadcast of
-    the schedule gives up instead (naming no ranks) on the ranks that wait for the missing one
+    each names the missing one (and only it: the stalled ranks find out who did not join, which
+    takes up to half the timeout more). On a Comm's first call with the algorithm, the broadcast
+    of the schedule gives up instead (naming no ranks) on the ranks that wait for the missing one
     in the broadcast tree; the others get as far as the data path. The MPI library's own
-    collective (native) names no ranks either."""
+    collective (native) is named the same way."""
     size = need_size(min_size=2, max_size=8)
     r, missing = comm.Get_rank(), size - 1
     monkeypatch.setenv("MTCOLL_CHECK", "0")
@@ -256,9 +257,11 @@ def test_watchdog_without_check(comm, fresh, need_size, monkeypatch, algorithm, 
         c.Allreduce(np.ones(N), np.zeros(N))
     kind = "Allreduce" if blocking else "Iallreduce"
     if algorithm == "native":
-        how = r"no progress for 2 s \(MTCOLL_TIMEOUT\); the MPI library's collective"
+        how = rf"no progress for 2 s \(MTCOLL_TIMEOUT\); rank\(s\) \[{missing}\] did not join " \
+              rf"this call .*the MPI library's collective"
     else:
-        how = r"no progress for 2 s \(MTCOLL_TIMEOUT\); messages (from|to) ranks"
+        how = rf"no progress for 2 s \(MTCOLL_TIMEOUT\); rank\(s\) \[{missing}\] did not join " \
+              rf"this call .*messages (from|to) ranks"
         if not warm:
             how = rf"({how}|planning 'multitree' on first use on rank {r}: not every rank took " \
                   rf"part)"
@@ -275,20 +278,21 @@ def test_watchdog_without_check(comm, fresh, need_size, monkeypatch, algorithm, 
                 assert not req.Test()
                 req.Wait()
         elapsed = time.monotonic() - t0
-        assert TIMEOUT <= elapsed <= TIMEOUT + SLACK, elapsed
+        assert TIMEOUT <= elapsed <= 1.5 * TIMEOUT + SLACK, elapsed
         assert err.value.call == kind and err.value.timeout == TIMEOUT
         named = err.value.ranks
-        assert set(named) <= set(range(size)) - {r}
-        assert bool(named) == ("planning" not in str(err.value) and algorithm != "native"), \
-            str(err.value)
+        if "planning" in str(err.value):
+            assert named == [], str(err.value)
+        else:
+            assert named == [missing], str(err.value)
         with pytest.raises(RuntimeError, match="broken"):
             c.Allreduce(np.ones(8), np.zeros(8))
         if not blocking and warm:
             with pytest.raises(RuntimeError, match="broken"):
                 req.Wait()
     everyone = comm.allgather(named)
-    if warm and algorithm != "native":
-        assert any(missing in got for got in everyone), everyone
+    if warm:
+        assert all(got == [missing] for got in everyone[:missing]), everyone
     c.Free()
     comm.Barrier()
     _world_ok(comm)
@@ -381,7 +385,7 @@ def test_guard_zones_untouched(comm, fresh, need_size, monkeypatch, what, algori
         assert "MPI error" in str(e), str(e)
         outcome = "mpi error"
     elapsed = time.monotonic() - t0
-    assert elapsed <= TIMEOUT + SLACK, (outcome, elapsed)
+    assert elapsed <= 1.5 * TIMEOUT + SLACK, (outcome, elapsed)  # a stall: + presence round
     assert np.all(big[:G] == -7) and np.all(big[G + n:] == -7), "guard zone overwritten"
     assert (c._broken is not None) == (outcome != "done")
     outcomes = comm.allgather(outcome)
@@ -454,9 +458,11 @@ def test_mpi_error_ends_the_other_calls_on_its_comm(comm, fresh, need_size, monk
     n = 4096 + 1024 * (r != 0)  # every message rank 0 receives is longer than it expects
     a = c.Iallreduce(np.full(n, 1.0), np.zeros(n))
     out = np.zeros(N)
-    b = c.Iallreduce(np.full(N, float(r)), out)
     t0 = time.monotonic()
     try:
+        # (the progress thread may find the first call's failure before the second starts:
+        # the start raises then, the Comm being broken)
+        b = c.Iallreduce(np.full(N, float(r)), out)
         if how == "Wait" or r != 0:  # (Test does not time out: the others would spin)
             b.Wait()
         else:
@@ -510,7 +516,12 @@ def test_no_call_starts_on_a_comm_broken_while_it_starts(comm, fresh, need_size,
                                                rf"{odd} failed: MPI error ERR_TRUNCATE"):
             c.Iallreduce(np.ones(N), np.zeros(N))
     else:
-        b = c.Iallreduce(np.ones(N), np.zeros(N))
+        try:
+            b = c.Iallreduce(np.ones(N), np.zeros(N))
+        except StallError as e:
+            # the progress thread found the odd rank's failure before it reached this call:
+            # it raised at once, and this rank's check names it as the one that did not join
+            assert where == "check" and e.ranks == [odd], (where, e.ranks)
     for req in (b, a):  # on the other ranks: stall (the odd rank left), then the broken Comm's
         if req is not None:
             with pytest.raises((RuntimeError, StallError)):

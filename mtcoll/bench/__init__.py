@@ -434,7 +434,7 @@ def meta_for(comm, mcomm, args_meta):
         steps = list(mcomm.schedule("multitree").steps)
     except ValueError:
         steps = None
-    topo = mcomm.topology
+    topo = mcomm.network
     ports = topo.ports
     lib = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
     env = {k: v for k, v in os.environ.items()

@@ -135,7 +135,7 @@ def main(argv=None):
     try:
         for name in names:
             c = mtcoll.Comm(world, algorithm=name, **options)
-            options["topology"] = c.topology  # the others skip detecting it again
+            options["topology"] = c.network  # the others skip detecting it again
             if name not in ("auto", "native"):
                 try:
                     c.schedule(name)
