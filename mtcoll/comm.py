@@ -597,6 +597,26 @@ class Comm(MPI.Intracomm):
 
     # -- the calls -------------------------------------------------------------------------------
 
+    def _fast_path(self, sendbuf, recvbuf, op):
+        """``(sendbuf, True)`` when a call may go straight to the library: plain arrays whose
+        (size, dtype, op) this Comm has already handed to it, nothing to check or print, and
+        buffers that cannot overlap (``None`` or the same object becomes ``MPI.IN_PLACE``);
+        else ``(sendbuf, False)`` and the slow path checks and says what is wrong."""
+        try:
+            fast = (recvbuf.nbytes, recvbuf.dtype.num, op.handle) in self._fast
+        except AttributeError:  # not an array, or not an op
+            return sendbuf, False
+        if not (fast and env_quiet()):
+            return sendbuf, False
+        if sendbuf is None or sendbuf is recvbuf:
+            return _IN_PLACE, True
+        if sendbuf is _IN_PLACE:
+            return sendbuf, True
+        plain = (type(sendbuf) is _ndarray and sendbuf.dtype is recvbuf.dtype
+                 and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
+                 and (sendbuf.base is None or sendbuf.base is not recvbuf.base))
+        return sendbuf, plain  # not plain: maybe overlapping, or another dtype
+
     def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):
         """Combine the ``sendbuf`` of every rank with ``op``; every rank gets the result.
 
@@ -629,25 +649,14 @@ class Comm(MPI.Intracomm):
         # The fast path: plain contiguous arrays whose (size, dtype, op) this Comm has already
         # handed to the MPI library, nothing to check or print, no watchdog: straight to the
         # library's blocking call (mtcoll's calls in flight are advanced by the progress thread).
-        try:
-            fast = (recvbuf.nbytes, recvbuf.dtype.num, op.handle) in self._fast
-        except AttributeError:  # not an array, or not an op: the slow path says what is wrong
-            fast = False
-        if fast and env_quiet():
-            if sendbuf is None or sendbuf is recvbuf:
-                sendbuf = _IN_PLACE
-            elif sendbuf is not _IN_PLACE and not (
-                    type(sendbuf) is _ndarray and sendbuf.dtype is recvbuf.dtype
-                    and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
-                    and (sendbuf.base is None or sendbuf.base is not recvbuf.base)):
-                fast = False  # maybe overlapping, or another dtype: the slow path checks
-            if fast:
-                try:
-                    self._lib_allreduce(sendbuf, recvbuf, op)
-                    self._ncalls += 1
-                    return
-                except (BufferError, ValueError, TypeError):
-                    pass  # not as mpi4py takes it (non-contiguous...): the slow path says why
+        sendbuf, fast = self._fast_path(sendbuf, recvbuf, op)
+        if fast:
+            try:
+                self._lib_allreduce(sendbuf, recvbuf, op)
+                self._ncalls += 1
+                return
+            except (BufferError, ValueError, TypeError):
+                pass  # not as mpi4py takes it (non-contiguous...): the slow path says why
         self._start("Allreduce", sendbuf, recvbuf, op, blocking=True).Wait()
 
     def Iallreduce(self, sendbuf, recvbuf, op=MPI.SUM):
@@ -661,32 +670,22 @@ class Comm(MPI.Intracomm):
         the start synchronises the ranks (the agreement check exchanges a small descriptor
         between every pair of ranks).
         """
-        try:  # the fast path, as for Allreduce: the library's own request, returned as is
-            fast = (recvbuf.nbytes, recvbuf.dtype.num, op.handle) in self._fast
-        except AttributeError:
-            fast = False
-        if fast and env_quiet():
-            if sendbuf is None or sendbuf is recvbuf:
-                sendbuf = _IN_PLACE
-            elif sendbuf is not _IN_PLACE and not (
-                    type(sendbuf) is _ndarray and sendbuf.dtype is recvbuf.dtype
-                    and sendbuf.base is not recvbuf and recvbuf.base is not sendbuf
-                    and (sendbuf.base is None or sendbuf.base is not recvbuf.base)):
-                fast = False
-            if fast:
-                try:
-                    native = self._lib_iallreduce(sendbuf, recvbuf, op)
-                except (BufferError, ValueError, TypeError):
-                    pass
-                else:
-                    self._ncalls += 1
-                    req = Request._library(native, (sendbuf, recvbuf), self, "Iallreduce",
-                                           self._ncalls)
-                    reqs = self._requests
-                    reqs.append(req)
-                    if len(reqs) > 64:  # what _retire does, now and then
-                        self._requests = deque(r for r in reqs if not r._done())
-                    return req
+        # the fast path, as for Allreduce: the library's own request, returned as is
+        sendbuf, fast = self._fast_path(sendbuf, recvbuf, op)
+        if fast:
+            try:
+                native = self._lib_iallreduce(sendbuf, recvbuf, op)
+            except (BufferError, ValueError, TypeError):
+                pass
+            else:
+                self._ncalls += 1
+                req = Request._library(native, (sendbuf, recvbuf), self, "Iallreduce",
+                                       self._ncalls)
+                reqs = self._requests
+                reqs.append(req)
+                if len(reqs) > 64:  # what _retire does, now and then
+                    self._requests = deque(r for r in reqs if not r._done())
+                return req
         return self._start("Iallreduce", sendbuf, recvbuf, op, blocking=False)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
