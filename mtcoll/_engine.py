@@ -147,6 +147,8 @@ class _Abi:
 
 _ABI = None
 _KERNEL = None
+#: Calls the compiled engine has run in this process (the tests check it served them).
+served = 0
 
 
 def _abi():
@@ -176,6 +178,25 @@ def _kernel():
     return _KERNEL
 
 
+def warm():
+    """Compile the kernel for this MPI library's ABI (or load it from numba's cache): one call
+    of no messages through the path every call takes. Returns None, or why the engine cannot
+    run here. ``python -m mtcoll._engine`` runs it (``make`` does, after installing)."""
+    why = available()
+    if why:
+        return why
+
+    class _Stub:
+        npieces = scratch_size = 0
+        kind = phase = peer = a = b = tagnum = scratch = src_read = npending = ()
+        dependents = reduce_recvs = ready = precopy = ()
+        comm, rank, sleep = MPI.COMM_SELF, 0, False
+
+    acc = np.zeros(1)
+    CompiledExecution(_Stub(), _Stub(), acc, np.add, 0)._step(False, 1)
+    return None
+
+
 # -- selection ---------------------------------------------------------------------------------
 
 def start(executor, layout, acc, ufunc, slot, src, blocking):
@@ -187,6 +208,8 @@ def start(executor, layout, acc, ufunc, slot, src, blocking):
               file=sys.stderr, flush=True)
     if why:
         return None
+    global served
+    served += 1
     return CompiledExecution(executor, layout, acc, ufunc, slot, src)
 
 
@@ -206,6 +229,10 @@ def _why_not(executor, layout, acc, ufunc, blocking):
         return f"dtype {acc.dtype} (the kernel reduces bool, ints, float32/64, complex)"
     if layout.reduce_recvs and _OPS.get(ufunc) is None:
         return f"reduction {getattr(ufunc, '__name__', ufunc)!r} unknown to the kernel"
+    if layout.reduce_recvs and ufunc is np.multiply and acc.dtype.kind == "c":
+        # numpy's vectorised complex multiply may fuse operations (FMA): the kernel's product
+        # would differ in the last bit
+        return "complex PROD (numpy's complex multiply rounds as the kernel cannot match)"
     if MPI._typedict.get(acc.dtype.char) is None:
         return f"no MPI datatype for dtype {acc.dtype}"
     return available()
@@ -434,3 +461,8 @@ class CompiledExecution:
     def _fail_quietly(self):
         self.abandon()
 
+
+
+if __name__ == "__main__":
+    problem = warm()
+    print(f"mtcoll compiled engine: {problem or 'ready'} ({_abi().library if not _abi().why else 'no ABI'})")

@@ -398,11 +398,10 @@ class Executor:
                                 or not src.flags.c_contiguous):
             raise ValueError("src must be 1-D, C-contiguous and of acc's dtype and size")
         slot = int(seq) % TAG_SLOTS
-        if blocking:
-            from . import _engine
-            compiled = _engine.start(self, lay, acc, ufunc, slot, src, blocking)
-            if compiled is not None:
-                return compiled
+        from . import _engine  # the compiled engine, if it serves this call
+        compiled = _engine.start(self, lay, acc, ufunc, slot, src, blocking)
+        if compiled is not None:
+            return compiled
         return Execution(self, lay, acc, ufunc, slot, src)
 
     def run(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None):
