@@ -323,7 +323,10 @@ class Executor:
         self.rank = comm.Get_rank()
         self.segment_bytes = segment_bytes
         self.max_segments = max_segments
-        self.tag_ub = int(comm.Get_attr(MPI.TAG_UB))
+        tag_ub = comm.Get_attr(MPI.TAG_UB)
+        if tag_ub is None:  # MPI caches it on MPI_COMM_WORLD; Open MPI only there (Create_group)
+            tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+        self.tag_ub = int(tag_ub)
         self.sleep = (wait or WAIT) == "sleep"
         self._layouts = OrderedDict()
 

@@ -63,7 +63,7 @@ def engine_ok():
         pytest.skip(f"compiled engine unavailable: {why}")
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_same_bits_as_python_executor_and_library(comm, engine_ok, monkeypatch, algorithm):
     c = mtcoll.Comm(comm, algorithm=algorithm, segment_bytes=512)
@@ -91,7 +91,7 @@ def test_same_bits_as_python_executor_and_library(comm, engine_ok, monkeypatch, 
     assert len(_engine._kernel().run.signatures) == 1  # the warm-up compiles what calls use
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 def test_block_calls_and_readonly_input(comm, engine_ok, monkeypatch):
     r, size = comm.Get_rank(), comm.Get_size()
     c = mtcoll.Comm(comm, algorithm="multitree")
@@ -121,7 +121,7 @@ def test_block_calls_and_readonly_input(comm, engine_ok, monkeypatch):
     c.Free()
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("mode", ["sleep", "timeout"])
 def test_waits_that_poll(comm, engine_ok, monkeypatch, mode):
     """wait="sleep" and MTCOLL_TIMEOUT: the kernel tests and returns, Python sleeps or checks
@@ -138,7 +138,7 @@ def test_waits_that_poll(comm, engine_ok, monkeypatch, mode):
     c.Free()
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 def test_nonblocking_and_calls_in_flight_stay_on_python(comm, engine_ok, monkeypatch):
     c = mtcoll.Comm(comm, algorithm="ring")
     x = inputs(comm.Get_rank(), 1000, "float64")
@@ -154,7 +154,7 @@ def test_nonblocking_and_calls_in_flight_stay_on_python(comm, engine_ok, monkeyp
     c.Free()
 
 
-@pytest.mark.mpi
+@pytest.mark.mpi(min_size=2)
 def test_debug_names_the_engine(comm, engine_ok, monkeypatch, capfd):
     monkeypatch.setenv("MTCOLL_DEBUG", "1")
     c = mtcoll.Comm(comm, algorithm="ring")
