@@ -37,7 +37,7 @@ SMALL_MESSAGE_BYTES = 64 * 1024
 
 #: Environment variables mtcoll reads.
 ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "MTCOLL_CHECK",
-            "MTCOLL_DEBUG", "MTCOLL_TIMEOUT", "MTCOLL_PROGRESS")
+            "MTCOLL_DEBUG", "MTCOLL_TIMEOUT", "MTCOLL_PROGRESS", "MTCOLL_ENGINE")
 
 _SPECIAL_ALGORITHMS = ("auto", "native")
 _FAST_CACHE = 256  # (nbytes, dtype, op) choices remembered per Comm
