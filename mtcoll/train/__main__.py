@@ -158,7 +158,8 @@ def _configs(args, size):
                      hidden=_ints(args.hidden, "--hidden") if args.hidden else None,
                      activation=args.activation, epochs=args.epochs, batch=args.batch,
                      micro_batches=args.micro_batches, lr=args.lr, momentum=args.momentum,
-                     seed=args.seed, algorithm=args.algorithm, comm=args.comm, bucket_bytes=args.bucket_bytes,
+                     seed=args.seed, algorithm=args.algorithm, comm=args.comm,
+                     bucket_bytes=args.bucket_bytes,
                      partition=_ints(args.partition, "--partition") if args.partition else None,
                      profile=args.profile, seconds=args.seconds, elements=args.elements,
                      batches=args.batches)
