@@ -356,12 +356,14 @@ def test_guard_zones_untouched(comm, fresh, need_size, monkeypatch, what, algori
     """Checking off, the last rank's call differs: whatever happens (a wrong result, an MPI
     error, a stall), nothing is written outside any rank's receive buffer, and no rank hangs."""
     size = need_size(min_size=2, max_size=8)
-    if algorithm == "native" and what.startswith("count") \
+    if algorithm == "native" and what in ("count_more", "count_less", "datatype") \
             and MPI.Get_library_version().startswith("Open MPI"):
-        # seen with Open MPI 5.0.11 (make test-openmpi): its own Iallreduce (libnbc) writes
-        # past the receive buffer of a rank whose peer sends more; MPI promises nothing for
-        # an erroneous program, and mtcoll does not touch the buffer in a native call
-        pytest.skip("Open MPI's Iallreduce writes past the buffer when counts differ")
+        # seen with Open MPI 5.0.11 (make test-openmpi): its own Iallreduce (libnbc) wrote
+        # past the receive buffer of a rank whose peer sends more (count_more), and a
+        # datatype mismatch ended in glibc's "corrupted size vs. prev_size"; MPI promises
+        # nothing for an erroneous program, and mtcoll does not touch the buffers of a
+        # native call
+        pytest.skip("Open MPI's Iallreduce writes past the buffers when the sizes differ")
     r, odd = comm.Get_rank(), size - 1
     me = r == odd
     monkeypatch.setenv("MTCOLL_CHECK", "0")
