@@ -144,12 +144,18 @@ def test_nonblocking_and_calls_in_flight_stay_on_python(comm, engine_ok, monkeyp
     x = inputs(comm.Get_rank(), 1000, "float64")
     before = _engine.served
     a, b, d = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-    req = c.Iallreduce(x, a)
-    c.Allreduce(x, b)  # an Iallreduce is in flight: the Python executor runs this one too
+    with mtcoll._requests.LOCK:  # the progress thread cannot complete it meanwhile
+        req = c.Iallreduce(x, a)
+        assert _engine.served == before
+        ex = next(iter(c._executors.values()))
+        lay = ex.layout(x.size, x.itemsize)
+        if mtcoll.execute.running():  # (it may have completed already, if every rank is quick)
+            assert "in flight" in _engine._why_not(ex, lay, b, np.add, True)
+    c.Allreduce(x, b)  # served by either engine, whether or not the Iallreduce is still running
     req.Wait()
-    assert _engine.served == before
-    c.Allreduce(x, d)
-    assert _engine.served == before + 1
+    served = _engine.served
+    c.Allreduce(x, d)  # nothing in flight: the compiled engine
+    assert _engine.served == served + 1
     assert a.tobytes() == b.tobytes() == d.tobytes()
     c.Free()
 
