@@ -447,7 +447,8 @@ class CompiledExecution:
                     pass
             else:
                 self._kept.append(r)  # a send in flight: its buffer stays ours
-        self._raw = None  # a cancelled receive may have been written: not back to the pool
+        # the scratch stays with this object (kept alive by the abandoned request, as the
+        # Python executor's): a receive MPI failed to cancel may still write into it
 
     def _fail(self, error):
         if self.done:
