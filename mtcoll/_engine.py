@@ -466,4 +466,5 @@ class CompiledExecution:
 
 if __name__ == "__main__":
     problem = warm()
-    print(f"mtcoll compiled engine: {problem or 'ready'} ({_abi().library if not _abi().why else 'no ABI'})")
+    library = MPI.Get_library_version().splitlines()[0].strip()
+    print(f"mtcoll compiled engine: {problem or 'ready'} ({library})")
