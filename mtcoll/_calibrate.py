@@ -17,30 +17,37 @@ For an mtcoll algorithm ``a`` on a buffer of ``n`` bytes (per rank)::
 
 ``S_a`` its schedule's steps (both phases), ``M_a(n)`` the messages its busiest rank sends and
 receives (each transfer cut into segments as the executor cuts it), ``X_a`` the bytes that rank
-sends and receives per byte of buffer, and ``L_a(n)`` :func:`mtcoll.simulate.simulate`'s replay
-of the schedule on the network's links (hops, link sharing: contention). For the MPI library::
+sends and receives per byte of buffer, and ``L_a(n)`` the schedule's time on the network's links
+(:func:`link_terms`: per step, the longest route's latency and the busiest link's bytes, so
+multi-hop routes and transfers sharing a link, contention, both count). For the MPI library::
 
     t_native(n) = a + b * n + lam * L_native(n)
 
-with ``L_native`` the replay of :mod:`mtcoll.simulate._native`'s model of MPICH's algorithm.
+with ``L_native`` the same of :mod:`mtcoll.simulate._native`'s model of MPICH's algorithm.
 The executor's ``sigma, mu, beta, lam`` and the library's ``a, b, lam`` are fitted (least
 squares on relative error, non-negative) to the probe's measurements. On top of the model,
 every candidate the probe measured carries a **correction**: measured / modelled at each probe
 size, interpolated in log(size) and held constant beyond the probe's sizes; an mtcoll
-algorithm the probe did not measure takes the geometric mean of the measured ones'
-corrections at that size. A shared-memory
+algorithm the probe did not measure takes the geometric mean of the measured ones' corrections.
+
+``auto`` takes the fastest predicted candidate **among those the probe measured**, and an mtcoll
+algorithm only if it beats the MPI library's prediction by :data:`MARGIN`. A shared-memory
 machine with more ranks than cores is not a network of links (its cost is CPU and scheduling,
-which the terms above only approximate), so the measured candidates' own times are what the
-choice rests on there; the model fills in the sizes between and beyond, and the candidates the
-time budget left unmeasured.
+which the terms above only approximate), so there the choice rests on the measured candidates'
+own times; the model carries them between and beyond the probe's sizes, and says where
+messages are the cost (:meth:`Calibration.message_share`): where they are, the probe's
+algorithm with the fewest messages, or the library, wins. On a network whose links are the
+bottleneck the links term does the telling, and the probe measures MultiTree at the largest
+size, where it would win.
 
 The probe
 ---------
-Sizes :data:`PROBE_SIZES`; points in :func:`probe_points`' order (the MPI library and the
-algorithm with the fewest messages at the largest and smallest size, MultiTree at the largest,
-then the rest; then all of them once more, each point keeping its faster time); timed calls per point (after its layout is built), each between a barrier and the
-end of rank 0's call, the fastest of :data:`REPEATS` after an untimed first call. It stops after :data:`MIN_POINTS` points once :data:`BUDGET` seconds
-(``MTCOLL_PROBE_SECONDS``) are spent.
+Sizes :data:`PROBE_SIZES`; points in :func:`probe_points`' order: the MPI library and the
+mtcoll algorithm with the fewest messages at the largest and smallest size, MultiTree at the
+largest, then the rest; then all of them once more, each point keeping its faster time. A point
+is the fastest of :data:`REPEATS` calls, each between a barrier and the end of rank 0's call,
+after an untimed first call. The probe stops after :data:`MIN_POINTS` points once
+:data:`BUDGET` seconds (``MTCOLL_PROBE_SECONDS``) are spent.
 
 The cache
 ---------
@@ -57,6 +64,7 @@ again and rewrites the cache.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -112,6 +120,7 @@ def cache_dir():
     return (Path(base) if base else Path.home() / ".cache") / "mtcoll"
 
 
+@functools.lru_cache(maxsize=1)
 def engine_id():
     """A hash of the code a call runs through (the executor, the requests and progress, the
     communicator's call path): any change to it, a compiled engine included, measures anew."""
@@ -175,27 +184,46 @@ def host_layout(leaders):
 
 # -- the model --------------------------------------------------------------------------------
 
-def features(schedule, network, segmenting, itemsize=4):
+def features(schedule, network, segmenting):
     """The schedule facts the model needs, as a JSON-able dict (see the module notes)."""
-    from .simulate import simulate
-
     n = schedule.nranks
     load = np.bincount(schedule.src, minlength=n) + np.bincount(schedule.dst, minlength=n)
     busiest = int(np.argmax(load))
     mine = (schedule.src == busiest) | (schedule.dst == busiest)
     frac = (schedule.hi[mine] - schedule.lo[mine]) / float(schedule.nchunks)
-    links = _links(schedule, network, itemsize, simulate)
+    links = link_terms(schedule, network)
     return {"steps": int(sum(schedule.steps)), "fractions": [float(f) for f in frac],
             "bytes": float(frac.sum()), "links": links,
             "segmenting": [int(x) for x in segmenting], "transfers": int(schedule.ntransfers)}
 
 
-def _links(schedule, network, itemsize, simulate):
-    # the replay is affine in n for a fixed schedule (up to chunk rounding): its time at 0 and
-    # at _REF bytes gives both coefficients
-    t0 = simulate(schedule, network, 0, itemsize=itemsize).time
-    t1 = simulate(schedule, network, _REF - _REF % itemsize, itemsize=itemsize).time
-    return [float(t0), float(max(t1 - t0, 0.0) / _REF)]
+def link_terms(schedule, network):
+    """``[l0, l1]``: the schedule's time on the network's links, ``l0 + l1 * nbytes``, step by
+    step: each step takes its longest route's latency plus the bytes of its busiest link (every
+    transfer of the step that crosses a link loads it: contention and multi-hop routes both
+    count) over that link's bandwidth. The step-synchronous bound of
+    :func:`mtcoll.simulate.simulate`'s replay, in milliseconds instead of a replay."""
+    from .plan._graph import route_ids
+
+    if schedule.ntransfers == 0:
+        return [0.0, 0.0]
+    q, ptr, rl = route_ids(schedule, network)
+    first, lens = ptr[q], ptr[q + 1] - ptr[q]
+    tid = np.repeat(np.arange(schedule.ntransfers), lens)
+    starts = np.cumsum(lens) - lens
+    links = rl[np.repeat(first, lens) + np.arange(int(lens.sum())) - np.repeat(starts, lens)]
+    key = schedule.phase.astype(np.int64) * (int(schedule.step.max()) + 1) + schedule.step
+    _, k = np.unique(key, return_inverse=True)
+    k = k.ravel()
+    nsteps, nlinks = int(k.max()) + 1, int(network.nlinks)
+    frac = (schedule.hi - schedule.lo) / float(schedule.nchunks)
+    load = np.zeros(nsteps * nlinks)
+    np.add.at(load, k[tid] * nlinks + links, frac[tid] / network.bandwidth[links])
+    lat = np.zeros(schedule.ntransfers)
+    np.add.at(lat, tid, network.latency[links])
+    step_lat = np.zeros(nsteps)
+    np.maximum.at(step_lat, k, lat)
+    return [float(step_lat.sum()), float(load.reshape(nsteps, nlinks).max(axis=1).sum())]
 
 
 def _row(feat, nbytes):
@@ -245,6 +273,7 @@ class Calibration:
         self.data = data
         self.path = path  # the cache file, or None
         self.source = source  # "probe", "cache", or "probe (not cached: why)"
+        self.seconds = None  # what obtaining it took this Comm (cache read or probe)
         feats = data["features"]
         meas = {}
         for a, pts in data["measured"].items():  # a point measured twice: its faster time
@@ -293,18 +322,23 @@ class Calibration:
 
     def choose(self, nbytes):
         """``(algorithm, why)``: the fastest predicted candidate and the prediction (cached per
-        size). An mtcoll algorithm must beat the MPI library's prediction by :data:`MARGIN`:
-        within the model's error, the library's own call is the safer bet."""
+        size). Only candidates the probe measured are chosen (the model alone is not trusted
+        to rank one it never saw run here; the others are predicted, for the record). An mtcoll
+        algorithm must beat the MPI library's prediction by :data:`MARGIN`: within the model's
+        error, the library's own call is the safer bet."""
         got = self._cache.get(nbytes)
         if got is None:
             pred = self.predict(nbytes)
-            best = min(pred, key=lambda a: (pred[a] * (1 + MARGIN) if a != "native" else
-                                            pred[a], self.candidates.index(a)))
+            ok = [a for a in self.candidates if a in self._corr] or self.candidates
+            best = min(ok, key=lambda a: (pred[a] * (1 + MARGIN) if a != "native" else
+                                          pred[a], self.candidates.index(a)))
             parts = []
             for a in sorted(pred, key=pred.get):
                 share = self.message_share(a, nbytes)
+                notes = ([] if share is None else [f"{share:.0%} messages"]) \
+                    + ([] if a in ok else ["not measured"])
                 parts.append(f"{a} {pred[a] * 1e3:.3g}ms"
-                             + ("" if share is None else f" ({share:.0%} messages)"))
+                             + (f" ({', '.join(notes)})" if notes else ""))
             got = (best, "calibrated: " + ", ".join(parts))
             if len(self._cache) < 1024:
                 self._cache[nbytes] = got
@@ -326,8 +360,10 @@ class Calibration:
         d = self.data
         ex = ", ".join(f"{t}={v:.3g}" for t, v in zip(_EXEC_TERMS, self.params["executor"]))
         na = ", ".join(f"{t}={v:.3g}" for t, v in zip(_NATIVE_TERMS, self.params["native"]))
-        lines = [f"source {self.source}" + (f", {self.path}" if self.path else ""),
-                 f"probe {d['probe_seconds']:.3f} s at {d['created']}, "
+        ph = ", ".join(f"{k} {v:.3f} s" for k, v in d.get("phases", {}).items())
+        took = "" if self.seconds is None else f" (this time: {self.seconds:.3f} s)"
+        lines = [f"source {self.source}" + (f", {self.path}" if self.path else "") + took,
+                 f"probe {d['probe_seconds']:.3f} s ({ph}) at {d['created']}, "
                  f"{sum(len(v) for v in d['measured'].values())} points",
                  f"executor: {ex}", f"native: {na}"]
         for a, pts in d["measured"].items():
@@ -389,6 +425,8 @@ def calibrate(comm, debug=False):
     """The :class:`Calibration` of an mtcoll ``Comm`` (collective): from the cache when it
     holds this key, else by probing (and caching what was measured). Rank 0 decides; every
     rank gets the same."""
+    comm._gate()  # every rank is here: what follows is the calibration's own time
+    start = time.perf_counter()
     rank = comm._dup.Get_rank()
     payload = None
     if rank == 0:
@@ -413,6 +451,7 @@ def calibrate(comm, debug=False):
             cal = Calibration(data, path if saved else None, source)
         comm._gate()
         cal = comm._dup.bcast(cal, root=0)
+    cal.seconds = time.perf_counter() - start  # what this Comm spent on it (rank 0's is printed)
     if debug and rank == 0:
         for line in cal.describe():
             print(f"mtcoll[rank 0]: calibration {line}", file=sys.stderr, flush=True)
@@ -459,6 +498,7 @@ def _probe(comm, k, feats):
     start = time.perf_counter()
     rank = comm._dup.Get_rank()
     cands = _candidates(comm)
+    phases = {"plan": time.perf_counter() - start}
     if rank == 0:
         from .simulate._native import native_schedule
 
@@ -467,11 +507,8 @@ def _probe(comm, k, feats):
         feats = {}
         for a in cands:
             if a == "native":
-                from .simulate import simulate
-
-                t0 = simulate(native_schedule(net, 0), net, 0).time
-                t1 = simulate(native_schedule(net, _REF), net, _REF).time
-                feats[a] = {"native": True, "links": [float(t0), float(max(t1 - t0, 0) / _REF)]}
+                # MPICH's large-message algorithm: the one whose bytes count
+                feats[a] = {"native": True, "links": link_terms(native_schedule(net, _REF), net)}
             else:
                 feats[a] = features(comm.schedule(a), net, seg)
         points = probe_points(cands, feats)
@@ -479,6 +516,7 @@ def _probe(comm, k, feats):
         points = None
     comm._gate()
     points = comm._dup.bcast(points, root=0)
+    phases["model"] = time.perf_counter() - start - phases["plan"]
     budget = _budget()
     measured = {a: [] for a in cands}
     for i, (a, nbytes) in enumerate(points):
@@ -495,6 +533,7 @@ def _probe(comm, k, feats):
         data = {"key": k, "features": feats,
                 "measured": {a: v for a, v in measured.items() if v},
                 "probe_seconds": time.perf_counter() - start,
+                "phases": {**phases, "points": time.perf_counter() - start - sum(phases.values())},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return data
 
