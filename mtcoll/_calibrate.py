@@ -44,10 +44,11 @@ The probe
 ---------
 Sizes :data:`PROBE_SIZES`; points in :func:`probe_points`' order: the MPI library and the
 mtcoll algorithm with the fewest messages at the largest and smallest size, MultiTree at the
-largest, then the rest; then all of them once more, each point keeping its faster time. A point
-is the fastest of :data:`REPEATS` calls, each between a barrier and the end of rank 0's call,
-after an untimed first call. The probe stops after :data:`MIN_POINTS` points once
-:data:`BUDGET` seconds (``MTCOLL_PROBE_SECONDS``) are spent.
+largest, then the rest; then all of them once more, each point keeping its faster time.
+Consecutive points of one size are measured together: one untimed call of each, then
+:data:`REPEATS` rounds of one call of each in turn, each call between a barrier and the end of
+rank 0's call; a point's time is its fastest call. The probe stops after :data:`MIN_POINTS`
+points once :data:`BUDGET` seconds (``MTCOLL_PROBE_SECONDS``) are spent.
 
 The cache
 ---------
@@ -392,11 +393,13 @@ def probe_points(candidates, feats):
     return once + once  # a second pass, where the budget allows, keeps each point's faster time
 
 
-def _time_one(comm, algorithm, nbytes, repeats=None):
-    """The fastest of ``repeats`` (:data:`REPEATS`) timed ``Allreduce`` calls through
-    ``comm``'s own call path, ``algorithm`` forced, after one untimed call (first-use costs:
-    scratch pages, the library's buffers). Every rank calls; rank 0's times count. The fastest
-    rather than the mean: other jobs on the machine only ever add to a call's time."""
+def _time_batch(comm, algorithms, nbytes, repeats=None):
+    """The fastest of ``repeats`` (:data:`REPEATS`) timed ``Allreduce`` calls of each of
+    ``algorithms``, through ``comm``'s own call path with the algorithm forced, after one
+    untimed call of each (first-use costs: scratch pages, the library's buffers). The timed
+    calls go round the algorithms in turn, so that a change in the machine's load falls on all
+    of them alike. Every rank calls; rank 0's times count. The fastest rather than the mean:
+    other jobs on the machine only ever add to a call's time."""
     from mpi4py import MPI
 
     from .schedule import GATHER, REDUCE
@@ -404,21 +407,24 @@ def _time_one(comm, algorithm, nbytes, repeats=None):
     count = max(nbytes // 4, 1)
     send = np.ones(count, np.float32)
     recv = np.empty_like(send)
-    if algorithm != "native":
-        comm._executor(algorithm).layout(count, 4, (REDUCE, GATHER))  # as a repeated call
+    best = {a: math.inf for a in algorithms}
     saved = comm.algorithm
-    comm.algorithm = algorithm
     try:
-        comm.Allreduce(send, recv, MPI.SUM)
-        best = math.inf
-        for _ in range(REPEATS if repeats is None else repeats):
-            comm._dup.Barrier()
-            t0 = time.perf_counter()
-            comm.Allreduce(send, recv, MPI.SUM)
-            best = min(best, time.perf_counter() - t0)
-        return best
+        for rnd in range(1 + (REPEATS if repeats is None else repeats)):
+            for a in algorithms:
+                comm.algorithm = a
+                if rnd == 0:
+                    if a != "native":
+                        comm._executor(a).layout(count, 4, (REDUCE, GATHER))
+                    comm.Allreduce(send, recv, MPI.SUM)
+                    continue
+                comm._dup.Barrier()
+                t0 = time.perf_counter()
+                comm.Allreduce(send, recv, MPI.SUM)
+                best[a] = min(best[a], time.perf_counter() - t0)
     finally:
         comm.algorithm = saved
+    return best
 
 
 def calibrate(comm, debug=False):
@@ -519,12 +525,21 @@ def _probe(comm, k, feats):
     phases["model"] = time.perf_counter() - start - phases["plan"]
     budget = _budget()
     measured = {a: [] for a in cands}
-    for i, (a, nbytes) in enumerate(points):
-        t = _time_one(comm, a, nbytes)
+    batches = []  # consecutive points of one size, measured together
+    for a, nbytes in points:
+        if batches and batches[-1][0] == nbytes:
+            batches[-1][1].append(a)
+        else:
+            batches.append((nbytes, [a]))
+    done = 0
+    for nbytes, algos in batches:
+        times = _time_batch(comm, algos, nbytes)
+        done += len(algos)
         go = None
         if rank == 0:
-            measured[a].append([nbytes, t])
-            go = i + 1 < MIN_POINTS or time.perf_counter() - start < budget
+            for a in algos:
+                measured[a].append([nbytes, times[a]])
+            go = done < MIN_POINTS or time.perf_counter() - start < budget
         if not comm._dup.bcast(go, root=0):
             break
     comm._fast.clear()  # the probe's library calls must not become the fast path of auto
