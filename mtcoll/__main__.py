@@ -5,7 +5,8 @@ Prints the versions of mtcoll, mpi4py, the MPI library, numba and numpy; the top
 what N ranks get); where the tuning table and numba's compiled-kernel cache live; the
 calibration ``algorithm="auto"`` chooses by (:mod:`mtcoll._calibrate`: where it is cached, what
 its probe measured, and what auto picks per size), read from the cache or, on a cold cache,
-measured by constructing a ``Comm`` (collective: the probe). Only rank 0 prints. ``--json`` follows the tools' convention.
+measured by constructing a ``Comm`` (collective: the probe). Only rank 0 prints. ``--json``
+follows the tools' convention.
 """
 
 from __future__ import annotations
