@@ -42,10 +42,13 @@ size, where it would win.
 
 The probe
 ---------
-Sizes :data:`PROBE_SIZES`; points in :func:`probe_points`' order: the MPI library and the
-mtcoll algorithm with the fewest messages at the largest and smallest size, MultiTree at the
-largest, then the rest; then all of them once more, each point keeping its faster time.
-Consecutive points of one size are measured together: one untimed call of each, then
+Sizes :data:`PROBE_SIZES`; batches in :func:`probe_batches`' order: the MPI library, the
+mtcoll algorithm with the fewest messages (rhd) and MultiTree at the largest size; the library
+and rhd at the smallest (these five points are the minimum); then the middle size, MultiTree
+small, the rest of :data:`ORDER`; then all of them once more, each point keeping its faster
+time. A candidate is planned when the probe first reaches it (so a short budget plans little);
+candidates never reached are not candidates of this calibration. A batch's candidates are
+measured together: one untimed call of each, then
 :data:`REPEATS` rounds of one call of each in turn, each call between a barrier and the end of
 rank 0's call; a point's time is its fastest call. The probe stops after :data:`MIN_POINTS`
 points once :data:`BUDGET` seconds (``MTCOLL_PROBE_SECONDS``) are spent.
@@ -79,7 +82,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Calibration", "cache_dir", "cache_path", "engine_id", "key", "calibrate",
-           "probe_points", "mode", "PROBE_SIZES", "BUDGET", "MIN_POINTS", "FORMAT"]
+           "probe_batches", "ORDER", "mode", "PROBE_SIZES", "BUDGET", "MIN_POINTS", "FORMAT"]
 
 FORMAT = 1
 #: bytes per rank the probe measures at (float32 elements)
@@ -374,22 +377,19 @@ class Calibration:
 
 # -- the probe --------------------------------------------------------------------------------
 
-def probe_points(candidates, feats):
-    """The probe's (candidate, nbytes) points, most telling first (see the module notes)."""
+#: the mtcoll candidates in the order the probe reaches them: the fewest messages first (rhd:
+#: 2 log2 N per rank), MultiTree (the topology-aware one), then the rest
+ORDER = ("rhd", "multitree", "dbtree", "ring2d", "ring")
+
+
+def probe_batches():
+    """The probe's batches ``(nbytes, candidates)``, most telling first (see the module notes);
+    the first two are the minimum. Candidates that do not plan on the network are skipped
+    when the probe reaches them."""
     small, mid, large = PROBE_SIZES
-    algos = [a for a in candidates if a != "native"]
-    if not algos:
-        return [("native", large), ("native", small), ("native", mid)]
-    lean = min(algos, key=lambda a: (len(feats[a]["fractions"]), feats[a]["steps"]))
-    first = [("native", large), (lean, large)]
-    if "multitree" in algos and lean != "multitree":
-        first.append(("multitree", large))
-    first += [("native", small), (lean, small), ("native", mid), (lean, mid)]
-    if "multitree" in algos and lean != "multitree":
-        first.append(("multitree", small))
-    rest = [a for a in algos if a not in (lean, "multitree")]
-    rest.sort(key=lambda a: len(feats[a]["fractions"]))
-    once = first + [(a, large) for a in rest] + [(a, small) for a in rest]
+    lean, tree, rest = ORDER[0], ORDER[1], list(ORDER[2:])
+    once = [(large, ["native", lean, tree]), (small, ["native", lean]), (mid, ["native", lean]),
+            (small, [tree]), (large, rest), (small, rest)]
     return once + once  # a second pass, where the budget allows, keeps each point's faster time
 
 
@@ -464,19 +464,6 @@ def calibrate(comm, debug=False):
     return cal
 
 
-def _candidates(comm):
-    from .plan import ALGORITHMS
-
-    out = ["native"]
-    for a in ALGORITHMS:
-        try:
-            comm.schedule(a)  # collective: rank 0 plans, every rank gets it (or the error)
-        except ValueError:
-            continue
-        out.append(a)
-    return out
-
-
 def _lookup(comm):
     # rank 0: ("cached", data, path) or ("probe", key, features, path or None, why)
     seg = segmenting(comm)
@@ -499,56 +486,59 @@ def _lookup(comm):
 
 
 def _probe(comm, k, feats):
-    # collective: every rank plans the candidates (rank 0 plans, the rest receive), rank 0
-    # computes the model's facts and times the points
+    # collective: every rank plans a candidate when the probe first reaches it (rank 0 plans,
+    # the rest receive; only those reached are planned), rank 0 computes the model's facts and
+    # times the points
+    from .simulate._native import native_schedule
+
     start = time.perf_counter()
     rank = comm._dup.Get_rank()
-    cands = _candidates(comm)
-    phases = {"plan": time.perf_counter() - start}
-    if rank == 0:
-        from .simulate._native import native_schedule
+    net, seg = comm.network, segmenting(comm)
+    phases = {"plan": 0.0, "model": 0.0}
+    feats, planned, failed = {}, {"native"}, set()
+    if rank == 0:  # MPICH's large-message algorithm: the one whose bytes count
+        feats["native"] = {"native": True, "links": link_terms(native_schedule(net, _REF), net)}
 
-        net = comm.network
-        seg = segmenting(comm)
-        feats = {}
-        for a in cands:
-            if a == "native":
-                # MPICH's large-message algorithm: the one whose bytes count
-                feats[a] = {"native": True, "links": link_terms(native_schedule(net, _REF), net)}
-            else:
-                feats[a] = features(comm.schedule(a), net, seg)
-        points = probe_points(cands, feats)
-    else:
-        points = None
-    comm._gate()
-    points = comm._dup.bcast(points, root=0)
-    phases["model"] = time.perf_counter() - start - phases["plan"]
+    def ready(a):  # collective; the same answer on every rank
+        if a in planned or a in failed:
+            return a in planned
+        t0 = time.perf_counter()
+        try:
+            sched = comm.schedule(a)  # rank 0 plans, every rank gets it (or the error)
+        except ValueError:
+            failed.add(a)
+            return False
+        planned.add(a)
+        t1 = time.perf_counter()
+        if rank == 0:
+            feats[a] = features(sched, net, seg)
+        phases["plan"] += t1 - t0
+        phases["model"] += time.perf_counter() - t1
+        return True
+
     budget = _budget()
-    measured = {a: [] for a in cands}
-    batches = []  # consecutive points of one size, measured together
-    for a, nbytes in points:
-        if batches and batches[-1][0] == nbytes:
-            batches[-1][1].append(a)
-        else:
-            batches.append((nbytes, [a]))
+    measured = {}
     done = 0
-    for nbytes, algos in batches:
+    for nbytes, names in probe_batches():
+        algos = [a for a in names if ready(a)]
+        if not algos:
+            continue
         times = _time_batch(comm, algos, nbytes)
         done += len(algos)
         go = None
         if rank == 0:
             for a in algos:
-                measured[a].append([nbytes, times[a]])
+                measured.setdefault(a, []).append([nbytes, times[a]])
             go = done < MIN_POINTS or time.perf_counter() - start < budget
         if not comm._dup.bcast(go, root=0):
             break
     comm._fast.clear()  # the probe's library calls must not become the fast path of auto
     data = None
     if rank == 0:
-        data = {"key": k, "features": feats,
-                "measured": {a: v for a, v in measured.items() if v},
-                "probe_seconds": time.perf_counter() - start,
-                "phases": {**phases, "points": time.perf_counter() - start - sum(phases.values())},
+        total = time.perf_counter() - start
+        data = {"key": k, "features": {a: feats[a] for a in ["native", *ORDER] if a in feats},
+                "measured": measured, "probe_seconds": total,
+                "phases": {**phases, "points": total - sum(phases.values())},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return data
 
