@@ -30,7 +30,8 @@ every candidate the probe measured carries a **correction**: measured / modelled
 size, interpolated in log(size) and held constant beyond the probe's sizes; an mtcoll
 algorithm the probe did not measure takes the geometric mean of the measured ones' corrections.
 
-``auto`` takes the fastest predicted candidate **among those the probe measured**, and an mtcoll
+``auto`` takes the fastest predicted candidate **among those the probe measured near that size**
+(within a factor :data:`REACH`, or at its largest size for larger calls), and an mtcoll
 algorithm only if it beats the MPI library's prediction by :data:`MARGIN`. A shared-memory
 machine with more ranks than cores is not a network of links (its cost is CPU and scheduling,
 which the terms above only approximate), so there the choice rests on the measured candidates'
@@ -92,6 +93,8 @@ BUDGET = 0.5
 MIN_POINTS = 5
 #: an mtcoll algorithm is chosen over the MPI library only if predicted this much faster
 MARGIN = 0.05
+#: a candidate measured at s bytes may be chosen for calls of s / REACH to s * REACH bytes
+REACH = 16
 #: timed calls per probe point (after one untimed call); the point's time is the fastest
 REPEATS = 2
 _OFF = ("off", "none", "0", "false", "no")
@@ -326,27 +329,41 @@ class Calibration:
 
     def choose(self, nbytes):
         """``(algorithm, why)``: the fastest predicted candidate and the prediction (cached per
-        size). Only candidates the probe measured are chosen (the model alone is not trusted
-        to rank one it never saw run here; the others are predicted, for the record). An mtcoll
+        size). Only candidates the probe measured within a factor :data:`REACH` of this size
+        are chosen (or at its largest size, for a larger call; at its smallest, for a smaller
+        one): the model alone is not trusted to rank a candidate it never saw run at about
+        this size here; the others are predicted, for the record. An mtcoll
         algorithm must beat the MPI library's prediction by :data:`MARGIN`: within the model's
         error, the library's own call is the safer bet."""
         got = self._cache.get(nbytes)
         if got is None:
             pred = self.predict(nbytes)
-            ok = [a for a in self.candidates if a in self._corr] or self.candidates
+            ok = [a for a in self.candidates if self._measured_near(a, nbytes)] \
+                or self.candidates
             best = min(ok, key=lambda a: (pred[a] * (1 + MARGIN) if a != "native" else
                                           pred[a], self.candidates.index(a)))
             parts = []
             for a in sorted(pred, key=pred.get):
                 share = self.message_share(a, nbytes)
                 notes = ([] if share is None else [f"{share:.0%} messages"]) \
-                    + ([] if a in ok else ["not measured"])
+                    + ([] if a in ok else ["not measured near this size"])
                 parts.append(f"{a} {pred[a] * 1e3:.3g}ms"
                              + (f" ({', '.join(notes)})" if notes else ""))
             got = (best, "calibrated: " + ", ".join(parts))
             if len(self._cache) < 1024:
                 self._cache[nbytes] = got
         return got
+
+    def _measured_near(self, algorithm, nbytes):
+        # measured within a factor REACH of nbytes, or at the probe's largest (smallest) size
+        # for calls above (below) every probe size
+        corr = self._corr.get(algorithm)
+        if corr is None:
+            return False
+        sizes = np.exp(corr[0])
+        near = np.any((sizes * REACH >= nbytes) & (sizes <= nbytes * REACH))
+        return bool(near or (nbytes >= max(PROBE_SIZES) and sizes.max() >= max(PROBE_SIZES))
+                    or (nbytes <= min(PROBE_SIZES) and sizes.min() <= min(PROBE_SIZES)))
 
     def message_share(self, algorithm, nbytes):
         """For an mtcoll algorithm, the part of its modelled time that is per-step and

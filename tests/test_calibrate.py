@@ -256,3 +256,14 @@ def test_debug_prints_every_candidates_prediction(comm, probing, monkeypatch, ca
         assert not [ln for ln in err.splitlines() if "bytes=1024 " in ln]
     else:
         assert "mtcoll[rank 0]" not in err
+
+
+def test_a_candidate_measured_only_far_away_is_not_chosen():
+    # multitree measured at 4 MiB alone: whatever the model says at 1 KiB, not chosen there
+    meas = {"native": [[16384, 0.05], [4 << 20, 0.10]], "rhd": [[16384, 0.06], [4 << 20, 0.2]],
+            "multitree": [[4 << 20, 0.01]]}
+    cal = Calibration(_data(meas))
+    assert cal.predict(1024)["multitree"] < cal.predict(1024)["native"]
+    algo, why = cal.choose(1024)
+    assert algo == "native" and "multitree" in why and "not measured near this size" in why
+    assert cal.choose(4 << 20)[0] == "multitree" and cal.choose(64 << 20)[0] == "multitree"
