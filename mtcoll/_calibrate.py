@@ -25,9 +25,11 @@ multi-hop routes and transfers sharing a link, contention, both count). For the 
 
 with ``L_native`` the same of :mod:`mtcoll.simulate._native`'s model of MPICH's algorithm.
 The executor's ``sigma, mu, beta, lam`` and the library's ``a, b, lam`` are fitted (least
-squares on relative error, non-negative) to the probe's measurements. On top of the model,
+squares on relative error, non-negative, the fewest terms that fit within 10 %, bytes before
+links on a tie) to the probe's measurements. On top of the model,
 every candidate the probe measured carries a **correction**: measured / modelled at each probe
-size, interpolated in log(size) and held constant beyond the probe's sizes; an mtcoll
+size, interpolated in log(size), held constant below the smallest, and added (measured minus
+modelled, a fixed cost) above the largest, where the model's own growth carries on; an mtcoll
 algorithm the probe did not measure takes the geometric mean of the measured ones' corrections.
 
 ``auto`` takes the fastest predicted candidate **among those the probe measured near that size**
@@ -245,9 +247,11 @@ def _row(feat, nbytes):
                      l0 + l1 * nbytes])
 
 
-def _nnls(a, y):
+def _nnls(a, y, tol=0.1):
     """Non-negative least squares on relative error, by trying every subset of columns (at
-    most four)."""
+    most four): the fewest columns whose RMS relative error is within ``tol`` (the probe's own
+    noise; more columns would fit the noise), the lowest error among those, earlier columns
+    first on a tie; else the best fit of all."""
     w = 1.0 / np.maximum(y, 1e-12)
     aw, yw = a * w[:, None], y * w
     best, best_res = np.zeros(a.shape[1]), float(yw @ yw)
@@ -263,8 +267,10 @@ def _nnls(a, y):
             full[list(cols)] = x
             r = yw - aw @ full
             res = float(r @ r)
-            if res < best_res * (1 - 1e-9):
+            if res < best_res * (1 - 1e-6) - 1e-12:  # (exact fits tie: the earlier stays)
                 best, best_res = full, res
+        if best_res <= tol * tol * len(y):
+            break
     return best
 
 
@@ -305,6 +311,7 @@ class Calibration:
             sizes = np.log([max(b, 1) for b, _ in sorted(pts)])
             ratio = [math.log(max(t, 1e-9) / max(self.model(a, b), 1e-9)) for b, t in sorted(pts)]
             self._corr[a] = (sizes, np.array(ratio))
+        self._top = {a: max(pts) for a, pts in meas.items()}  # (largest size, its time)
         self._cache = {}
 
     def model(self, algorithm, nbytes):
@@ -324,7 +331,13 @@ class Calibration:
         out = {}
         for a in self.candidates:
             t = self.model(a, nbytes)
-            out[a] = t * math.exp(logc.get(a, 0.0 if a == "native" else mean))
+            top = self._top.get(a)
+            if top is not None and nbytes > top[0]:
+                # above its largest measured size the misfit is carried as a constant (the
+                # call's fixed cost), not as a factor on the bytes still to come
+                out[a] = max(t + top[1] - self.model(a, top[0]), top[1])
+            else:
+                out[a] = t * math.exp(logc.get(a, 0.0 if a == "native" else mean))
         return out
 
     def choose(self, nbytes):
