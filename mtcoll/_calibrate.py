@@ -53,8 +53,8 @@ time. A candidate is planned when the probe first reaches it (so a short budget 
 candidates never reached are not candidates of this calibration. A batch's candidates are
 measured together: one untimed call of each, then
 :data:`REPEATS` rounds of one call of each in turn, each call between a barrier and the end of
-rank 0's call; a point's time is its fastest call. The probe stops after :data:`MIN_POINTS`
-points once :data:`BUDGET` seconds (``MTCOLL_PROBE_SECONDS``) are spent.
+rank 0's call; a point's time is the mean of its timed calls. The probe stops after
+:data:`MIN_POINTS` points once :data:`BUDGET` seconds (``MTCOLL_PROBE_SECONDS``) are spent.
 
 The cache
 ---------
@@ -97,7 +97,7 @@ MIN_POINTS = 5
 MARGIN = 0.05
 #: a candidate measured at s bytes may be chosen for calls of s / REACH to s * REACH bytes
 REACH = 16
-#: timed calls per probe point (after one untimed call); the point's time is the fastest
+#: timed calls per probe point (after one untimed call); the point's time is their mean
 REPEATS = 2
 _OFF = ("off", "none", "0", "false", "no")
 _EXEC_TERMS = ("steps", "messages", "bytes", "links")
@@ -424,12 +424,13 @@ def probe_batches():
 
 
 def _time_batch(comm, algorithms, nbytes, repeats=None):
-    """The fastest of ``repeats`` (:data:`REPEATS`) timed ``Allreduce`` calls of each of
+    """The mean of ``repeats`` (:data:`REPEATS`) timed ``Allreduce`` calls of each of
     ``algorithms``, through ``comm``'s own call path with the algorithm forced, after one
     untimed call of each (first-use costs: scratch pages, the library's buffers). The timed
     calls go round the algorithms in turn, so that a change in the machine's load falls on all
-    of them alike. Every rank calls; rank 0's times count. The fastest rather than the mean:
-    other jobs on the machine only ever add to a call's time."""
+    of them alike. Every rank calls; rank 0's times count. The mean, not the fastest: with more
+    ranks than cores the library's own waits make its times spread far more than the
+    executor's (a fastest call would flatter it), and the mean is what a user's calls cost."""
     from mpi4py import MPI
 
     from .schedule import GATHER, REDUCE
@@ -437,10 +438,11 @@ def _time_batch(comm, algorithms, nbytes, repeats=None):
     count = max(nbytes // 4, 1)
     send = np.ones(count, np.float32)
     recv = np.empty_like(send)
-    best = {a: math.inf for a in algorithms}
+    total = {a: 0.0 for a in algorithms}
+    n = REPEATS if repeats is None else repeats
     saved = comm.algorithm
     try:
-        for rnd in range(1 + (REPEATS if repeats is None else repeats)):
+        for rnd in range(1 + n):
             for a in algorithms:
                 comm.algorithm = a
                 if rnd == 0:
@@ -451,10 +453,10 @@ def _time_batch(comm, algorithms, nbytes, repeats=None):
                 comm._dup.Barrier()
                 t0 = time.perf_counter()
                 comm.Allreduce(send, recv, MPI.SUM)
-                best[a] = min(best[a], time.perf_counter() - t0)
+                total[a] += time.perf_counter() - t0
     finally:
         comm.algorithm = saved
-    return best
+    return {a: t / max(n, 1) for a, t in total.items()}
 
 
 def calibrate(comm, debug=False):
