@@ -268,8 +268,11 @@ class Comm(MPI.Intracomm):
                 if _calibrate.mode() != "off":
                     self._probing = True
                     self.calibration = _calibrate.calibrate(self, env_flag("MTCOLL_DEBUG"))
-            except BaseException:
-                self.Free()
+            except BaseException:  # (as above: what mtcoll made; the caller frees the rest)
+                self.virtual_topology.Free()
+                self._chk.Free()
+                self._dup.Free()
+                self._dup = self._chk = self.virtual_topology = None
                 raise
             finally:
                 self._probing = False

@@ -267,3 +267,15 @@ def test_a_candidate_measured_only_far_away_is_not_chosen():
     algo, why = cal.choose(1024)
     assert algo == "native" and "multitree" in why and "not measured near this size" in why
     assert cal.choose(4 << 20)[0] == "multitree" and cal.choose(64 << 20)[0] == "multitree"
+
+
+@pytest.mark.mpi
+def test_a_bad_calibrate_value_raises_on_every_rank(comm, probing, monkeypatch):
+    if comm.size < 2:
+        pytest.skip("a single rank has nothing to calibrate")
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "sometimes")
+    with pytest.raises(ValueError, match="MTCOLL_CALIBRATE"):
+        mtcoll.Comm(comm)
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "on")
+    with mtcoll.Comm(comm) as c:  # and nothing was left half-made
+        _check_sums(c, comm)
