@@ -564,7 +564,8 @@ def _probe(comm, k, feats):
             go = done < MIN_POINTS or time.perf_counter() - start < budget
         if not comm._dup.bcast(go, root=0):
             break
-    comm._fast.clear()  # the probe's library calls must not become the fast path of auto
+    # the probe's library calls must not become the fast path of auto's calls
+    comm._forget_fast()
     data = None
     if rank == 0:
         total = time.perf_counter() - start
