@@ -11,7 +11,8 @@ combined) and when its request completed; rank 0 writes them all to OUT.json. It
 methods of ``mtcoll.execute.Execution`` in this process (nothing is changed in the library).
 ``--order K`` is the experiment of docs/testbed.md: a send piece also waits until the send
 piece K earlier to the same peer has completed (each connection then carries its messages in
-program order, K in flight).
+program order, K in flight). Run it with ``env PYTHONPATH=DIR`` to trace another checkout's
+``mtcoll`` (``git archive main mtcoll | tar -x -C DIR``) on the same testbed.
 
 ``summary`` prints per call: the slowest rank's time, the spread of the ranks' starts (the
 barrier's release), each message's time from posting (for a gather receive: from the later of
