@@ -15,10 +15,7 @@ How a call runs
    a receive piece writing ``acc[a:b]`` waits until every earlier overlapping piece is done
    (sends completed, receives applied). Nothing else orders them, so a piece moves on as soon as
    its own data is ready: the segments of one transfer pipeline through the steps of the
-   schedule, and there is no barrier between steps. Sends to one peer are also posted in
-   program order (a send waits until the previous send to that peer has been posted, not
-   completed): the pair's connection then carries them in the schedule's order rather than in
-   the order their data happened to be ready (docs/testbed.md, "Where the time goes").
+   schedule, and there is no barrier between steps.
 3. **Receives.** A reduce-phase piece lands in a scratch buffer and is combined into the
    working buffer with the ufunc, ``ufunc(acc[a:b], tmp, out=acc[a:b])``, once its dependencies
    are met. These receives are posted ahead in program order, at most :data:`RECV_WINDOW`
@@ -137,9 +134,7 @@ class Layout:
     (in program order): ``kind[p]`` (SEND or RECV), ``phase[p]``, ``peer[p]``, element interval
     ``a[p]:b[p]``, ``tagnum[p]`` (its number in the stream of pieces between this rank and the
     peer), ``scratch[p]`` (offset in the scratch buffer for a reduce-phase receive, else -1),
-    ``npending[p]`` (pieces it waits for) and ``dependents[p]`` (pieces waiting for it);
-    ``next_send[p]`` for a send, the next send to the same peer (-1 if none), which waits until
-    ``p`` is posted (counted in its ``npending``).
+    ``npending[p]`` (pieces it waits for) and ``dependents[p]`` (pieces waiting for it).
     """
 
     def __init__(self, schedule, rank, count, itemsize, phases, segment_bytes, max_segments,
@@ -226,16 +221,6 @@ class Layout:
             npending[p] = len(deps)
             for q in deps:
                 dependents[q].append(p)
-        # sends to one peer in program order: each waits for the previous one to be posted
-        next_send = [-1] * npieces
-        last_send = {}
-        for p in range(npieces):
-            if kind[p] == SEND:
-                q = last_send.get(peer[p])
-                if q is not None:
-                    next_send[q] = p
-                    npending[p] += 1
-                last_send[peer[p]] = p
 
         # Which pieces may read the caller's input buffer directly (``src_read``): a send, or
         # a reduce-phase combine, whose elements no earlier receive has written. This spares
@@ -286,7 +271,6 @@ class Layout:
         self.scratch = tuple(scratch)
         self.scratch_size = nscratch
         self.npending = tuple(npending)
-        self.next_send = tuple(next_send)
         self.dependents = tuple(tuple(sorted(d)) for d in dependents)
         self.reduce_recvs = tuple(p for p in range(npieces)
                                   if kind[p] == RECV and phase[p] == REDUCE)
@@ -539,11 +523,6 @@ class Execution:
                 buf = self.src if lay.src_read[p] else acc
                 req = comm.Isend(buf[lay.a[p]:lay.b[p]], lay.peer[p],
                                  lay.tagnum[p] * TAG_SLOTS + self.slot)
-                q = lay.next_send[p]
-                if q >= 0:  # the next send to this peer may follow it now
-                    self._pending[q] -= 1
-                    if self._pending[q] == 0:
-                        work.append(q)
             elif lay.phase[p] == GATHER:
                 req = comm.Irecv(acc[lay.a[p]:lay.b[p]], lay.peer[p],
                                  lay.tagnum[p] * TAG_SLOTS + self.slot)
