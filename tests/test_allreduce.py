@@ -21,6 +21,7 @@ import mtcoll.execute
 from mtcoll import _ops
 from mtcoll.plan import ALGORITHMS
 
+from _comms import native as library, planned_or_skip
 from _topologies import family_spec
 
 FAMILIES = ("auto", "ring", "full", "torus", "mesh", "fattree", "bigraph", "hier")
@@ -42,13 +43,8 @@ def clean_env():
 def make_comm(comm, spec, algorithm, **kw):
     """An mtcoll.Comm whose schedule is planned, or a skip (the same on every rank) when the
     algorithm does not fit the topology."""
-    c = mtcoll.Comm(comm, topology=spec, algorithm=algorithm, **kw)
-    try:
-        c.schedule()
-    except ValueError as e:
-        c.Free()
-        pytest.skip(f"{algorithm} on {spec}: {e}")
-    return c
+    return planned_or_skip(mtcoll.Comm(comm, topology=spec, algorithm=algorithm, **kw),
+                           algorithm, spec)
 
 
 def assert_same_everywhere(comm, arr):
@@ -91,9 +87,7 @@ def data(op, dtype, count, rank, seed=0):
 
 
 def native(comm, x, op="SUM"):
-    out = np.empty_like(x)
-    comm.Allreduce(x, out, op=OPS[op])
-    return out
+    return library(comm, x, OPS[op])
 
 
 def counts_for(n):

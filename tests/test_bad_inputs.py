@@ -14,6 +14,7 @@ import pytest
 from mpi4py import MPI
 
 import mtcoll
+from _comms import native
 from _mpirun import ROOT
 
 ROWS = {}
@@ -39,12 +40,6 @@ def mt():
     c = mtcoll.Comm(MPI.COMM_WORLD, algorithm="multitree")
     yield c
     c.Free()
-
-
-def native(comm, x, op=MPI.SUM):
-    out = np.empty_like(x)
-    comm.Allreduce(x, out, op)
-    return out
 
 
 def raises(cls, what, rank):

@@ -14,6 +14,7 @@ import pytest
 from mpi4py import MPI
 
 import mtcoll
+import mtcoll._calls
 import mtcoll.comm
 from mtcoll import _ops
 
@@ -328,18 +329,18 @@ def test_module_level_calls_cache_one_comm(comm):
     out = np.zeros(10)
     mtcoll.Allreduce(np.full(10, float(r)), out)
     assert np.array_equal(out, ranks_sum(comm, 10))
-    first = mtcoll.comm._comm_for(MPI.COMM_WORLD, {})
+    first = mtcoll._calls._comm_for(MPI.COMM_WORLD, {})
     out2 = np.zeros(10)
     mtcoll.Iallreduce(np.full(10, float(r)), out2, op=MPI.MAX).Wait()
     assert np.array_equal(out2, np.full(10, comm.Get_size() - 1.0))
-    assert mtcoll.comm._comm_for(MPI.COMM_WORLD, {}) is first
+    assert mtcoll._calls._comm_for(MPI.COMM_WORLD, {}) is first
     # other options, other Comm; a user communicator's Comm goes when it is freed
-    other = mtcoll.comm._comm_for(MPI.COMM_WORLD, {"algorithm": "ring"})
+    other = mtcoll._calls._comm_for(MPI.COMM_WORLD, {"algorithm": "ring"})
     assert other is not first and other.algorithm == "ring"
     dup = comm.Dup()
     mtcoll.Allreduce(np.full(10, float(r)), out, comm=dup, algorithm="multitree")
     assert np.array_equal(out, ranks_sum(comm, 10))
-    assert dup.Get_attr(mtcoll.comm._KEYVAL)
+    assert dup.Get_attr(mtcoll._calls._KEYVAL)
     dup.Free()
 
 

@@ -36,6 +36,8 @@ import mtcoll
 from mtcoll._errors import StallError
 from mtcoll.plan import ALGORITHMS
 
+from _comms import native, planned_or_skip
+
 ROOT = Path(__file__).resolve().parent.parent
 FORCED = ("native",) + tuple(ALGORITHMS)
 BIG = 70_000  # float64 elements: above auto's 64 KiB cut-off
@@ -55,19 +57,9 @@ def forced(request, comm, monkeypatch):
     c = mtcoll.Comm(comm, algorithm="auto")
     assert c.algorithm == request.param
     if request.param != "native" and comm.Get_size() > 1:
-        try:
-            c.schedule()
-        except ValueError as e:
-            c.Free()
-            pytest.skip(f"{request.param} on {c.network.spec}: {e}")
+        planned_or_skip(c, request.param, c.network.spec)
     yield c
     c.Free()
-
-
-def plain_sum(comm, x, op=MPI.SUM):
-    out = np.empty_like(x)
-    comm.Allreduce(x, out, op)
-    return out
 
 
 # -- 1. numpy scalars in a spec ---------------------------------------------------------------
@@ -182,7 +174,7 @@ def test_2_iallreduce_on_split_with_mpi_waitall(comm, forced):
         reqs.append(comm.Iallreduce(np.full(3, 1.0), extra))  # a plain mpi4py request
         MPI.Request.Waitall(reqs)
         for g, o in zip(grads, outs):
-            assert np.array_equal(o, plain_sum(plain, g))
+            assert np.array_equal(o, native(plain, g))
         assert np.array_equal(extra, np.full(3, float(size)))
         # Testall, Waitany, Testany, Waitsome
         outs = [np.zeros_like(g) for g in grads]
@@ -195,7 +187,7 @@ def test_2_iallreduce_on_split_with_mpi_waitall(comm, forced):
         while MPI.Request.Waitsome(reqs) is not None:  # None: every request inactive
             pass
         for g, o, o2 in zip(grads, outs, outs2):
-            assert np.array_equal(o, plain_sum(plain, g)) and np.array_equal(o2, o)
+            assert np.array_equal(o, native(plain, g)) and np.array_equal(o2, o)
         outs3 = [np.zeros_like(g) for g in grads]
         reqs = [sub.Iallreduce(g, o) for g, o in zip(grads, outs3)]
         left = len(reqs)
@@ -223,7 +215,7 @@ def test_2_iallreduce_on_split_with_mpi_waitall(comm, forced):
             if flag:
                 break
         mtcoll.waitall([sub.Iallreduce(grads[1], outs[1]), comm.Ibarrier()])
-        assert np.array_equal(outs[1], plain_sum(plain, grads[1]))
+        assert np.array_equal(outs[1], native(plain, grads[1]))
     finally:
         sub.Free()
         plain.Free()
@@ -248,8 +240,8 @@ def test_2_ranks_waiting_in_different_orders_in_mpi(comm, monkeypatch):
             MPI.Request.Waitall([ra])
         else:
             MPI.Request.Waitall([ra, rb])
-        assert np.array_equal(a, plain_sum(comm, np.full(BIG, float(rank))))
-        assert np.array_equal(b, plain_sum(comm, np.full(10, float(rank))))
+        assert np.array_equal(a, native(comm, np.full(BIG, float(rank))))
+        assert np.array_equal(b, native(comm, np.full(10, float(rank))))
 
 
 # -- 3. DLPack and CAI exporters ------------------------------------------------------------------
@@ -283,7 +275,7 @@ def test_3_dlpack_and_cai_exporters(comm, forced):
     rank = comm.Get_rank()
     for n in (7, BIG):
         x = np.full(n, float(rank + 1))
-        want = plain_sum(comm, x)
+        want = native(comm, x)
         grad = x.copy()
         forced.Allreduce(MPI.IN_PLACE, DLPackOnly(grad))  # comm.Allreduce(IN_PLACE, param.grad)
         assert np.array_equal(grad, want)
@@ -308,7 +300,7 @@ def test_3_dlpack_and_cai_exporters(comm, forced):
 def test_4_none_and_same_object_are_in_place(comm, forced):
     rank, size = comm.Get_rank(), comm.Get_size()
     for n in (4, BIG):
-        want = plain_sum(comm, np.full(n, float(rank)))
+        want = native(comm, np.full(n, float(rank)))
         x = np.full(n, float(rank))
         forced.Allreduce(None, x)
         assert np.array_equal(x, want)
@@ -380,7 +372,7 @@ def test_6_derived_communicators_are_mtcoll(comm, forced, monkeypatch):
             d.Allreduce(x, out)
             assert seen == [d], name  # through mtcoll, not around it
             plain = MPI.Intracomm(d)
-            assert np.array_equal(out, plain_sum(plain, x)), name
+            assert np.array_equal(out, native(plain, x)), name
     finally:
         for d in made.values():
             d.Free()
@@ -404,7 +396,7 @@ def test_6_create_cart_gives_the_grid(comm):
                 x = np.full(BIG, float(cart.Get_rank()))
                 out = np.zeros(BIG)
                 cart.Allreduce(x, out)
-                assert np.array_equal(out, plain_sum(comm, x))
+                assert np.array_equal(out, native(comm, x))
             finally:
                 cart.Free()
         ring = c.Create_cart([size], periods=[True])
@@ -437,7 +429,7 @@ def test_7_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm
             for n, dtype, op in ((1, np.float64, MPI.SUM), (512, np.int32, MPI.MAX),
                                  (8192 - 1, np.float32, MPI.MIN)):
                 x = (np.arange(n) * (rank + 1) % 7).astype(dtype)
-                want = plain_sum(comm, x, op)
+                want = native(comm, x, op)
                 calls.clear()
                 for _ in range(5):
                     out = np.zeros(n, dtype)
@@ -461,6 +453,20 @@ def test_7_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm
             c.Allreduce(a[:6], a[4:])
         with pytest.raises(ValueError, match="dtype"):
             c.Allreduce(np.ones(1, np.float32), np.zeros(1))
+        # the fast path remembers the last call's (dtype, op, size): the same array with
+        # another dtype in place, or another op, is judged afresh
+        b = np.ones(4)
+        c.Allreduce(MPI.IN_PLACE, b)
+        c.Allreduce(MPI.IN_PLACE, b)
+        b.dtype = np.int64
+        with pytest.raises(ValueError, match="dtype"):
+            c.Allreduce(np.ones(4), b)
+        z = np.full(3, 1 + 1j)
+        c.Allreduce(MPI.IN_PLACE, z, MPI.SUM)
+        with pytest.raises(TypeError, match="MIN"):
+            c.Allreduce(MPI.IN_PLACE, z, MPI.MIN)  # not defined on complex
+    with pytest.raises(RuntimeError, match="freed"):
+        c.Allreduce(x, out, op)  # remembered before Free: forgotten by it
 
 
 # -- 8. no sleep-waiting for library calls -------------------------------------------------------------
@@ -493,11 +499,11 @@ def test_8_no_main_thread_sleep_for_library_calls(comm, monkeypatch):
         for _ in range(50):
             out = np.zeros(4)
             nat.Allreduce(x, out)
-            assert np.array_equal(out, plain_sum(comm, x))
+            assert np.array_equal(out, native(comm, x))
         monkeypatch.setattr(time, "sleep", real_sleep)
         assert slept == []
         req.Wait()
-        assert np.array_equal(big, plain_sum(comm, np.full(1 << 18, float(rank))))
+        assert np.array_equal(big, native(comm, np.full(1 << 18, float(rank))))
 
 
 # -- 9. one rank's bad input --------------------------------------------------------------------------
@@ -534,7 +540,7 @@ def test_9_stall_names_the_rank_that_did_not_join(comm, monkeypatch, algorithm):
     with mtcoll.Comm(comm, algorithm=algorithm) as c2:  # the world is fine
         out = np.zeros(BIG)
         c2.Allreduce(np.full(BIG, float(rank)), out)
-        assert np.array_equal(out, plain_sum(comm, np.full(BIG, float(rank))))
+        assert np.array_equal(out, native(comm, np.full(BIG, float(rank))))
 
 
 def test_9_run_commands_use_mpi4py():
@@ -563,24 +569,24 @@ def test_idioms_that_worked_before(comm, forced):
     # a 0-d array
     out = np.zeros(())
     forced.Allreduce(np.array(float(rank)), out)
-    assert out == plain_sum(comm, np.array(float(rank)))
+    assert out == native(comm, np.array(float(rank)))
     # tuple specs and keyword arguments
     x = np.full(6, rank, dtype=np.int64)
     out = np.zeros(6, np.int64)
     forced.Allreduce(sendbuf=(x, MPI.INT64_T), recvbuf=(out, 6, MPI.INT64_T), op=MPI.SUM)
-    assert np.array_equal(out, plain_sum(comm, x))
+    assert np.array_equal(out, native(comm, x))
     # float16, complex, bool LOR
     for arr, op in ((np.full(9, rank, np.float16), MPI.SUM),
                     (np.full(9, rank + 1j, np.complex128), MPI.PROD),
                     (np.array([rank == 0, False, True]), MPI.LOR)):
         out = np.zeros_like(arr)
         forced.Allreduce(arr, out, op=op)
-        assert np.array_equal(out, plain_sum(comm, arr, op))
+        assert np.array_equal(out, native(comm, arr, op))
     # bytearray and array.array
     raw = bytearray(np.full(5, rank, np.int32).tobytes())
     res = bytearray(20)
     forced.Allreduce([raw, MPI.INT], [res, MPI.INT])
-    assert np.array_equal(np.frombuffer(res, np.int32), plain_sum(comm, np.full(5, rank, np.int32)))
+    assert np.array_equal(np.frombuffer(res, np.int32), native(comm, np.full(5, rank, np.int32)))
     aa = array.array("d", [float(rank)] * 4)
     ab = array.array("d", [0.0] * 4)
     forced.Allreduce(aa, ab)

@@ -110,13 +110,16 @@ def _sub(min_size):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_synchronous_schedules_match_sequential(schedule):
+@pytest.mark.parametrize("schedule,dp", [("gpipe", "mtcoll"), ("1f1b", "mtcoll"),
+                                         ("gpipe", "mpi4py")])
+def test_synchronous_schedules_match_sequential(schedule, dp):
+    """With the gradient allreduce on an mtcoll.Comm, or on plain mpi4py (``--comm mpi4py``,
+    the reference for the exchange's time)."""
     comm, S, R = _sub(2)
     if comm == MPI.COMM_NULL:
         return
     try:
-        cfg = _tiny(schedule, S, R, partition=[0, 3])
+        cfg = _tiny(schedule, S, R, partition=[0, 3], comm=dp)
         steps = 5
         res = run(cfg, comm, steps=steps)
         if comm.Get_rank() == 0:
@@ -158,6 +161,7 @@ def test_layerpipe_computes_what_pipedream_computes():
             # the run reports its steady-state throughput beside the model's
             t = out["layerpipe"]["epochs"][-1]["throughput"]
             assert t["mini_batches_per_s"] > 0 and t["model_mini_batches_per_s"] > 0
+            assert t["allreduce_seconds_per_batch"] >= 0 and t["wait_seconds_per_batch"] > 0
             assert len(t["stage_busy"]) == S
     finally:
         comm.Free()
@@ -180,6 +184,8 @@ def test_config_rejects_bad_layouts():
         Config(schedule="gpipe", micro_batches=65).check()
     with pytest.raises(ValueError, match="--compute"):
         Config(compute="gpu").check()
+    with pytest.raises(ValueError, match="--comm 'nccl'"):
+        Config(comm="nccl").check()
     with pytest.raises(ValueError, match="uniform:4 has 4 layers"):
         Config(compute="emulate", profile="uniform:4", stages=5).check()
     Config(compute="emulate", profile="vgg16", stages=16).check()

@@ -35,7 +35,7 @@ from mpi4py import MPI
 
 from .._cli import entry, line, say
 from . import _data, _model
-from ._trainer import COMPUTE, SCHEDULES, Config, run
+from ._trainer import COMMS, COMPUTE, SCHEDULES, Config, run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +80,9 @@ def _parser():
     p.add_argument("--algorithm", default=d.algorithm,
                    help="mtcoll algorithm of the gradient allreduce: multitree, ring, native, "
                         "auto, ... (default: %(default)s)")
+    p.add_argument("--comm", default=d.comm, choices=COMMS,
+                   help="the gradient allreduce on an mtcoll.Comm (with --algorithm), or on the "
+                        "plain mpi4py communicator, for comparison (default: %(default)s)")
     p.add_argument("--bucket-bytes", type=int, default=d.bucket_bytes,
                    help="gradient bucket size (default: %(default)s)")
     p.add_argument("--partition", default=None,
@@ -155,7 +158,8 @@ def _configs(args, size):
                      hidden=_ints(args.hidden, "--hidden") if args.hidden else None,
                      activation=args.activation, epochs=args.epochs, batch=args.batch,
                      micro_batches=args.micro_batches, lr=args.lr, momentum=args.momentum,
-                     seed=args.seed, algorithm=args.algorithm, bucket_bytes=args.bucket_bytes,
+                     seed=args.seed, algorithm=args.algorithm, comm=args.comm,
+                     bucket_bytes=args.bucket_bytes,
                      partition=_ints(args.partition, "--partition") if args.partition else None,
                      profile=args.profile, seconds=args.seconds, elements=args.elements,
                      batches=args.batches)
@@ -211,7 +215,7 @@ def main(argv=None):
                 f"{c0.activation}")
         say(f"mtcoll.train: {','.join(c.schedule for c in cfgs)}, "
             f"{_plural(c0.stages, 'stage')} x {_plural(c0.replicas, 'replica')}, {what}, "
-            f"algorithm {c0.algorithm}")
+            + (f"algorithm {c0.algorithm}" if c0.comm == "mtcoll" else "plain mpi4py allreduce"))
         if emulate:
             row(f"{'schedule':<10} {'batches':>7} {'mb/s':>8} {'model':>8} {'meas/mod':>8} "
                 f"{'bubble':>6} {'model':>6} {'allred':>6}  busy per stage")

@@ -22,6 +22,7 @@ from .schedule import get_profile, simulate, weight_version, window_bounds
 SCHEDULES = ("sequential", "gpipe", "1f1b", "pipedream", "layerpipe")
 SYNCHRONOUS = ("gpipe", "1f1b")
 COMPUTE = ("real", "emulate")
+COMMS = ("mtcoll", "mpi4py")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Config:
     momentum: float = 0.9
     seed: int = 0
     algorithm: str = "multitree"
+    comm: str = "mtcoll"            # the gradient allreduce: mtcoll.Comm, or plain mpi4py
     bucket_bytes: int = 1 << 16
     partition: list = field(default=None)   # first layer of each stage; None: the model's choice
     profile: str = "vgg16"          # emulate: the cost profile (vgg16, uniform:L)
@@ -70,6 +72,8 @@ class Config:
         """Raise ValueError naming the option for a configuration that cannot run."""
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.comm not in COMMS:
+            raise ValueError(f"--comm {self.comm!r}: choose from {', '.join(COMMS)}")
         if self.compute not in COMPUTE:
             raise ValueError(f"--compute {self.compute!r}: choose from {', '.join(COMPUTE)}")
         if self.schedule == "sequential" and (self.stages, self.replicas) != (1, 1):
@@ -232,7 +236,8 @@ def _measure(comm, runner, spans, done, seconds, model, unit_seconds, S):
     """
     all_done = comm.gather(done, root=0)
     all_spans = comm.gather(spans, root=0)
-    shares = comm.gather((runner.t_allreduce / seconds, runner.t_wait / seconds), root=0)
+    shares = comm.gather((runner.t_allreduce / seconds, runner.t_wait / seconds,
+                          runner.t_allreduce, runner.t_wait), root=0)
     if comm.Get_rank() != 0:
         return None
     nb = len(done)
@@ -242,8 +247,12 @@ def _measure(comm, runner, spans, done, seconds, model, unit_seconds, S):
     out = {"mini_batches": nb, "window": [int(a), int(b)],
            "model_mini_batches_per_s": 1.0 / model_period,
            "model_utilization": model["utilization"],
-           "allreduce_share": float(np.mean([x for x, _ in shares])),
-           "wait_share": float(np.mean([y for _, y in shares]))}
+           "allreduce_share": float(np.mean([x[0] for x in shares])),
+           "wait_share": float(np.mean([x[1] for x in shares])),
+           # per mini-batch, averaged over ranks: seconds inside Iallreduce and Test, and
+           # waiting for messages and weight versions
+           "allreduce_seconds_per_batch": float(np.mean([x[2] for x in shares])) / max(nb, 1),
+           "wait_seconds_per_batch": float(np.mean([x[3] for x in shares])) / max(nb, 1)}
     if b <= a:
         out.update(mini_batches_per_s=None, measured_over_model=None, stage_busy=None,
                    bubble=None)
@@ -295,7 +304,12 @@ def run(cfg: Config, comm=None, log=None, steps=None):
         unit = 1.0
     pipe_comm = comm.Split(color=r, key=s)
     dp_raw = comm.Split(color=s, key=r)
-    dp = mtcoll.Comm(dp_raw, algorithm=cfg.algorithm) if R > 1 else None
+    if R == 1:
+        dp = None
+    elif cfg.comm == "mpi4py":
+        dp = dp_raw  # its Iallreduce and MPI.Request: the reference for mtcoll's
+    else:
+        dp = mtcoll.Comm(dp_raw, algorithm=cfg.algorithm)
     plans = {}
     split = cfg.schedule == "layerpipe"
     runner = None
@@ -388,7 +402,7 @@ def run(cfg: Config, comm=None, log=None, steps=None):
                 break
         return result
     finally:
-        if dp is not None:
+        if dp is not None and dp is not dp_raw:
             dp.Free()
         dp_raw.Free()
         pipe_comm.Free()

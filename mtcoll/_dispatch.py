@@ -1,0 +1,225 @@
+"""A call's path after its arguments are checked and its algorithm chosen: started under the
+lock (the agreement check, retiring old calls), then run trivially, in the MPI library (its
+blocking call, or its nonblocking twin) or on a schedule by the executor, and a
+:class:`~mtcoll._requests.Request` returned.
+
+:class:`Dispatch` is a mixin of :class:`mtcoll.Comm`, which prepares the call
+(``Comm._prepare``: :mod:`mtcoll._buffers` and the ``auto`` choice).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+
+import numpy as np
+from mpi4py import MPI
+
+from . import _ops, execute
+from ._agreement import agree
+from ._errors import StallError, env_flag, env_quiet, env_timeout
+from ._requests import LOCK, Request, reraise, wake
+from .schedule import GATHER, REDUCE
+
+_FAST_CACHE = 256  # (nbytes, dtype, op) choices remembered per Comm
+_COMPLETE = Request()  # what a blocking call the library ran returns: nothing to wait for
+
+
+class Dispatch:
+    """The call machinery of :class:`mtcoll.Comm`."""
+
+    def _start(self, kind, sendbuf, recvbuf, op, blocking):
+        reraise()  # what the progress thread hit, in this thread
+        self._alive()
+        check = env_flag("MTCOLL_CHECK")
+        debug = env_flag("MTCOLL_DEBUG")
+        timeout = env_timeout()
+        call, err = None, None
+        try:
+            call = self._prepare(kind, sendbuf, recvbuf, op)
+        except (ValueError, TypeError, BufferError) as e:
+            err = e
+        with LOCK:
+            if check:
+                agree(self, kind, call, err, timeout)
+            elif err is not None:
+                raise err
+            self._retire()
+            self._alive()  # the progress made above may have broken it (another call's error)
+            try:
+                req = self._launch(call, blocking, debug, timeout)
+            except StallError as e:  # from planning on first use, which does not know the call
+                e.call = kind
+                e.args = (f"mtcoll {kind}: {e.args[0]}",)
+                raise
+            self._ncalls += 1
+            if type(req) is not tuple:
+                req._comm, req._timeout, req._kind = self, timeout, kind
+                req._threaded, req._number = self._threaded, self._ncalls
+                if not req._done():
+                    self._requests.append(req)
+                    if req._greq is not None and self._threaded and not blocking:
+                        wake()  # (a blocking call's own Wait advances it)
+                return req
+        # the library's blocking call, outside the lock: the progress thread must be able to
+        # advance mtcoll's calls in flight meanwhile
+        run, done = req
+        run()
+        for fn in done:
+            fn()
+        return _COMPLETE
+
+    def _retire(self):
+        # Drop finished calls; wait for any call old enough that a new one would reuse its tag
+        # slot (the same decision on every rank: sequence numbers agree). Calls the MPI library
+        # runs (no sequence number) use no slot: an unfinished one must not hide older
+        # schedule calls behind it.
+        reqs = self._requests
+        if not reqs:
+            return
+        oldest = self._seq + 1 - execute.TAG_SLOTS
+        for r in [r for r in reqs if r.seq is not None and r.seq <= oldest]:
+            r.Wait()
+        if any(r._done() for r in reqs):
+            self._requests = deque(r for r in reqs if not r._done())
+
+    def _launch(self, c, blocking, debug, timeout):
+        kind = c.kind
+        size = self._size
+        if c.dtype is not None and (c.count == 0 or size == 1):
+            if debug and self._rank == 0:
+                self._debug(c, "algorithm=none (nothing to exchange)")
+            return self._trivial(c)
+        if c.algorithm != "native":
+            if kind in ("Allreduce", "Iallreduce"):
+                ex = self._executor(c.algorithm)
+                phases = (REDUCE, GATHER)
+            else:
+                ex = self._block_executor(c.algorithm)
+                phases = (REDUCE,) if kind == "Reduce_scatter_block" else (GATHER,)
+            if ex is None:
+                c.why = "no schedule with one chunk per rank"
+            else:
+                lay = ex.layout(c.count, c.dtype.itemsize, phases)
+                if not ex.fits_tags(lay):
+                    c.why = f"{lay.max_stream} messages per rank pair exceed MPI.TAG_UB"
+                else:
+                    if debug and self._rank == 0:
+                        self._debug(c, (
+                            f"algorithm={ex.schedule.algorithm} steps={ex.schedule.steps} "
+                            f"segment={ex.segmenting()[0]}Bx{ex.segmenting()[1]} "
+                            f"wait={self.wait} "
+                            f"messages={lay.nmessages}"
+                            + (f" ({c.why})" if c.why else "")))
+                    return self._run_schedule(c, ex, phases, blocking)
+        if debug and self._rank == 0:
+            self._debug(c, f"algorithm=native ({c.why})")
+        self._alive()  # planning a schedule above advanced the running calls: one may have failed
+        return self._native(c, blocking and self._threaded and timeout is None)
+
+    def _debug(self, c, how):
+        op = _ops.op_name(c.op) or "user-defined" if c.op is not None else "-"
+        print(f"mtcoll[rank 0]: {c.kind} count={c.count} "
+              f"dtype={getattr(c.dtype, 'name', 'derived')} op={op} bytes={c.nbytes} "
+              f"topology={self.network.spec} {how}", file=sys.stderr, flush=True)
+
+    def _block_executor(self, name):
+        """An executor whose schedule has one chunk per rank, each owned by another rank."""
+        for cand in dict.fromkeys((name, "multitree", "ring")):
+            try:
+                sched = self.schedule(cand)
+            except ValueError:
+                continue
+            if sched.nchunks == self._size and \
+                    np.array_equal(np.sort(sched.owner), np.arange(self._size)):
+                return self._executor(cand)
+        return None
+
+    def _trivial(self, c):
+        # Nothing to exchange: no elements, or a single rank.
+        if c.count and c.send is not None:
+            np.copyto(c.recv.flat, c.send.flat)
+        c.recv.copy_back()
+        return Request()
+
+    def _native(self, c, direct):
+        # The MPI library runs the call, on the duplicate. ``direct``: a blocking call with the
+        # progress thread running and no watchdog: the library's blocking call, the same on
+        # every rank (MPI matches a blocking collective with a nonblocking one on no rank, so
+        # the choice must not depend on what each rank has in flight). Otherwise its
+        # nonblocking twin, which Request.Wait waits for while advancing mtcoll's calls (a
+        # rank blocked in MPI_Allreduce could not advance them while a peer waits for one of
+        # them before it joins) and can give up on after MTCOLL_TIMEOUT.
+        comm = self._dup
+        if c.recv is None:
+            sendspec, recvspec = c.raw  # derived datatypes: as given
+            recv = None
+        else:
+            sendspec = MPI.IN_PLACE if c.send is None else c.send.flat
+            recvspec = c.recv.flat
+            recv = c.recv
+        done = [recv.copy_back] if recv is not None and recv.orig is not None else []
+        if direct:
+            if c.kind == "Allgather":
+                return (lambda: comm.Allgather(sendspec, recvspec)), done
+            if c.kind == "Reduce_scatter_block":
+                return (lambda: comm.Reduce_scatter_block(sendspec, recvspec, c.op)), done
+            if c.dtype is not None and env_quiet() and len(self._fast) < _FAST_CACHE:
+                self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
+            return (lambda: comm.Allreduce(sendspec, recvspec, c.op)), done
+        if c.kind == "Iallreduce" and not done and c.dtype is not None and self._threaded \
+                and env_quiet() and len(self._fast) < _FAST_CACHE:
+            self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
+        if c.kind == "Allgather":
+            req = comm.Iallgather(sendspec, recvspec)
+        elif c.kind == "Reduce_scatter_block":
+            req = comm.Ireduce_scatter_block(sendspec, recvspec, c.op)
+        else:
+            req = comm.Iallreduce(sendspec, recvspec, c.op)
+        return Request(native=req, on_done=done, keep=(c.raw, sendspec, recvspec))
+
+    def _run_schedule(self, c, ex, phases, blocking):
+        self._alive()  # planning on first use advances the running calls: one may have failed
+        self._seq += 1
+        size, rank = self._size, self._rank
+        recv = c.recv
+        sched = ex.schedule
+        done = []
+        src = None  # the input, when not in acc: the executor reads it without a first copy
+        if c.kind in ("Allreduce", "Iallreduce"):
+            acc = recv.flat
+            if not acc.flags.c_contiguous:  # a 1-element or F-order view: work on a copy
+                acc = np.ascontiguousarray(acc)
+                done.append(lambda: np.copyto(recv.flat, acc))
+            if c.send is not None:
+                src = c.send.flat
+                if not src.flags.c_contiguous:
+                    src = np.ascontiguousarray(src)
+        else:
+            k = c.count // size
+            owner = sched.owner
+            mine = int(np.flatnonzero(owner == rank)[0])
+            if c.kind == "Reduce_scatter_block":
+                given = recv.flat if c.send is None else c.send.flat
+                acc = np.empty(c.count, dtype=c.dtype)
+                # chunk j of the working buffer carries the block of rank owner[j], so that
+                # each rank ends up owning its own block
+                acc.reshape(size, k)[...] = given.reshape(size, k)[owner]
+                out = recv.flat[:k]
+                done.append(lambda: np.copyto(out, acc[mine * k:(mine + 1) * k]))
+            else:
+                identity = np.array_equal(owner, np.arange(size))
+                if identity and recv.flat.flags.c_contiguous:
+                    acc = recv.flat
+                else:
+                    acc = np.empty(c.count, dtype=c.dtype)
+                    full = recv.flat
+                    done.append(lambda: full.reshape(size, k).__setitem__(
+                        owner, acc.reshape(size, k)))
+                own = (recv.flat[rank * k:(rank + 1) * k] if c.send is None else c.send.flat)
+                if acc is not recv.flat or c.send is not None:
+                    acc[mine * k:(mine + 1) * k] = own
+        done.append(recv.copy_back)
+        execution = ex.start(acc, c.ufunc, self._seq, phases, src)
+        return Request(execution=execution, on_done=done, keep=(c.raw, c.send, recv, acc, src),
+                       seq=self._seq)

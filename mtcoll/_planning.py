@@ -1,0 +1,223 @@
+"""What the ranks of a :class:`mtcoll.Comm` settle together before calls run: the private
+duplicate, the wait mode, the algorithm check, the tuning table, and each algorithm's schedule
+on its first use -- computed on rank 0 (or agreed) and broadcast, polled so that mtcoll's calls
+in flight advance meanwhile and ``MTCOLL_TIMEOUT`` can give up -- and the executors built on
+the schedules.
+
+:class:`Planning` is a mixin of :class:`mtcoll.Comm`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from . import _tuning, execute
+from ._errors import ABANDONED, StallError, env_timeout
+from ._requests import poll
+from .schedule import Schedule
+
+_SPECIAL_ALGORITHMS = ("auto", "native")  # algorithm names that are no schedule
+
+
+class Planning:
+    """The construction and planning steps of :class:`mtcoll.Comm`."""
+
+    @staticmethod
+    def _duplicate(comm, rank):
+        # comm.Dup() as its nonblocking twin, polled: the running mtcoll calls advance meanwhile
+        # (another rank may need one of them finished before it gets here), and with
+        # MTCOLL_TIMEOUT a rank that never constructs the Comm is not waited for forever. Once
+        # the duplicate exists every rank is in here, so the blocking collectives after it wait
+        # for no absent rank (unless one gave up just as the last rank joined: the window the
+        # second Test below narrows, not closes).
+        try:
+            timeout = env_timeout()
+        except ValueError:
+            timeout = None  # a bad value is reported by the first call, on this rank
+        dup, req = comm.Idup()
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        try:
+            done = poll(req.Test, deadline, sleep=True)
+        except BaseException:  # e.g. KeyboardInterrupt: MPI may still complete the duplicate
+            ABANDONED.append((dup, req))
+            raise
+        if not done:
+            done = req.Test()  # the last rank may have joined just now: narrow the window
+        if not done:
+            ABANDONED.append((dup, req))
+            raise StallError(
+                f"mtcoll.Comm on rank {rank}: not every rank of the communicator constructed an "
+                f"mtcoll.Comm within MTCOLL_TIMEOUT={timeout:g} s (constructing one is "
+                f"collective: every rank must, in the same order as its other collectives on "
+                f"that communicator)", None, timeout, [])
+        return dup
+
+    def _check_algorithm(self, name, source):
+        # Only rank 0 imports the planner (it may pull in numba); the verdict is broadcast.
+        verdict = None
+        if self._dup.Get_rank() == 0:
+            try:
+                from .plan import ALGORITHMS
+                allowed = _SPECIAL_ALGORITHMS + tuple(ALGORITHMS)
+                if name not in allowed:
+                    what = "environment variable MTCOLL_ALGO" if source == "MTCOLL_ALGO" \
+                        else "algorithm"
+                    verdict = f"{what}={name!r} is not one of {', '.join(allowed)}"
+            except ImportError as e:
+                verdict = ImportError(f"cannot import mtcoll.plan: {e}")
+        self._gate()
+        verdict = self._dup.bcast(verdict, root=0)
+        if isinstance(verdict, ImportError):
+            raise verdict
+        if verdict:
+            raise ValueError(f"{verdict} (rank {self._dup.Get_rank()})")
+
+    def _gate(self):
+        # Before a broadcast of what rank 0 alone computes (imports, plans, files): with more
+        # ranks than cores, the others wait sleeping rather than polling in the broadcast,
+        # which would leave rank 0 a sliver of a core (64 ranks on 2 cores: the first Comm
+        # took 13.5 s that way, 1.9 s this way).
+        if getattr(self, "wait", "busy") != "sleep":
+            return
+        poll(self._dup.Ibarrier().Test, sleep=True)
+
+    def _bcast_within(self, payload, timeout, what):
+        # bcast(payload, root=0) that advances mtcoll's running calls while it waits (a rank
+        # may still need one of them finished before it makes this call) and gives up after
+        # ``timeout`` seconds (MTCOLL_TIMEOUT; None: never): the planning on a call's first use
+        # must not hold the other ranks for ever in a blocking broadcast when a rank never
+        # makes the call, or makes a different one.
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        sleep = self.wait == "sleep"
+        data = pickle.dumps(payload) if self._rank == 0 else b""
+        size = np.array([len(data)], dtype=np.int64)
+        for step in (0, 1):
+            if step:
+                data = bytearray(int(size[0])) if self._rank else data
+                req = self._dup.Ibcast(data, root=0)
+            else:
+                req = self._dup.Ibcast(size, root=0)
+            try:
+                done = poll(req.Test, deadline, sleep)
+            except BaseException:  # e.g. another call's error, raised by the progress made
+                ABANDONED.append((req, data, size))  # MPI may still write or read them
+                self._break(f"{what} interrupted on rank {self._rank}")
+                raise
+            if not done:
+                ABANDONED.append((req, data, size))
+                self._break(f"{what} timed out on rank {self._rank}")
+                raise StallError(
+                    f"{what} on rank {self._rank}: not every rank took part within "
+                    f"MTCOLL_TIMEOUT={timeout:g} s (the first call with an algorithm plans its "
+                    f"schedule on rank 0 and broadcasts it; a rank may not have made this "
+                    f"call, or made a different one). The Comm is now broken: free it and make "
+                    f"a new one, or end the job", None, timeout, [])
+        return pickle.loads(data) if self._rank else payload
+
+    def _wait_mode(self, wait, ranks_here, threaded):
+        # "sleep" when a host runs more ranks than it has cores: a rank waiting for a message
+        # then gives its core to one with work instead of polling (see mtcoll.execute.WAIT).
+        # The ranks agree (sleep if any rank asks for it): the mode also sets the segment
+        # defaults, and every rank must cut messages the same way.
+        env = os.environ.get("MTCOLL_WAIT", "").strip().lower()
+        mode = env or (wait or "auto").strip().lower()
+        bad = None
+        if mode not in ("auto", "busy", "sleep"):
+            where = f"environment variable MTCOLL_WAIT={os.environ['MTCOLL_WAIT']!r}" if env \
+                else f"wait={wait!r}"
+            bad = f"{where} (rank {self._dup.Get_rank()}) is not one of auto, busy, sleep"
+        if mode == "auto":
+            mode = "sleep" if ranks_here > (os.cpu_count() or 1) else "busy"
+        if threaded is None:
+            bad = f"environment variable MTCOLL_PROGRESS={os.environ['MTCOLL_PROGRESS']!r} " \
+                  f"(rank {self._dup.Get_rank()}) is not one of thread, off"
+        # and whether every rank runs the progress thread: only then do blocking calls handed
+        # to the library run as the library's blocking calls (the same call on every rank)
+        flags = self._dup.allreduce((mode == "sleep") | (bad is not None) << 1
+                                    | (not threaded) << 2, op=MPI.BOR)
+        if flags & 2:
+            raise ValueError(bad or "MTCOLL_WAIT, MTCOLL_PROGRESS or wait is not valid "
+                                    "on some rank")
+        return ("sleep" if flags & 1 else "busy"), not flags & 4
+
+    def _load_tuning(self):
+        # Rank 0 reads the file and broadcasts the table for this communicator: every rank must
+        # choose the same algorithm for a call, or the call deadlocks.
+        payload = None
+        if self._dup.Get_rank() == 0:
+            try:
+                path, required = _tuning.resolve_path()
+                if path is None or (not required and not path.is_file()):
+                    payload = ("ok", None, None)
+                else:
+                    from .plan import ALGORITHMS
+                    table = _tuning.load(path, ALGORITHMS)
+                    key = (self._dup.Get_size(), self.network.spec.strip().lower())
+                    mine = {key: table[key]} if key in table else None
+                    payload = ("ok", mine, str(path))
+            except (ValueError, ImportError) as e:
+                payload = ("error", str(e))
+        self._gate()
+        payload = self._dup.bcast(payload, root=0)
+        if payload[0] == "error":
+            raise ValueError(f"{payload[1]} (read on rank 0, for rank {self._dup.Get_rank()}; "
+                             f"MTCOLL_TUNING=off ignores tuning files)")
+        return payload[1], payload[2]
+
+    # -- schedules ---------------------------------------------------------------------------
+
+    def schedule(self, algorithm=None):
+        """The :class:`~mtcoll.schedule.Schedule` of ``algorithm`` (default: this Comm's).
+
+        Collective on first use of an algorithm: rank 0 plans, the others receive the result.
+        Raises ValueError (on every rank) when the algorithm does not fit the topology.
+        """
+        self._alive()
+        name = (algorithm or self.algorithm).strip().lower()
+        if name in _SPECIAL_ALGORITHMS:
+            raise ValueError(f"{name!r} names no schedule; pass an algorithm such as "
+                             f"'multitree'")
+        got = self._schedules.get(name)
+        if got is None:
+            payload = None
+            if self._rank == 0:
+                try:
+                    from .plan import plan
+                    sched = plan(self.network, name)
+                    out = io.BytesIO()
+                    sched.save(out)
+                    payload = ("ok", out.getvalue())
+                except Exception as e:  # every rank must raise, not only rank 0
+                    payload = ("error", type(e).__name__, str(e))
+            # nonblocking and polled on every rank (the same calls everywhere: whether calls are
+            # running differs between ranks), sleeping in sleep mode like _gate
+            payload = self._bcast_within(payload, env_timeout(),
+                                         f"planning {name!r} on first use")
+            if payload[0] == "ok":
+                got = sched if self._rank == 0 else Schedule.load(io.BytesIO(payload[1]))
+                if got.nranks != self._size:
+                    raise ValueError(f"plan({self.network.spec!r}, {name!r}) gave a schedule "
+                                     f"for {got.nranks} ranks, not {self._size}")
+            else:
+                got = payload[1:]
+            self._schedules[name] = got
+        if isinstance(got, tuple):
+            kind, message = got
+            cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
+            raise cls(f"planning {name!r} on {self.network.spec!r}: {message}")
+        return got
+
+    def _executor(self, name):
+        ex = self._executors.get(name)
+        if ex is None:
+            ex = self._executors[name] = execute.Executor(
+                self._dup, self.schedule(name), self.segment_bytes, self.max_segments,
+                self.wait)
+        return ex

@@ -1,0 +1,26 @@
+"""What the MPI test modules share: the MPI library's result (the oracle every mtcoll result is
+compared with), and a Comm whose schedule is planned or a skip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+
+def native(comm, x, op=MPI.SUM):
+    """``x`` reduced with ``op`` by the MPI library's own ``Allreduce`` on ``comm``."""
+    out = np.empty_like(x)
+    comm.Allreduce(x, out, op)
+    return out
+
+
+def planned_or_skip(c, algorithm, spec):
+    """``c`` once its schedule is planned; where ``algorithm`` does not fit the network, ``c``
+    freed and the test skipped (the same on every rank: the planner's verdict is broadcast)."""
+    try:
+        c.schedule()
+    except ValueError as e:
+        c.Free()
+        pytest.skip(f"{algorithm} on {spec}: {e}")
+    return c
