@@ -10,8 +10,9 @@ ranks and buffers:
 * ``mpi4py``   -- ``MPI.COMM_WORLD``'s own call (the reference);
 * ``native``   -- ``mtcoll.Comm(..., algorithm="native")``: every call handed to the MPI library,
   so the difference is mtcoll's own overhead (target: at most 1.2x);
-* ``auto``     -- ``mtcoll.Comm(...)`` as a drop-in user gets it (auto picks the MPI library
-  below 64 KiB and MultiTree from 64 KiB on, unless a tuning table says otherwise).
+* ``auto``     -- ``mtcoll.Comm(...)`` as a drop-in user gets it (auto picks by its calibration,
+  or a tuning table; with ``MTCOLL_CALIBRATE=off``, the MPI library below 64 KiB and MultiTree
+  from 64 KiB on).
 
 Per-call time is (round time / iterations), the round time being the slowest rank's (a MAX
 reduction after each round); the table shows the median over rounds and, in brackets, the ratio

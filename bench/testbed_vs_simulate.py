@@ -38,7 +38,9 @@ PAYLOAD = 1448 / 1514
 
 def predicted(topo, algorithm, nbytes, model, plans):
     """Seconds the simulator predicts: ``model`` "step" (the schedule step by step) or
-    "pieces" (the executor's pieces, dataflow, earlier pieces first on a link)."""
+    "pieces" (the executor's pieces, dataflow, each pair's pieces in release order on its
+    connection: ``sharing="connection"``) or "priority" (the same pieces, earlier steps first
+    on a link)."""
     from mtcoll.plan import plan
 
     # the compiled engine: piece schedules are small enough for "auto" to pick the Python one,
@@ -54,7 +56,8 @@ def predicted(topo, algorithm, nbytes, model, plans):
         return simulate(s, topo, nbytes, "step", **kw).time
     if algorithm != "native":  # the MPI library sends each message whole
         s = pieces(s, nbytes)
-    return simulate(s, topo, nbytes, "dataflow", sharing="priority", **kw).time
+    sharing = "priority" if model == "priority" else "connection"
+    return simulate(s, topo, nbytes, "dataflow", sharing=sharing, **kw).time
 
 
 def link_payload(topo, algorithm, nbytes, itemsize=4):
@@ -110,11 +113,12 @@ def main(argv=None):
     p.add_argument("testbed_json")
     p.add_argument("bench_json")
     p.add_argument("--min-size", default="0", help="leave out smaller sizes (default: none)")
-    p.add_argument("--model", default="pieces", choices=("pieces", "step"),
+    p.add_argument("--model", default="pieces", choices=("pieces", "priority", "step"),
                    help="pieces: mtcoll's algorithms cut into the executor's pieces (256 KiB, "
-                        "at most 16, as when ranks busy-wait), replayed as dataflow with earlier "
-                        "pieces first on a link; step: each schedule step by step "
-                        "(default: %(default)s)")
+                        "at most 16, as when ranks busy-wait), replayed as dataflow, each rank "
+                        "pair's pieces in the order they are ready on its connection; priority: "
+                        "the same with earlier steps first on a link; step: each schedule step "
+                        "by step (default: %(default)s)")
     p.add_argument("--payload", type=float, default=PAYLOAD,
                    help="payload share of the shaped bytes (default: %(default).4f)")
     args = p.parse_args(argv)

@@ -2,8 +2,11 @@
 
 Prints the versions of mtcoll, mpi4py, the MPI library, numba and numpy; the topology
 ``auto`` chooses for the communicator it runs on (so run it under ``mpiexec -n N`` to see
-what N ranks get); where the tuning table and numba's compiled-kernel cache live. Only rank 0
-prints. ``--json`` follows the tools' convention.
+what N ranks get); where the tuning table and numba's compiled-kernel cache live; the
+calibration ``algorithm="auto"`` chooses by (:mod:`mtcoll._calibrate`: where it is cached, what
+its probe measured, and what auto picks per size), read from the cache or, on a cold cache,
+measured by constructing a ``Comm`` (collective: the probe). Only rank 0 prints. ``--json``
+follows the tools' convention.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def info(comm=None):
     """The facts ``--info`` prints, as a dict. Collective over ``comm`` (topology detection)."""
     from mpi4py import MPI
 
-    from . import _tuning
+    from . import _calibrate, _tuning
     from .topology import from_comm
 
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -42,7 +45,7 @@ def info(comm=None):
     pkg = os.path.dirname(os.path.abspath(__file__))
     cache_dirs = ([os.environ["NUMBA_CACHE_DIR"]] if os.environ.get("NUMBA_CACHE_DIR") else
                   [os.path.join(pkg, sub, "__pycache__") for sub in _NUMBA_PACKAGES])
-    return {
+    facts = {
         "mtcoll": version("mtcoll"),
         "mpi4py": version("mpi4py"),
         "mpi_library": " ".join(MPI.Get_library_version().splitlines()[0].split()),
@@ -59,6 +62,32 @@ def info(comm=None):
         "numba_cache_dirs": cache_dirs,
         "environment": {k: v for k, v in os.environ.items() if k.startswith("MTCOLL_")},
     }
+    facts.update(_calibration(comm, _calibrate))
+    return facts
+
+
+def _calibration(comm, _calibrate):
+    try:
+        mode = _calibrate.mode()
+    except ValueError as e:
+        return {"calibration": f"error: {e}"}
+    out = {"calibration_dir": str(_calibrate.cache_dir()), "calibration_mode": mode}
+    if mode == "off" or comm.Get_size() < 2:
+        return out
+    from .comm import Comm
+
+    with Comm(comm) as c:  # reads the cache, or probes (collective)
+        cal = c.calibration
+        if cal is None:
+            out["calibration_source"] = "tuning table" if c.tuning else "none (algorithm set)"
+            return out
+        out["calibration_source"] = cal.source
+        out["calibration_file"] = cal.path
+        out["calibration_probe_s"] = round(cal.data["probe_seconds"], 3)
+        out["calibration_model"] = cal.describe()[2:]
+        sizes = [8] + [4 ** k for k in range(5, 14)]
+        out["auto_choices"] = [f"{b} B: {cal.choose(b)[0]}" for b in sizes]
+    return out
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ class Dispatch:
         reraise()  # what the progress thread hit, in this thread
         self._alive()
         check = env_flag("MTCOLL_CHECK")
-        debug = env_flag("MTCOLL_DEBUG")
+        debug = env_flag("MTCOLL_DEBUG") and not self._probing  # (the calibration probe)
         timeout = env_timeout()
         call, err = None, None
         try:

@@ -22,11 +22,11 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from . import _errors, _tuning
+from . import _calibrate, _errors, _tuning
 from ._buffers import prepare
 from ._derived import Derived
 from ._dispatch import Dispatch
-from ._errors import ABANDONED, StallError, env_quiet, positive_int
+from ._errors import ABANDONED, StallError, env_flag, env_quiet, positive_int
 from ._planning import Planning
 from ._requests import LOCK, Request, thread_enabled, waitall
 from .topology import from_comm, host_leaders, mpi_topology
@@ -34,25 +34,30 @@ from .topology import from_comm, host_leaders, mpi_topology
 __all__ = ["Comm", "Cartcomm", "Request", "waitall", "choose", "StallError",
            "SMALL_MESSAGE_BYTES", "ENV_VARS"]
 
-#: ``algorithm="auto"`` leaves messages below this many bytes to the MPI library.
+#: Without a calibration (``MTCOLL_CALIBRATE=off``), ``algorithm="auto"`` leaves messages
+#: below this many bytes to the MPI library.
 SMALL_MESSAGE_BYTES = 64 * 1024
 
 #: Environment variables mtcoll reads.
 ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "MTCOLL_CHECK",
-            "MTCOLL_DEBUG", "MTCOLL_TIMEOUT", "MTCOLL_PROGRESS", "MTCOLL_ENGINE")
+            "MTCOLL_DEBUG", "MTCOLL_TIMEOUT", "MTCOLL_PROGRESS", "MTCOLL_CALIBRATE",
+            "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS", "MTCOLL_ENGINE")
 
 _IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, looked up once)
 _ENV = _errors._ENV_STORE
 
 
-def choose(nbytes, nranks, topology, tuning=None):
+def choose(nbytes, nranks, topology, tuning=None, calibration=None):
     """The algorithm ``algorithm="auto"`` uses for a call moving ``nbytes`` bytes per rank.
 
     The tuning hook. A measured tuning table (``tuning``, written by
     ``python -m mtcoll.bench --tune``; see :mod:`mtcoll._tuning`) decides when it has a table
-    for ``nranks`` ranks on this topology. Otherwise the built-in rule: the MPI library
-    (``"native"``) below :data:`SMALL_MESSAGE_BYTES` -- where a Python executor's per-message
-    cost dominates -- and MultiTree above, which fits every topology and every rank count.
+    for ``nranks`` ranks on this topology. Otherwise the calibrated model (``calibration``, a
+    :class:`mtcoll._calibrate.Calibration` that :class:`Comm` measures on its communicator at
+    construction, or reads from its cache): the candidate with the fastest predicted time, the
+    MPI library's own ``Allreduce`` included. Without either (``MTCOLL_CALIBRATE=off``), the
+    built-in rule: the MPI library (``"native"``) below :data:`SMALL_MESSAGE_BYTES` and
+    MultiTree above.
 
     Parameters
     ----------
@@ -65,6 +70,9 @@ def choose(nbytes, nranks, topology, tuning=None):
     tuning : dict, optional
         A tuning table as :func:`mtcoll._tuning.load` returns it, keyed by
         ``(nranks, topology spec)``. :class:`Comm` passes the table it read at construction.
+    calibration : mtcoll._calibrate.Calibration, optional
+        The fitted model of this communicator (:attr:`Comm.calibration`); ignored when a
+        tuning table covers the call.
 
     Returns
     -------
@@ -79,6 +87,8 @@ def choose(nbytes, nranks, topology, tuning=None):
     tuned = _tuning.lookup(tuning, nbytes, nranks, spec)
     if tuned is not None:
         return tuned
+    if calibration is not None:
+        return calibration.choose(nbytes)[0]
     if nbytes < SMALL_MESSAGE_BYTES:
         return "native"
     return "multitree"
@@ -239,6 +249,22 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         self._fast = set()
         self._last_dtype = self._last_op = self._last_nbytes = None  # _fast_path's memo
         self._lib_allreduce, self._lib_iallreduce = self._dup.Allreduce, self._dup.Iallreduce
+        self._leaders = leaders
+        self._probing = False  # the calibration probe's calls print no debug lines
+        self.calibration = None
+        if algorithm == "auto" and self.tuning is None and self._size > 1:
+            try:
+                if _calibrate.mode() != "off":
+                    self._probing = True
+                    self.calibration = _calibrate.calibrate(self, env_flag("MTCOLL_DEBUG"))
+            except BaseException:  # (as above: what mtcoll made; the caller frees the rest)
+                self.virtual_topology.Free()
+                self._chk.Free()
+                self._dup.Free()
+                self._dup = self._chk = self.virtual_topology = None
+                raise
+            finally:
+                self._probing = False
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -461,9 +487,15 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         elif self.algorithm == "auto":
             # the hook takes the table only when there is one, so that a three-argument
             # replacement of choose() keeps working
-            c.algorithm = (choose(c.nbytes, size, self.network, tuning=self.tuning)
-                           if self.tuning else choose(c.nbytes, size, self.network))
-            how = "tuning table" if self.tuning else "built-in rule"
+            if self.tuning:
+                c.algorithm = choose(c.nbytes, size, self.network, tuning=self.tuning)
+                how = "tuning table"
+            elif self.calibration is not None:
+                c.algorithm = choose(c.nbytes, size, self.network, calibration=self.calibration)
+                how = self.calibration.choose(c.nbytes)[1]
+            else:
+                c.algorithm = choose(c.nbytes, size, self.network)
+                how = "built-in rule"
             c.why = f"chosen by auto, {how}"
         else:
             c.algorithm = self.algorithm

@@ -181,7 +181,7 @@ def test_dataflow_deps_match_brute_force(seed):
 
 
 @pytest.mark.parametrize("mode", ["step", "dataflow"])
-@pytest.mark.parametrize("sharing", ["fair", "priority"])
+@pytest.mark.parametrize("sharing", ["fair", "priority", "connection"])
 @pytest.mark.parametrize("spec", ["torus:3x3", "mesh:2x3x2", "fattree:2x3", "bigraph:2x4"])
 def test_numba_engine_equals_python_twin(mode, sharing, spec):
     rng = np.random.default_rng(zlib.crc32(f"{mode} {sharing} {spec}".encode()))
@@ -214,6 +214,22 @@ def test_priority_sharing_lets_earlier_steps_go_first():
     one = 4 * MiB / B
     np.testing.assert_allclose(fair.finish, [2 * one, 2 * one], rtol=1e-12)
     np.testing.assert_allclose(prio.finish, [one, 2 * one], rtol=1e-12)
+
+
+@BOTH_ENGINES
+def test_connection_sharing_keeps_release_order_per_pair(engine):
+    # rank 0 -> 1: A (chunks 1-3, step 2) is ready at once; B (chunk 0, step 1) waits for
+    # chunk 0 from rank 3 (one unit u). Priority lets B overtake A, fair sharing splits the
+    # link, the pair's connection sends A (released first) and then B.
+    s = hand("ring:4", 4, 4, [(REDUCE, 0, 3, 0, 0, 1), (REDUCE, 1, 0, 1, 0, 1),
+                              (REDUCE, 2, 0, 1, 1, 4)])
+    kw = dict(mode="dataflow", latency=0.0, engine=engine, **NO_EXTRAS)
+    u = 1 * MiB / B
+    got = {m: simulate(s, "ring:4", 4 * MiB, sharing=m, **kw).finish[1:]
+           for m in ("priority", "fair", "connection")}
+    np.testing.assert_allclose(got["priority"], [2 * u, 4 * u], rtol=1e-12)  # B, A
+    np.testing.assert_allclose(got["fair"], [3 * u, 4 * u], rtol=1e-12)
+    np.testing.assert_allclose(got["connection"], [4 * u, 3 * u], rtol=1e-12)
 
 
 def test_dataflow_never_slower_than_step_without_contention():

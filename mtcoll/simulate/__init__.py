@@ -25,6 +25,14 @@ imports it. The model (documented in full in ``docs/reproduction.md``):
   **sharing="priority"**: the paper's step-priority arbitration; a transfer of an earlier
   (phase, step) takes what it can use before any later one gets the rest, and transfers of
   one step share fairly. The same as fair in step mode, where only one step runs at a time.
+  **sharing="connection"**: what TCP does with the messages of a pair of ranks: each pair's
+  transfers go one after the other on its own connection, in the order they were released
+  (the order the executor posts them: whichever has its data first), and the connections
+  share links fairly. Replayed as priority classes -- a transfer's class is its position in its
+  pair's queue, in the release order of the previous replay (the first by step priority) --
+  until the order no longer changes (at most :data:`CONNECTION_PASSES` replays). Classes are
+  global, so on a link shared by several pairs a pair's second transfer also waits for the
+  other pairs' first ones (fair sharing between connections is approximated).
 
 Defaults: the topology's links (16 GB/s per direction and 150 ns per link unless the spec was
 parsed otherwise), :data:`ROUTER_DELAY` per hop and :data:`OVERHEAD` per message.
@@ -50,11 +58,13 @@ from ..schedule import REDUCE, Schedule
 from ..topology import parse
 
 __all__ = ["simulate", "Result", "sweep", "parse_sizes", "busbw", "ceiling",
-           "MODES", "SHARINGS", "ROUTER_DELAY", "OVERHEAD", "ITEMSIZE",
+           "MODES", "SHARINGS", "CONNECTION_PASSES", "ROUTER_DELAY", "OVERHEAD", "ITEMSIZE",
            "simgrid_python", "simgrid_replay"]
 
 MODES = ("step", "dataflow")
-SHARINGS = ("fair", "priority")
+SHARINGS = ("fair", "priority", "connection")
+#: replays at most for ``sharing="connection"`` (the queue order is a fixed point after 2-4)
+CONNECTION_PASSES = 8
 #: seconds added per hop (link) for the router a transfer crosses: 10 cycles of a 1 GHz router
 #: pipeline (route computation, allocation, crossbar), rounded up from BookSim's few stages
 ROUTER_DELAY = 10e-9
@@ -230,8 +240,10 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     mode : {"step", "dataflow"}
         Step-synchronous replay, or each transfer as soon as its data is ready (see the module
         docstring).
-    sharing : {"fair", "priority"}
-        How transfers on one link share it: max-min fairly, or earlier steps first.
+    sharing : {"fair", "priority", "connection"}
+        How transfers on one link share it: max-min fairly, earlier steps first, or one pair's
+        transfers in release order on its connection and connections fairly (see the module
+        docstring).
     itemsize : int
         Bytes per element: the buffer has ``nbytes // itemsize`` elements, cut into chunks by
         :meth:`Schedule.chunk_bounds`.
@@ -280,13 +292,21 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         schedule, topo, nbytes, mode, itemsize, router_delay, overhead, engine)
     dptr, dlist, ndeps = _dependents(before, after, ntasks)
     prio = np.zeros(ntasks, np.int64)
-    if sharing == "priority":
+    if sharing in ("priority", "connection"):
         prio[:t] = _step_index(schedule)[0]
     from . import _engine
 
     fn = _engine.replay if engine == "numba" else _engine.replay_py
     release, start, finish, slowed, ndone = fn(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps,
                                                prio)
+    if sharing == "connection" and ndone == ntasks:
+        for _ in range(CONNECTION_PASSES - 1):
+            queue = _connection_queue(schedule, release[:t])
+            if (queue == prio[:t]).all():
+                break
+            prio[:t] = queue
+            release, start, finish, slowed, ndone = fn(size, delay, rptr, rlinks, cap, dptr,
+                                                       dlist, ndeps, prio)
     if ndone != ntasks:
         raise RuntimeError(f"replay stalled: {ntasks - ndone} of {ntasks} tasks never ran "
                            "(a dependency cycle)")
@@ -305,6 +325,19 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     return Result(total, reduce_time, step_times, int(slowed[:t].sum()),
                   float((load / topo.bandwidth).max()), release[:t], start[:t], fin,
                   int(nbytes), mode, sharing, schedule.nranks, params)
+
+
+def _connection_queue(schedule, release):
+    """Each transfer's position in its (src, dst) pair's queue, ordered by release time (ties by
+    step, then schedule order)."""
+    pair = schedule.src.astype(np.int64) * schedule.nranks + schedule.dst
+    order = np.lexsort((_step_index(schedule)[0], release, pair))
+    sorted_pair = pair[order]
+    first = np.r_[0, np.flatnonzero(np.diff(sorted_pair)) + 1]
+    pos = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    queue = np.empty(len(order), np.int64)
+    queue[order] = pos
+    return queue
 
 
 def _uniform(a):

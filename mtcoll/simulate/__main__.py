@@ -51,7 +51,8 @@ def _parser():
     p.add_argument("--mode", default="step", choices=MODES,
                    help="step-synchronous or dataflow replay (default: %(default)s)")
     p.add_argument("--sharing", default="fair", choices=SHARINGS,
-                   help="link sharing: max-min fair, or earlier steps first (default: %(default)s)")
+                   help="link sharing: max-min fair, earlier steps first, or each rank pair's "
+                        "transfers in release order on its connection (default: %(default)s)")
     p.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH, metavar="B/S",
                    help="bytes/s per link direction (default: %(default)g)")
     p.add_argument("--latency", type=float, default=DEFAULT_LATENCY, metavar="S",

@@ -1,0 +1,281 @@
+"""The calibrated ``auto`` (mtcoll._calibrate): the model, the probe, its cache and its key.
+
+Serial tests check the model on made-up measurements; the MPI tests probe for real (small
+sizes, no time budget beyond the minimum points, so that they stay cheap) and check what
+holds whatever the timings: every rank gets the same calibration and choices, a second Comm
+reads the cache, a changed key probes again, a tuning table overrides, a cache directory that
+cannot be written costs nothing but the cache, and every choice gives the right sum. No test
+depends on which algorithm is faster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import mtcoll
+from mtcoll import _calibrate
+from mtcoll._calibrate import Calibration
+
+SIZES = [8, 1024, 4096, 16384, 65536, 1 << 20, 64 << 20]
+
+
+def _data(measured, native_links=(0.0, 0.0)):
+    feats = {"native": {"native": True, "links": list(native_links)},
+             "rhd": {"steps": 4, "fractions": [0.5, 0.5, 0.25, 0.25] * 2, "bytes": 3.0,
+                     "links": [0.0, 0.0], "segmenting": [1 << 18, 16], "transfers": 32},
+             "multitree": {"steps": 6, "fractions": [0.125] * 24, "bytes": 3.0,
+                           "links": [0.0, 0.0], "segmenting": [1 << 18, 16], "transfers": 96}}
+    return {"key": {}, "features": feats, "measured": measured, "probe_seconds": 0.1,
+            "created": "now"}
+
+
+def test_prediction_reproduces_the_probe_and_the_choice_follows_it():
+    meas = {"native": [[16384, 0.010], [4 << 20, 0.100]],
+            "rhd": [[16384, 0.020], [4 << 20, 0.050]],
+            "multitree": [[4 << 20, 0.080]]}
+    cal = Calibration(_data(meas))
+    for a, pts in meas.items():
+        for b, t in pts:
+            assert cal.predict(b)[a] == pytest.approx(t, rel=1e-9)
+    assert cal.choose(16384)[0] == "native"
+    assert cal.choose(4 << 20)[0] == "rhd"
+    why = cal.choose(4 << 20)[1]
+    assert why.startswith("calibrated: rhd 50ms") and "native 100ms" in why \
+        and "multitree 80ms" in why
+    # every candidate's prediction is positive and finite at every size
+    for b in SIZES:
+        assert all(0 < t < 1e3 for t in cal.predict(b).values())
+
+
+def test_a_point_measured_twice_keeps_its_faster_time():
+    cal = Calibration(_data({"native": [[4096, 0.3], [4096, 0.1]], "rhd": [[4096, 0.2]]}))
+    assert cal.predict(4096)["native"] == pytest.approx(0.1)
+    assert cal.choose(4096)[0] == "native"
+
+
+def test_the_library_wins_within_the_margin():
+    near = 1 + _calibrate.MARGIN / 2
+    cal = Calibration(_data({"native": [[4096, 0.1 * near]], "rhd": [[4096, 0.1]]}))
+    assert cal.choose(4096)[0] == "native"
+    cal = Calibration(_data({"native": [[4096, 0.2]], "rhd": [[4096, 0.1]]}))
+    assert cal.choose(4096)[0] == "rhd"
+
+
+def test_an_unmeasured_algorithm_takes_the_measured_ones_correction():
+    # the model (fitted to rhd alone) is right for rhd by construction; multitree unmeasured
+    meas = {"native": [[4096, 1.0]], "rhd": [[4096, 0.3], [1 << 20, 0.6]]}
+    cal = Calibration(_data(meas))
+    p = cal.predict(1 << 20)
+    assert p["multitree"] == pytest.approx(cal.model("multitree", 1 << 20) * p["rhd"]
+                                           / cal.model("rhd", 1 << 20), rel=1e-9)
+    share = cal.message_share("multitree", 4096)
+    assert share is not None and 0 <= share <= 1
+    assert cal.message_share("native", 4096) is None
+
+
+def test_the_key_names_everything_that_invalidates(monkeypatch, tmp_path):
+    monkeypatch.setenv("MTCOLL_CACHE_DIR", str(tmp_path))
+    base = _calibrate.key(4, [4], "torus:2x2", "sleep", (1 << 20, 4))
+    path = _calibrate.cache_path(base)
+    assert path.parent == tmp_path and path.name.startswith("calibration-4r-")
+    for k in ({**base, "nranks": 8}, {**base, "hosts": [2, 2]}, {**base, "mpi_library": "x"},
+              {**base, "engine": "faster"}, {**base, "mtcoll": "9"}, {**base, "network": "ring:4"}):
+        assert _calibrate.cache_path(k) != path
+    assert base["engine"] == _calibrate.engine_id() and len(base["engine"]) == 16
+    assert base["mpi_library"].split()[0] in ("MPICH", "Open", "Intel")
+
+
+def test_cache_dir_and_mode_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("MTCOLL_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _calibrate.cache_dir() == tmp_path / "mtcoll"
+    monkeypatch.setenv("MTCOLL_CACHE_DIR", str(tmp_path / "x"))
+    assert _calibrate.cache_dir() == tmp_path / "x"
+    for raw, want in (("", "on"), ("on", "on"), ("off", "off"), ("0", "off"),
+                      ("refresh", "refresh")):
+        monkeypatch.setenv("MTCOLL_CALIBRATE", raw)
+        assert _calibrate.mode() == want
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "sometimes")
+    with pytest.raises(ValueError, match="MTCOLL_CALIBRATE"):
+        _calibrate.mode()
+    assert _calibrate.host_layout([0, 0, 2, 2, 2]) == [2, 3]
+
+
+# -- under mpiexec --------------------------------------------------------------------------
+
+@pytest.fixture
+def probing(comm, monkeypatch):
+    """Calibration on, a fresh cache directory shared by all ranks, a cheap probe."""
+    d = tempfile.mkdtemp(prefix="mtcoll-cal-") if comm.rank == 0 else None
+    d = comm.bcast(d, root=0)
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "on")
+    monkeypatch.setenv("MTCOLL_CACHE_DIR", d)
+    monkeypatch.setenv("MTCOLL_PROBE_SECONDS", "0")
+    monkeypatch.setattr(_calibrate, "PROBE_SIZES", (1024, 8192, 65536))
+    monkeypatch.setattr(_calibrate, "REPEATS", 1)
+    yield d
+    comm.Barrier()
+
+
+def _same_everywhere(comm, value):
+    got = comm.allgather(value)
+    assert all(g == got[0] for g in got), got
+
+
+def _check_sums(c, comm):
+    for b in SIZES[:-1]:
+        x = np.arange(b // 4, dtype=np.float32) % 7 + comm.rank
+        y = np.empty_like(x)
+        want = np.empty_like(x)
+        c.Allreduce(x, y, MPI.SUM)
+        comm.Allreduce(x, want, MPI.SUM)
+        assert np.array_equal(y, want), b
+
+
+@pytest.mark.mpi
+def test_probe_then_cache_and_every_rank_chooses_the_same(comm, probing):
+    if comm.size < 2:
+        pytest.skip("a single rank has nothing to calibrate")
+    with mtcoll.Comm(comm) as c:
+        cal = c.calibration
+        assert cal is not None and cal.source == "probe"
+        assert cal.candidates[0] == "native" and "multitree" in cal.candidates
+        npoints = sum(len(v) for v in cal.data["measured"].values())
+        assert npoints >= _calibrate.MIN_POINTS
+        choices = [mtcoll.comm.choose(b, comm.size, c.network, calibration=cal) for b in SIZES]
+        _same_everywhere(comm, choices)
+        _same_everywhere(comm, json.dumps(cal.data, sort_keys=True))
+        assert all(a in cal.candidates for a in choices)
+        _check_sums(c, comm)
+        if comm.rank == 0:
+            assert os.path.isfile(cal.path) and os.path.dirname(cal.path) == probing
+    with mtcoll.Comm(comm) as c2:
+        assert c2.calibration.source == "cache"
+        assert c2.calibration.data == cal.data
+        _same_everywhere(comm, [c2.calibration.choose(b)[0] for b in SIZES])
+        assert [c2.calibration.choose(b)[0] for b in SIZES] == choices
+
+
+@pytest.mark.mpi
+def test_a_changed_key_or_refresh_probes_again(comm, probing, monkeypatch):
+    if comm.size < 2:
+        pytest.skip("a single rank has nothing to calibrate")
+    with mtcoll.Comm(comm) as c:
+        first = c.calibration.data
+    monkeypatch.setattr(_calibrate, "engine_id", lambda: "a-faster-engine")
+    with mtcoll.Comm(comm) as c:
+        assert c.calibration.source == "probe"
+        assert c.calibration.data["key"]["engine"] == "a-faster-engine"
+        assert c.calibration.data["key"] != first["key"]
+    if comm.rank == 0:
+        assert len([f for f in os.listdir(probing) if f.endswith(".json")]) == 2
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "refresh")
+    with mtcoll.Comm(comm) as c:
+        assert c.calibration.source == "probe"
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "on")
+    with mtcoll.Comm(comm) as c:
+        assert c.calibration.source == "cache"
+    # a damaged file: probed again and rewritten
+    if comm.rank == 0:
+        for f in os.listdir(probing):
+            with open(os.path.join(probing, f), "w") as fh:
+                fh.write("{not json")
+    comm.Barrier()
+    with mtcoll.Comm(comm) as c:
+        assert c.calibration.source == "probe"
+        _check_sums(c, comm)
+
+
+@pytest.mark.mpi
+def test_an_unwritable_cache_costs_only_the_cache(comm, probing, monkeypatch):
+    if comm.size < 2:
+        pytest.skip("a single rank has nothing to calibrate")
+    blocker = os.path.join(probing, "a-file")
+    if comm.rank == 0:
+        open(blocker, "w").close()
+    comm.Barrier()
+    monkeypatch.setenv("MTCOLL_CACHE_DIR", os.path.join(blocker, "sub"))  # not a directory
+    with mtcoll.Comm(comm) as c:
+        assert c.calibration.source.startswith("probe (not cached:")
+        assert c.calibration.path is None
+        _same_everywhere(comm, [c.calibration.choose(b)[0] for b in SIZES])
+        _check_sums(c, comm)
+
+
+@pytest.mark.mpi
+def test_a_tuning_table_overrides_and_off_turns_it_off(comm, probing, monkeypatch):
+    if comm.size < 2:
+        pytest.skip("a single rank has nothing to calibrate")
+    spec = mtcoll.topology.auto_spec(comm.size)
+    table = os.path.join(probing, "tuning.json")
+    if comm.rank == 0:
+        with open(table, "w") as fh:
+            json.dump({"mtcoll_tuning": 1, "tables": [
+                {"nranks": comm.size, "topology": spec,
+                 "rules": [{"max_bytes": 4096, "algorithm": "native"},
+                           {"max_bytes": None, "algorithm": "ring"}]}]}, fh)
+    comm.Barrier()
+    monkeypatch.setenv("MTCOLL_TUNING", table)
+    with mtcoll.Comm(comm) as c:
+        assert c.calibration is None and c.tuning
+        assert mtcoll.comm.choose(1 << 20, comm.size, c.network, tuning=c.tuning) == "ring"
+    if comm.rank == 0:
+        assert not [f for f in os.listdir(probing) if f.startswith("calibration-")]
+    monkeypatch.setenv("MTCOLL_TUNING", "off")
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "off")
+    with mtcoll.Comm(comm) as c:
+        assert c.calibration is None
+        assert mtcoll.comm.choose(1 << 20, comm.size, c.network) == "multitree"
+    with mtcoll.Comm(comm, algorithm="ring") as c:
+        assert c.calibration is None
+
+
+@pytest.mark.mpi
+def test_debug_prints_every_candidates_prediction(comm, probing, monkeypatch, capfd):
+    if comm.size < 2:
+        pytest.skip("a single rank has nothing to calibrate")
+    monkeypatch.setenv("MTCOLL_DEBUG", "1")
+    with mtcoll.Comm(comm) as c:
+        x = np.ones(1 << 16, np.float32)
+        c.Allreduce(x, np.empty_like(x), MPI.SUM)
+        cands = c.calibration.candidates
+    err = capfd.readouterr().err
+    if comm.rank == 0:
+        assert "calibration source probe" in err and "calibration measured native" in err
+        lines = [ln for ln in err.splitlines() if "bytes=262144" in ln]
+        assert len(lines) == 1 and "chosen by auto, calibrated: " in lines[0]
+        for a in cands:
+            assert f"{a} " in lines[0].split("calibrated: ")[1]
+        # the probe's own calls print nothing
+        assert not [ln for ln in err.splitlines() if "bytes=1024 " in ln]
+    else:
+        assert "mtcoll[rank 0]" not in err
+
+
+def test_a_candidate_measured_only_far_away_is_not_chosen():
+    # multitree measured at 4 MiB alone: whatever the model says at 1 KiB, not chosen there
+    meas = {"native": [[16384, 0.05], [4 << 20, 0.10]], "rhd": [[16384, 0.06], [4 << 20, 0.2]],
+            "multitree": [[4 << 20, 0.01]]}
+    cal = Calibration(_data(meas))
+    assert cal.predict(1024)["multitree"] < cal.predict(1024)["native"]
+    algo, why = cal.choose(1024)
+    assert algo == "native" and "multitree" in why and "not measured near this size" in why
+    assert cal.choose(4 << 20)[0] == "multitree" and cal.choose(64 << 20)[0] == "multitree"
+
+
+@pytest.mark.mpi
+def test_a_bad_calibrate_value_raises_on_every_rank(comm, probing, monkeypatch):
+    if comm.size < 2:
+        pytest.skip("a single rank has nothing to calibrate")
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "sometimes")
+    with pytest.raises(ValueError, match="MTCOLL_CALIBRATE"):
+        mtcoll.Comm(comm)
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "on")
+    with mtcoll.Comm(comm) as c:  # and nothing was left half-made
+        _check_sums(c, comm)
