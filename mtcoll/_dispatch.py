@@ -220,6 +220,6 @@ class Dispatch:
                 if acc is not recv.flat or c.send is not None:
                     acc[mine * k:(mine + 1) * k] = own
         done.append(recv.copy_back)
-        execution = ex.start(acc, c.ufunc, self._seq, phases, src)
+        execution = ex.start(acc, c.ufunc, self._seq, phases, src, blocking=blocking)
         return Request(execution=execution, on_done=done, keep=(c.raw, c.send, recv, acc, src),
                        seq=self._seq)

@@ -41,7 +41,7 @@ SMALL_MESSAGE_BYTES = 64 * 1024
 #: Environment variables mtcoll reads.
 ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "MTCOLL_CHECK",
             "MTCOLL_DEBUG", "MTCOLL_TIMEOUT", "MTCOLL_PROGRESS", "MTCOLL_CALIBRATE",
-            "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS")
+            "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS", "MTCOLL_ENGINE")
 
 _IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, looked up once)
 _ENV = _errors._ENV_STORE

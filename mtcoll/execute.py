@@ -323,7 +323,10 @@ class Executor:
         self.rank = comm.Get_rank()
         self.segment_bytes = segment_bytes
         self.max_segments = max_segments
-        self.tag_ub = int(comm.Get_attr(MPI.TAG_UB))
+        tag_ub = comm.Get_attr(MPI.TAG_UB)
+        if tag_ub is None:  # MPI caches it on MPI_COMM_WORLD; Open MPI only there (Create_group)
+            tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+        self.tag_ub = int(tag_ub)
         self.sleep = (wait or WAIT) == "sleep"
         self._layouts = OrderedDict()
 
@@ -354,8 +357,10 @@ class Executor:
         """Whether every tag of ``layout`` stays within the communicator's ``MPI.TAG_UB``."""
         return layout.max_stream * TAG_SLOTS - 1 <= self.tag_ub
 
-    def start(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None):
-        """Start this rank's part of the schedule on ``acc``; returns an :class:`Execution`.
+    def start(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None, blocking=False):
+        """Start this rank's part of the schedule on ``acc``; returns an :class:`Execution`
+        (or, for a ``blocking`` call the compiled engine serves, its
+        :class:`mtcoll._engine.CompiledExecution`).
 
         Parameters
         ----------
@@ -375,6 +380,10 @@ class Executor:
         phases : tuple
             ``(REDUCE, GATHER)`` for an allreduce, ``(REDUCE,)`` for the reduce-scatter part,
             ``(GATHER,)`` for the all-gather part.
+        blocking : bool
+            The caller waits for the execution right away, advancing nothing else meanwhile:
+            the compiled engine (:mod:`mtcoll._engine`, see ``MTCOLL_ENGINE``) may run it.
+            Nonblocking executions always run here, advanced by :func:`progress`.
 
         Every rank of the communicator must start the same schedule with the same count,
         dtype, phases and seq. Raises RuntimeError if the layout needs tags beyond
@@ -391,11 +400,16 @@ class Executor:
         if src is not None and (src.shape != acc.shape or src.dtype != acc.dtype
                                 or not src.flags.c_contiguous):
             raise ValueError("src must be 1-D, C-contiguous and of acc's dtype and size")
-        return Execution(self, lay, acc, ufunc, int(seq) % TAG_SLOTS, src)
+        slot = int(seq) % TAG_SLOTS
+        from . import _engine  # the compiled engine, if it serves this call
+        compiled = _engine.start(self, lay, acc, ufunc, slot, src, blocking)
+        if compiled is not None:
+            return compiled
+        return Execution(self, lay, acc, ufunc, slot, src)
 
     def run(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None):
-        """:meth:`start` and wait for completion."""
-        self.start(acc, ufunc, seq, phases, src).wait()
+        """:meth:`start` (a blocking call) and wait for completion."""
+        self.start(acc, ufunc, seq, phases, src, blocking=True).wait()
 
 
 # Scratch buffers kept between calls, oldest first, shared by every executor of the process:

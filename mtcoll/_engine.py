@@ -1,0 +1,470 @@
+"""The compiled progress engine: :mod:`mtcoll.execute`'s per-message work in numba.
+
+One blocking call of an :class:`~mtcoll.execute.Executor` runs here when it can: the kernel
+releases dependencies, posts receives and sends, tests completions and applies the reduction
+in compiled code (``@njit(nogil=True, cache=True)``), calling the MPI library's C functions
+(``MPI_Isend``, ``MPI_Irecv``, ``MPI_Testsome``, ``MPI_Waitsome``) through their addresses in
+the library mpi4py loaded, with the handles mpi4py exposes (``comm.handle``,
+``MPI.Datatype.handle``, request arrays of ``MPI._sizeof(MPI.Request)`` bytes a handle). The
+messages are the Python executor's, piece for piece and tag for tag (the same
+:class:`~mtcoll.execute.Layout`), and the combines happen in the same dependency order, so the
+results are the same bits, and ranks running either engine interoperate.
+
+What it serves, and what it leaves to the Python executor
+--------------------------------------------------------
+* Blocking calls (``Allreduce``, ``Reduce_scatter_block``, ``Allgather``) started while no
+  other mtcoll call is running on this process. A nonblocking call (``Iallreduce``), or any
+  call while others are in flight, runs on the Python executor: those must all be advanced
+  together by :func:`mtcoll.execute.progress` (and by the progress thread), which the kernel,
+  holding the lock for its whole call, would not do.
+* The reductions of :mod:`mtcoll._ops` on bool, (u)int8..64, float32/64 and complex64/128.
+  Other dtypes (float16, long double) fall back.
+* An MPI library whose handles are 4-byte integers (MPICH and its ABI) or 8-byte values
+  (Open MPI's pointers), whose ``MPI_Status`` mpi4py can show us, and whose C functions can be
+  resolved. Anything else falls back.
+
+``MTCOLL_ENGINE=python`` forces the Python executor; ``compiled`` (the default) uses the
+kernel wherever it can. With ``MTCOLL_DEBUG`` rank 0 prints which engine runs each call and,
+for the Python executor, why.
+
+Waiting, time-outs and errors
+-----------------------------
+A busy wait (``wait="busy"``, no deadline) blocks in ``MPI_Waitsome`` inside the kernel, with
+the GIL released. With a deadline (``MTCOLL_TIMEOUT``) or ``wait="sleep"`` the kernel tests
+(``MPI_Testsome``) and returns after some tests that found nothing; Python then checks the
+deadline, sleeps as :func:`mtcoll.execute._test_and_sleep` does, and calls it again (all the
+state of a call is in arrays, so the kernel resumes where it stopped). A failed message (MPI
+error, e.g. ``MPI_ERR_TRUNCATE`` in a status) ends the kernel: the execution is abandoned (its
+receives cancelled) and the ``MPI.Exception`` raised from :meth:`CompiledExecution.wait`, as
+the Python executor does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from . import execute
+from .schedule import RECV, SEND
+
+__all__ = ["start", "available", "engine_setting", "CompiledExecution"]
+
+# the kernel's op codes, by the ufunc mtcoll._ops maps each MPI op to
+_OPS = {np.add: 1, np.multiply: 2, np.minimum: 3, np.maximum: 4, np.logical_and: 5,
+        np.logical_or: 6, np.logical_xor: 7, np.bitwise_and: 8, np.bitwise_or: 9,
+        np.bitwise_xor: 10}
+# the element types the kernel reduces, by (kind, itemsize): its dtype codes
+_DTYPE_CODES = {("b", 1): 0, ("i", 1): 1, ("i", 2): 2, ("i", 4): 3, ("i", 8): 4, ("u", 1): 5,
+                ("u", 2): 6, ("u", 4): 7, ("u", 8): 8, ("f", 4): 9, ("f", 8): 10, ("c", 8): 11,
+                ("c", 16): 12}
+
+# return codes of the kernel
+_DONE, _IDLE, _ERROR, _STALL = 0, 1, 2, 3
+# slots of the state array
+_REMAINING, _NEXT_RECV, _RECVS_OUT, _NACTIVE, _WHEAD, _WTAIL, _MOVED, _ERR = range(8)
+_STATE = 8
+_IDLE_POLLS = 2000  # tests without progress before the kernel returns (deadline, sleep mode)
+
+
+def engine_setting():
+    """``"compiled"`` or ``"python"``: ``MTCOLL_ENGINE``, default compiled."""
+    raw = os.environ.get("MTCOLL_ENGINE", "").strip().lower()
+    if raw in ("", "compiled", "numba"):
+        return "compiled"
+    if raw == "python":
+        return "python"
+    raise ValueError(f"environment variable MTCOLL_ENGINE={os.environ['MTCOLL_ENGINE']!r} "
+                     f"(rank {MPI.COMM_WORLD.Get_rank()} of MPI.COMM_WORLD): expected "
+                     f"compiled or python")
+
+
+# -- the MPI library's C interface -------------------------------------------------------------
+
+class _Abi:
+    """What the kernel needs of the MPI library: function addresses and handle layouts."""
+
+    def __init__(self):
+        self.why = None
+        try:
+            self._probe()
+        except Exception as e:  # any surprise means: not an ABI we know
+            self.why = f"MPI ABI not understood ({type(e).__name__}: {e})"
+
+    def _probe(self):
+        hsize = MPI._sizeof(MPI.Request)
+        if not (hsize == MPI._sizeof(MPI.Comm) == MPI._sizeof(MPI.Datatype)) \
+                or hsize not in (4, 8):
+            self.why = (f"unknown MPI ABI: handles of {hsize}, {MPI._sizeof(MPI.Comm)}, "
+                        f"{MPI._sizeof(MPI.Datatype)} bytes (request, comm, datatype)")
+            return
+        if ctypes.sizeof(ctypes.c_int) != 4 or ctypes.sizeof(ctypes.c_void_p) != 8:
+            self.why = "C int is not 4 bytes or pointers not 8: not a platform the kernel knows"
+            return
+        self.handle = np.int32 if hsize == 4 else np.int64
+        # the MPI_Status layout: where MPI_ERROR is, found by writing a marker through mpi4py
+        self.status_size = MPI._sizeof(MPI.Status)
+        st = MPI.Status()
+        marker = 0x3C5A7E11
+        st.Set_source(0x1234)
+        st.Set_tag(0x2345)
+        st.Set_error(marker)
+        raw = np.frombuffer(ctypes.string_at(MPI._addressof(st), self.status_size), np.int32)
+        hits = np.flatnonzero(raw == marker)
+        if len(hits) != 1 or self.status_size % 4:
+            self.why = "unknown MPI ABI: the error field of MPI_Status not found"
+            return
+        self.err_word = int(hits[0])  # int32 index within a status
+        self.fn = np.array([self._address(name) for name in
+                            ("MPI_Isend", "MPI_Irecv", "MPI_Testsome", "MPI_Waitsome")],
+                           dtype=np.int64)
+        self.req_null = self.handle(self._signed(MPI.REQUEST_NULL.handle))
+        self.err_in_status = int(MPI.ERR_IN_STATUS)
+        self.library = MPI.Get_library_version().splitlines()[0].strip()
+
+    def _address(self, name):
+        for path in (MPI.__file__, None):  # the extension's libmpi, else the process's
+            try:
+                return ctypes.cast(getattr(ctypes.CDLL(path), name), ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                continue
+        raise LookupError(f"{name} not found in the MPI library mpi4py loaded")
+
+    def _signed(self, h):
+        # mpi4py gives a handle as an unsigned integer (MPICH's int handles sign-extended to
+        # 64 bits): its low bits, as the signed integer of the handle's size
+        bits = 8 * np.dtype(self.handle).itemsize
+        h = int(h) & ((1 << bits) - 1)
+        return h - (1 << bits) if h >> (bits - 1) else h
+
+    def handle_of(self, obj):
+        return self.handle(self._signed(obj.handle))
+
+
+_ABI = None
+_KERNEL = None
+#: Calls the compiled engine has run in this process (the tests check it served them).
+served = 0
+
+
+def _abi():
+    global _ABI
+    if _ABI is None:
+        _ABI = _Abi()
+    return _ABI
+
+
+def available():
+    """None when the compiled engine can run here, else why not (one line)."""
+    abi = _abi()
+    if abi.why:
+        return abi.why
+    try:
+        _kernel()
+    except Exception as e:
+        return f"the numba kernel failed to load ({type(e).__name__}: {e})"
+    return None
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        from . import _engine_kernel
+        _KERNEL = _engine_kernel
+    return _KERNEL
+
+
+def warm():
+    """Compile the kernel for this MPI library's ABI (or load it from numba's cache): one call
+    of no messages through the path every call takes. Returns None, or why the engine cannot
+    run here. ``python -m mtcoll._engine`` runs it (``make`` does, after installing)."""
+    why = available()
+    if why:
+        return why
+
+    class _Stub:
+        npieces = scratch_size = 0
+        kind = phase = peer = a = b = tagnum = scratch = src_read = npending = ()
+        dependents = reduce_recvs = ready = precopy = ()
+        comm, rank, sleep = MPI.COMM_SELF, 0, False
+
+    acc = np.zeros(1)
+    CompiledExecution(_Stub(), _Stub(), acc, np.add, 0)._step(False, 1)
+    return None
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+def start(executor, layout, acc, ufunc, slot, src, blocking):
+    """A :class:`CompiledExecution` of this call, or None (the caller runs the Python executor)
+    when the compiled engine cannot serve it; with ``MTCOLL_DEBUG``, rank 0 says which."""
+    why = _why_not(executor, layout, acc, ufunc, blocking)
+    if _debug() and executor.rank == 0:
+        print(f"mtcoll[rank 0]: engine=" + (f"python ({why})" if why else "compiled"),
+              file=sys.stderr, flush=True)
+    if why:
+        return None
+    global served
+    served += 1
+    return CompiledExecution(executor, layout, acc, ufunc, slot, src)
+
+
+def _debug():
+    return os.environ.get("MTCOLL_DEBUG", "").strip().lower() not in ("", "0", "off", "no",
+                                                                      "false")
+
+
+def _why_not(executor, layout, acc, ufunc, blocking):
+    if engine_setting() == "python":
+        return "MTCOLL_ENGINE=python"
+    if not blocking:
+        return "a nonblocking call (the compiled engine serves blocking calls)"
+    if execute.running():
+        return "other mtcoll calls in flight (advanced together by the Python executor)"
+    if (acc.dtype.kind, acc.dtype.itemsize) not in _DTYPE_CODES or not acc.dtype.isnative:
+        return f"dtype {acc.dtype} (the kernel reduces bool, ints, float32/64, complex)"
+    if layout.reduce_recvs and _OPS.get(ufunc) is None:
+        return f"reduction {getattr(ufunc, '__name__', ufunc)!r} unknown to the kernel"
+    if layout.reduce_recvs and ufunc is np.multiply and acc.dtype.kind == "c":
+        # numpy's vectorised complex multiply may fuse operations (FMA): the kernel's product
+        # would differ in the last bit
+        return "complex PROD (numpy's complex multiply rounds as the kernel cannot match)"
+    if MPI._typedict.get(acc.dtype.char) is None:
+        return f"no MPI datatype for dtype {acc.dtype}"
+    return available()
+
+
+# -- the flat tables of a layout ---------------------------------------------------------------
+
+class _Flat:
+    """A :class:`~mtcoll.execute.Layout` as the kernel's arrays (built once per layout)."""
+
+    def __init__(self, lay):
+        n = lay.npieces
+        self.kind = np.asarray(lay.kind, dtype=np.int8)
+        self.phase = np.asarray(lay.phase, dtype=np.int8)
+        self.peer = np.asarray(lay.peer, dtype=np.int32)
+        self.a = np.asarray(lay.a, dtype=np.int64)
+        self.b = np.asarray(lay.b, dtype=np.int64)
+        self.tagnum = np.asarray(lay.tagnum, dtype=np.int64)
+        self.scratch = np.asarray(lay.scratch, dtype=np.int64)
+        self.src_read = np.asarray(lay.src_read, dtype=np.bool_)
+        self.npending = np.asarray(lay.npending, dtype=np.int32)
+        counts = np.fromiter((len(d) for d in lay.dependents), dtype=np.int64, count=n)
+        self.dep_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.dep_ptr[1:])
+        self.dep_idx = np.fromiter((q for d in lay.dependents for q in d), dtype=np.int32,
+                                   count=int(self.dep_ptr[-1]))
+        self.recv_order = np.asarray(lay.reduce_recvs, dtype=np.int32)
+        # the first work: pieces ready at the start (reduce-phase receives are posted apart)
+        self.ready = np.asarray(lay.ready, dtype=np.int32)
+
+
+def _flat(lay):
+    flat = getattr(lay, "_flat", None)
+    if flat is None:
+        flat = lay._flat = _Flat(lay)
+    return flat
+
+
+def _bytes(x):
+    """``x`` (1-D, C-contiguous) as a writable uint8 array over the same memory: the kernel's
+    single signature. A read-only input is only ever read (it is a send or combine source)."""
+    if x.flags.writeable:
+        return x.view(np.uint8)
+    if x.nbytes == 0:
+        return np.zeros(0, dtype=np.uint8)
+    raw = (ctypes.c_uint8 * x.nbytes).from_address(x.ctypes.data)
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+# -- one call ----------------------------------------------------------------------------------
+
+class CompiledExecution:
+    """One blocking call run by the kernel: the interface of :class:`mtcoll.execute.Execution`
+    (``done``, ``error``, ``on_done``, ``on_error``, :meth:`wait`, :meth:`test`,
+    :meth:`outstanding`, :meth:`abandon`), but never among :func:`mtcoll.execute.running`'s
+    executions: only its own waits advance it."""
+
+    engine = "compiled"
+
+    def __init__(self, executor, layout, acc, ufunc, slot, src=None):
+        abi = _abi()
+        self.executor = executor
+        self.layout = layout
+        self.acc = acc
+        if src is None:
+            src = acc
+        else:
+            for a, b in layout.precopy:
+                acc[a:b] = src[a:b]
+        self.src = src
+        self._src8 = _bytes(src)
+        self._acc8 = _bytes(acc)
+        self._dt = np.int64(_DTYPE_CODES[acc.dtype.kind, acc.dtype.itemsize])
+        self.slot = slot
+        self.on_done = []
+        self.on_error = []
+        self.error = None
+        self.done = layout.npieces == 0
+        self._flat = flat = _flat(layout)
+        n = layout.npieces
+        self._op = np.int32(_OPS.get(ufunc, 0))
+        self._pending = flat.npending.copy()
+        self._arrived = np.zeros(n, dtype=np.int8)
+        self._work = np.empty(2 * n + 1, dtype=np.int32)
+        self._work[:len(flat.ready)] = flat.ready
+        self._state = np.zeros(_STATE, dtype=np.int64)
+        self._state[_REMAINING] = n
+        self._state[_WTAIL] = len(flat.ready)
+        self._reqs = np.full(n, abi.req_null, dtype=abi.handle)
+        self._req_piece = np.full(n, -1, dtype=np.int32)
+        self._index = np.empty(max(n, 1), dtype=np.int32)
+        self._statuses = np.zeros(max(n, 1) * abi.status_size // 4, dtype=np.int32)
+        self._comm = abi.handle_of(executor.comm)
+        self._dtype = abi.handle_of(MPI._typedict[acc.dtype.char])
+        self._tmp = self._acc8[:0]
+        self._raw = None
+        if layout.scratch_size:
+            nbytes = layout.scratch_size * acc.itemsize
+            self._raw = execute._get_scratch(nbytes)
+            self._tmp = self._raw[:nbytes]
+        self._started = False
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _step(self, block, idle_polls):
+        abi = _abi()
+        f = self._flat
+        k = _kernel()
+        rc = k.run(abi.fn, self._state, f.kind, f.phase, f.peer, f.a, f.b, f.tagnum, f.scratch,
+                   f.src_read, f.dep_ptr, f.dep_idx, f.recv_order, self._pending, self._arrived,
+                   self._work, self._reqs, self._req_piece, self._index, self._statuses,
+                   self._acc8, self._src8, self._tmp, self._dt, np.int64(self.acc.itemsize),
+                   self._op, self._dtype, self._comm,
+                   np.int64(self.slot), np.int64(execute.TAG_SLOTS),
+                   np.int64(execute.RECV_WINDOW), bool(block), np.int64(idle_polls),
+                   np.int64(abi.status_size // 4), np.int64(abi.err_word),
+                   np.int64(abi.err_in_status), bool(not self._started))
+        self._started = True
+        if rc == _DONE:
+            self._close()
+        elif rc == _ERROR:
+            error = MPI.Exception(int(self._state[_ERR]))
+            self._fail(error)
+            raise error
+        elif rc == _STALL:
+            self._fail_quietly()
+            raise RuntimeError(f"mtcoll executor stalled on rank {self.executor.rank} with "
+                               f"{int(self._state[_REMAINING])} pieces left: the schedule "
+                               f"{self.executor.schedule!r} is inconsistent")
+        moved = bool(self._state[_MOVED])
+        return moved
+
+    def test(self):
+        """Advance this call without blocking; True once it is complete (raises its error)."""
+        if not self.done:
+            self._step(False, 1)
+        if self.error is not None:
+            raise self.error
+        return self.done
+
+    def wait(self, timeout=None):
+        """Run this call to completion; returns True. With ``timeout`` (seconds), return False
+        once no message has completed for that long (the call is then still running)."""
+        sleep = self.executor.sleep
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = execute.SLEEP_MIN
+        while not self.done:
+            if deadline is None and not sleep:
+                self._step(True, 0)  # blocks in MPI_Waitsome until done (or an error)
+                continue
+            polls = execute.SPIN_POLLS if sleep else _IDLE_POLLS
+            if self._step(False, max(polls, 1)):
+                delay = execute.SLEEP_MIN
+                if timeout is not None:
+                    deadline = time.monotonic() + timeout
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if sleep:
+                time.sleep(delay)
+                delay = min(2 * delay, execute.SLEEP_MAX)
+        if self.error is not None:
+            raise self.error
+        return True
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def _close(self):
+        self.done = True
+        if self._raw is not None:
+            execute._put_scratch(self._raw)
+            self._raw = None
+            self._tmp = self._acc8[:0]
+        callbacks, self.on_done = self.on_done, []
+        for fn in callbacks:
+            fn()
+
+    def _active(self):
+        n = int(self._state[_NACTIVE])
+        return self._reqs[:n], self._req_piece[:n]
+
+    def outstanding(self):
+        """``(recv_from, send_to)``: sorted peers of this call's posted, incomplete messages."""
+        recv, send = set(), set()
+        lay = self.layout
+        null = _abi().req_null
+        for r, p in zip(*self._active()):
+            if r != null:
+                (send if lay.kind[p] == SEND else recv).add(lay.peer[p])
+        return sorted(recv), sorted(send)
+
+    def abandon(self):
+        """Stop without completing: cancel the posted receives; the sends stay posted (their
+        requests and buffers are kept alive by this object). Counts as ``done`` from then on,
+        ``on_done`` never runs."""
+        if self.done:
+            return
+        self.done = True
+        lay = self.layout
+        null = _abi().req_null
+        reqs, pieces = self._active()
+        self._kept = []
+        for i, p in enumerate(pieces.tolist()):
+            if reqs[i] == null:
+                continue
+            r = MPI.Request.fromhandle(int(reqs[i]) & (2**64 - 1))  # as mpi4py shows handles
+            if lay.kind[p] == RECV:
+                try:
+                    r.Cancel()
+                    r.Wait()
+                except MPI.Exception:
+                    pass
+            else:
+                self._kept.append(r)  # a send in flight: its buffer stays ours
+        # the scratch stays with this object (kept alive by the abandoned request, as the
+        # Python executor's): a receive MPI failed to cancel may still write into it
+
+    def _fail(self, error):
+        if self.done:
+            return
+        self.error = error
+        self.abandon()
+        callbacks, self.on_error = self.on_error, []
+        for fn in callbacks:
+            fn(error)
+
+    def _fail_quietly(self):
+        self.abandon()
+
+
+
+if __name__ == "__main__":
+    problem = warm()
+    library = MPI.Get_library_version().splitlines()[0].strip()
+    print(f"mtcoll compiled engine: {problem or 'ready'} ({library})")

@@ -1,0 +1,325 @@
+"""The numba kernel of :mod:`mtcoll._engine` (imported, and numba with it, on first use).
+
+:func:`run` is one stretch of a call: it carries on the call whose whole state is in its array
+arguments until the call is done, an MPI error or a stall ends it, or (not blocking) it has
+tested ``idle_polls`` times without a completion. It does what
+:class:`mtcoll.execute.Execution` does, in the same order: post reduce-phase receives ahead
+(at most ``window``), act on pieces whose dependencies are met (send, gather-receive, combine),
+test completions, release dependents. MPI's C functions are called through their addresses
+(``fn``: Isend, Irecv, Testsome, Waitsome) by :func:`_ccall`, which casts an address to a C
+function of the argument types it is given: 4-byte integer handles (MPICH) and 8-byte ones
+(Open MPI's pointers) are both plain integer arguments in the x86-64 and AArch64 C calling
+conventions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ._engine import (_DONE, _ERR, _ERROR, _IDLE, _MOVED, _NACTIVE, _NEXT_RECV, _RECVS_OUT,
+                      _REMAINING, _STALL, _WHEAD, _WTAIL)
+from .schedule import GATHER, RECV, REDUCE, SEND
+
+_ISEND, _IRECV, _TESTSOME, _WAITSOME = 0, 1, 2, 3
+
+
+@intrinsic
+def _ccall(typingctx, addr, args):
+    """``int f(args...)`` for the C function at ``addr`` (an integer), args a tuple of
+    integers (C ints, handles and pointers as integers)."""
+    if not isinstance(addr, types.Integer) or not isinstance(args, types.BaseTuple):
+        return None
+    if not all(isinstance(t, types.Integer) for t in args.types):
+        return None
+    sig = types.int32(addr, args)
+
+    def codegen(context, builder, signature, llargs):
+        fnaddr, tup = llargs
+        vals = cgutils.unpack_tuple(builder, tup, len(args.types))
+        fnty = ir.FunctionType(ir.IntType(32), [context.get_value_type(t) for t in args.types])
+        fptr = builder.inttoptr(fnaddr, fnty.as_pointer())
+        return builder.call(fptr, vals)
+
+    return sig, codegen
+
+
+# -- the reduction: out[lo+i] = mine[lo+i] (op) other[off+i], as the ufunc of mtcoll._ops ------
+# op codes as mtcoll._engine._OPS: 1 SUM, 2 PROD, 3 MIN, 4 MAX, 5 LAND, 6 LOR, 7 LXOR, 8 BAND,
+# 9 BOR, 10 BXOR. MIN and MAX follow numpy's minimum/maximum: a NaN operand is the result.
+
+def _combine(op, out, lo, mine, other, off, n):
+    raise NotImplementedError  # compiled only (see the overload)
+
+
+def _combine_int(op, out, lo, mine, other, off, n):
+    if op == 1:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] + other[off + i]
+    elif op == 2:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] * other[off + i]
+    elif op == 3:
+        for i in range(n):
+            x, y = mine[lo + i], other[off + i]
+            out[lo + i] = x if x <= y else y
+    elif op == 4:
+        for i in range(n):
+            x, y = mine[lo + i], other[off + i]
+            out[lo + i] = x if x >= y else y
+    elif op == 5:
+        for i in range(n):
+            out[lo + i] = 1 if (mine[lo + i] != 0 and other[off + i] != 0) else 0
+    elif op == 6:
+        for i in range(n):
+            out[lo + i] = 1 if (mine[lo + i] != 0 or other[off + i] != 0) else 0
+    elif op == 7:
+        for i in range(n):
+            out[lo + i] = 1 if ((mine[lo + i] != 0) != (other[off + i] != 0)) else 0
+    elif op == 8:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] & other[off + i]
+    elif op == 9:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] | other[off + i]
+    elif op == 10:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] ^ other[off + i]
+
+
+def _combine_float(op, out, lo, mine, other, off, n):
+    if op == 1:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] + other[off + i]
+    elif op == 2:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] * other[off + i]
+    elif op == 3:
+        for i in range(n):
+            x, y = mine[lo + i], other[off + i]
+            out[lo + i] = x if (x <= y or x != x) else y
+    elif op == 4:
+        for i in range(n):
+            x, y = mine[lo + i], other[off + i]
+            out[lo + i] = x if (x >= y or x != x) else y
+
+
+def _combine_complex(op, out, lo, mine, other, off, n):
+    if op == 1:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] + other[off + i]
+    elif op == 2:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] * other[off + i]
+
+
+def _combine_bool(op, out, lo, mine, other, off, n):
+    if op == 5:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] and other[off + i]
+    elif op == 6:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] or other[off + i]
+    elif op == 7:
+        for i in range(n):
+            out[lo + i] = mine[lo + i] != other[off + i]
+
+
+@overload(_combine)
+def _combine_typed(op, out, lo, mine, other, off, n):
+    dt = out.dtype
+    if isinstance(dt, types.Boolean):
+        return _combine_bool
+    if isinstance(dt, types.Integer):
+        return _combine_int
+    if isinstance(dt, types.Float):
+        return _combine_float
+    if isinstance(dt, types.Complex):
+        return _combine_complex
+    return None
+
+
+# the element types, by mtcoll._engine._DTYPE_CODES; the buffers come as bytes (one compiled
+# kernel for every dtype) and are viewed as their type to be combined
+@njit(nogil=True, cache=True)
+def _apply(dt, op, acc, lo, mine, tmp, off, n):
+    if dt == 0:
+        _combine(op, acc.view(np.bool_), lo, mine.view(np.bool_), tmp.view(np.bool_), off, n)
+    elif dt == 1:
+        _combine(op, acc.view(np.int8), lo, mine.view(np.int8), tmp.view(np.int8), off, n)
+    elif dt == 2:
+        _combine(op, acc.view(np.int16), lo, mine.view(np.int16), tmp.view(np.int16), off, n)
+    elif dt == 3:
+        _combine(op, acc.view(np.int32), lo, mine.view(np.int32), tmp.view(np.int32), off, n)
+    elif dt == 4:
+        _combine(op, acc.view(np.int64), lo, mine.view(np.int64), tmp.view(np.int64), off, n)
+    elif dt == 5:
+        _combine(op, acc.view(np.uint8), lo, mine.view(np.uint8), tmp.view(np.uint8), off, n)
+    elif dt == 6:
+        _combine(op, acc.view(np.uint16), lo, mine.view(np.uint16), tmp.view(np.uint16), off,
+                 n)
+    elif dt == 7:
+        _combine(op, acc.view(np.uint32), lo, mine.view(np.uint32), tmp.view(np.uint32), off,
+                 n)
+    elif dt == 8:
+        _combine(op, acc.view(np.uint64), lo, mine.view(np.uint64), tmp.view(np.uint64), off,
+                 n)
+    elif dt == 9:
+        _combine(op, acc.view(np.float32), lo, mine.view(np.float32), tmp.view(np.float32),
+                 off, n)
+    elif dt == 10:
+        _combine(op, acc.view(np.float64), lo, mine.view(np.float64), tmp.view(np.float64),
+                 off, n)
+    elif dt == 11:
+        _combine(op, acc.view(np.complex64), lo, mine.view(np.complex64),
+                 tmp.view(np.complex64), off, n)
+    elif dt == 12:
+        _combine(op, acc.view(np.complex128), lo, mine.view(np.complex128),
+                 tmp.view(np.complex128), off, n)
+
+
+# -- the kernel --------------------------------------------------------------------------------
+
+@njit(nogil=True, cache=True)
+def _post(fn, which, ptr, count, dtype_h, peer, tag, comm_h, reqs, slot):
+    # MPI_Isend / MPI_Irecv (buf, count, datatype, peer, tag, comm, &request)
+    where = np.int64(reqs.ctypes.data) + np.int64(slot) * reqs.itemsize
+    return _ccall(fn[which], (np.int64(ptr), np.int32(count), dtype_h, np.int32(peer),
+                              np.int32(tag), comm_h, where))
+
+
+@njit(nogil=True, cache=True)
+def run(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep_idx,
+        recv_order, pending, arrived, work, reqs, req_piece, index, statuses, acc, src, tmp, dt,
+        isz, op, dtype_h, comm_h, slot, tag_slots, window, block, idle_polls, status_words,
+        err_word, err_in_status, first):
+    st[_MOVED] = 0
+    acc_p = np.int64(acc.ctypes.data)
+    src_p = np.int64(src.ctypes.data)
+    tmp_p = np.int64(tmp.ctypes.data)
+    outcount = np.zeros(1, dtype=np.int32)
+    if first:
+        rc = _drain(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr,
+                    dep_idx, recv_order, pending, arrived, work, reqs, req_piece, acc, src, tmp,
+                    dt, op, dtype_h, comm_h, slot, tag_slots, window, isz, acc_p, src_p, tmp_p)
+        if rc != 0:
+            st[_ERR] = rc
+            return _ERROR
+        if st[_REMAINING] == 0:
+            return _DONE
+    idle = 0
+    while True:
+        n = st[_NACTIVE]
+        if n == 0:
+            return _STALL
+        args = (np.int32(n), np.int64(reqs.ctypes.data), np.int64(outcount.ctypes.data),
+                np.int64(index.ctypes.data), np.int64(statuses.ctypes.data))
+        if block:
+            rc = _ccall(fn[_WAITSOME], args)
+        else:
+            rc = _ccall(fn[_TESTSOME], args)
+        if rc != 0:
+            err = rc
+            if rc == err_in_status:
+                for k in range(min(outcount[0], n)):
+                    e = statuses[k * status_words + err_word]
+                    if e != 0:  # MPI_SUCCESS is 0
+                        err = e
+                        break
+            st[_ERR] = err
+            return _ERROR
+        m = outcount[0]
+        if m <= 0:  # none (MPI_UNDEFINED cannot happen: every request listed is active)
+            idle += 1
+            if idle >= idle_polls:
+                return _IDLE
+            continue
+        idle = 0
+        st[_MOVED] = 1
+        for k in range(m):
+            i = index[k]
+            p = req_piece[i]
+            req_piece[i] = -1
+            if kind[p] == RECV and phase[p] == REDUCE:
+                arrived[p] = 1
+                st[_RECVS_OUT] -= 1
+                if pending[p] == 0:
+                    work[st[_WTAIL]] = p
+                    st[_WTAIL] += 1
+            else:
+                _finish(p, st, dep_ptr, dep_idx, pending, work)
+        j = 0  # drop the completed requests (MPI_REQUEST_NULL now)
+        for i in range(n):
+            if req_piece[i] >= 0:
+                reqs[j] = reqs[i]
+                req_piece[j] = req_piece[i]
+                j += 1
+        st[_NACTIVE] = j
+        rc = _drain(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr,
+                    dep_idx, recv_order, pending, arrived, work, reqs, req_piece, acc, src, tmp,
+                    dt, op, dtype_h, comm_h, slot, tag_slots, window, isz, acc_p, src_p, tmp_p)
+        if rc != 0:
+            st[_ERR] = rc
+            return _ERROR
+        if st[_REMAINING] == 0:
+            return _DONE
+
+
+@njit(nogil=True, cache=True)
+def _finish(p, st, dep_ptr, dep_idx, pending, work):
+    st[_REMAINING] -= 1
+    for k in range(dep_ptr[p], dep_ptr[p + 1]):
+        q = dep_idx[k]
+        pending[q] -= 1
+        if pending[q] == 0:
+            work[st[_WTAIL]] = q
+            st[_WTAIL] += 1
+
+
+@njit(nogil=True, cache=True)
+def _drain(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep_idx,
+           recv_order, pending, arrived, work, reqs, req_piece, acc, src, tmp, dt, op, dtype_h,
+           comm_h, slot, tag_slots, window, isz, acc_p, src_p, tmp_p):
+    # Act on the queued pieces (in order, as the Python executor's _run), then top up the
+    # reduce-phase receives posted ahead (_post_recvs). Returns an MPI error code, or 0.
+    while st[_WHEAD] < st[_WTAIL]:
+        p = work[st[_WHEAD]]
+        st[_WHEAD] += 1
+        if kind[p] == SEND:
+            base = src_p if src_read[p] else acc_p
+            which = 0
+        elif phase[p] == GATHER:
+            base = acc_p
+            which = 1
+        else:
+            if arrived[p] == 1:
+                arrived[p] = 2
+                off = scratch[p]
+                if src_read[p]:
+                    _apply(dt, op, acc, a[p], src, tmp, off, b[p] - a[p])
+                else:
+                    _apply(dt, op, acc, a[p], acc, tmp, off, b[p] - a[p])
+                _finish(p, st, dep_ptr, dep_idx, pending, work)
+            continue
+        n = st[_NACTIVE]
+        rc = _post(fn, which, base + a[p] * isz, b[p] - a[p], dtype_h, peer[p],
+                   tagnum[p] * tag_slots + slot, comm_h, reqs, n)
+        if rc != 0:
+            return rc
+        req_piece[n] = p
+        st[_NACTIVE] = n + 1
+    while st[_RECVS_OUT] < window and st[_NEXT_RECV] < recv_order.size:
+        p = recv_order[st[_NEXT_RECV]]
+        st[_NEXT_RECV] += 1
+        n = st[_NACTIVE]
+        rc = _post(fn, 1, tmp_p + scratch[p] * isz, b[p] - a[p], dtype_h, peer[p],
+                   tagnum[p] * tag_slots + slot, comm_h, reqs, n)
+        if rc != 0:
+            return rc
+        req_piece[n] = p
+        st[_NACTIVE] = n + 1
+        st[_RECVS_OUT] += 1
+    return 0
