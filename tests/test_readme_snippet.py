@@ -11,15 +11,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SNIPPET = ROOT / "docs" / "snippets" / "dropin.py"
 
 
-def test_dropin_snippet_runs_on_4_ranks():
-    # no tuning file either: auto must pick by its built-in rule here
-    out = _mpirun.run(4, [str(SNIPPET)], MTCOLL_DEBUG="1", MTCOLL_TUNING="off")
+def test_dropin_snippet_runs_on_4_ranks(tmp_path):
+    # as a new user runs it: no tuning file, an empty calibration cache (auto probes)
+    out = _mpirun.run(4, [str(SNIPPET)], MTCOLL_DEBUG="1", MTCOLL_TUNING="off",
+                      MTCOLL_CACHE_DIR=str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     # ranks' lines may interleave in the launcher's output: match them anywhere
     found = re.findall(r"rank (\d+): (\S+) on (torus:2x2)", out.stdout)
     assert sorted(found) == [(str(r), "6.0", "torus:2x2") for r in range(4)], out.stdout
-    # 4 MB per rank is a large message: auto picks a schedule, not the MPI library
-    assert re.search(r"mtcoll\[rank 0\]: Allreduce .*algorithm=multitree", out.stderr), out.stderr
+    # auto chose by the calibration it just measured (which algorithm depends on the machine)
+    assert re.search(r"mtcoll\[rank 0\]: Allreduce .*chosen by auto, calibrated", out.stderr), \
+        out.stderr
+    assert list(tmp_path.glob("calibration-4r-*.json")), "the calibration was not cached"
 
 
 def test_readme_shows_the_snippet_verbatim():
