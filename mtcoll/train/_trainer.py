@@ -42,7 +42,7 @@ class Config:
     lr: float = 0.02
     momentum: float = 0.9
     seed: int = 0
-    algorithm: str = "multitree"
+    algorithm: str = "auto"         # the gradient allreduce: calibrated on the dp communicator
     comm: str = "mtcoll"            # the gradient allreduce: mtcoll.Comm, or plain mpi4py
     bucket_bytes: int = 1 << 16
     partition: list = field(default=None)   # first layer of each stage; None: the model's choice
