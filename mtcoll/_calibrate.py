@@ -33,7 +33,8 @@ modelled, a fixed cost) above the largest, where the model's own growth carries 
 algorithm the probe did not measure takes the geometric mean of the measured ones' corrections.
 
 ``auto`` takes the fastest predicted candidate **among those the probe measured near that size**
-(within a factor :data:`REACH`, or at its largest size for larger calls), and an mtcoll
+(within a factor :data:`REACH`, or at its largest size for larger calls; below the smallest
+size's reach, the MPI library alone), and an mtcoll
 algorithm only if it beats the MPI library's prediction by :data:`MARGIN`. A shared-memory
 machine with more ranks than cores is not a network of links (its cost is CPU and scheduling,
 which the terms above only approximate), so there the choice rests on the measured candidates'
@@ -346,8 +347,8 @@ class Calibration:
     def choose(self, nbytes):
         """``(algorithm, why)``: the fastest predicted candidate and the prediction (cached per
         size). Only candidates the probe measured within a factor :data:`REACH` of this size
-        are chosen (or at its largest size, for a larger call; at its smallest, for a smaller
-        one): the model alone is not trusted to rank a candidate it never saw run at about
+        are chosen (or at its largest size, for a larger call; below the probe's reach only
+        the MPI library): the model alone is not trusted to rank a candidate it never saw run at about
         this size here; the others are predicted, for the record. An mtcoll
         algorithm must beat the MPI library's prediction by :data:`MARGIN`: within the model's
         error, the library's own call is the safer bet."""
@@ -371,15 +372,18 @@ class Calibration:
         return got
 
     def _measured_near(self, algorithm, nbytes):
-        # measured within a factor REACH of nbytes, or at the probe's largest (smallest) size
-        # for calls above (below) every probe size
+        # measured within a factor REACH of nbytes, or at the probe's largest size for calls
+        # above every probe size; below the probe's reach only the MPI library: a call that
+        # small is latency, where one library call beats any schedule of messages posted from
+        # Python, and the model's fixed costs, fitted at 16 KiB and up, cannot rank it (a
+        # quiet 2-rank run chose MultiTree at 8 B: 57 us against the library's 2 us)
         corr = self._corr.get(algorithm)
         if corr is None:
             return False
         sizes = np.exp(corr[0])
         near = np.any((sizes * REACH >= nbytes) & (sizes <= nbytes * REACH))
         return bool(near or (nbytes >= max(PROBE_SIZES) and sizes.max() >= max(PROBE_SIZES))
-                    or (nbytes <= min(PROBE_SIZES) and sizes.min() <= min(PROBE_SIZES)))
+                    or (algorithm == "native" and nbytes <= min(PROBE_SIZES)))
 
     def message_share(self, algorithm, nbytes):
         """For an mtcoll algorithm, the part of its modelled time that is per-step and

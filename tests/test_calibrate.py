@@ -67,6 +67,16 @@ def test_the_library_wins_within_the_margin():
     assert cal.choose(4096)[0] == "rhd"
 
 
+def test_below_the_probes_reach_the_library():
+    # rhd measured 3x faster than the library at 16 KiB: it may take calls down to 16 KiB /
+    # REACH, never the tiny ones below, which are latency (the model cannot rank them)
+    cal = Calibration(_data({"native": [[16384, 0.3]], "rhd": [[16384, 0.1]]}))
+    assert cal.choose(16384)[0] == "rhd"
+    assert cal.choose(16384 // _calibrate.REACH)[0] == "rhd"
+    for b in (8, 64, 16384 // _calibrate.REACH - 1):
+        assert cal.choose(b)[0] == "native", b
+
+
 def test_an_unmeasured_algorithm_takes_the_measured_ones_correction():
     # the model (fitted to rhd alone) is right for rhd by construction; multitree unmeasured
     meas = {"native": [[4096, 1.0]], "rhd": [[4096, 0.3], [1 << 20, 0.6]]}
