@@ -289,3 +289,28 @@ def test_a_bad_calibrate_value_raises_on_every_rank(comm, probing, monkeypatch):
     monkeypatch.setenv("MTCOLL_CALIBRATE", "on")
     with mtcoll.Comm(comm) as c:  # and nothing was left half-made
         _check_sums(c, comm)
+
+
+@pytest.mark.mpi
+def test_the_probe_times_the_algorithm_it_names(comm, monkeypatch):
+    """Each probe point runs the candidate it is for: a candidate timed after the library at a
+    size must not go down the fast path the library's calls opened (it did: every candidate
+    measured at the library's time, and auto sent small calls to schedules 10x slower)."""
+    if comm.size < 2:
+        pytest.skip("a single rank has nothing to calibrate")
+    monkeypatch.setenv("MTCOLL_CALIBRATE", "off")
+    monkeypatch.setenv("MTCOLL_CHECK", "0")  # (the tests' default is on: no fast path)
+    with mtcoll.Comm(comm, algorithm="native") as c:
+        ran = []
+        library = c._lib_allreduce
+
+        def spy(*args):
+            ran.append(c.algorithm)
+            return library(*args)
+
+        c._lib_allreduce = spy
+        times = _calibrate._time_batch(c, ["native", "ring", "native", "ring"], 16384,
+                                       repeats=2)
+        assert set(times) == {"native", "ring"} and all(t > 0 for t in times.values())
+        assert "native" in ran and "ring" not in ran, ran
+        _same_everywhere(comm, sorted(times))
