@@ -101,8 +101,10 @@ MIN_POINTS = 5
 MARGIN = 0.25
 #: a candidate measured at s bytes may be chosen for calls of s / REACH to s * REACH bytes
 REACH = 16
-#: timed calls per probe point (after one untimed call); the point's time is their mean
-REPEATS = 2
+#: timed calls per probe point (after one untimed call); the point's time is their median
+#: (one call in three that found a rank descheduled, 10-30x the others with more ranks than
+#: cores, does not decide it), averaged over the ranks
+REPEATS = 3
 _OFF = ("off", "none", "0", "false", "no")
 _EXEC_TERMS = ("steps", "messages", "bytes", "links")
 _NATIVE_TERMS = ("call", "bytes", "links")
@@ -445,7 +447,7 @@ def _time_batch(comm, algorithms, nbytes, repeats=None):
     count = max(nbytes // 4, 1)
     send = np.ones(count, np.float32)
     recv = np.empty_like(send)
-    total = {a: 0.0 for a in algorithms}
+    total = {a: [] for a in algorithms}
     n = REPEATS if repeats is None else repeats
     saved = comm.algorithm
     try:
@@ -466,13 +468,13 @@ def _time_batch(comm, algorithms, nbytes, repeats=None):
                 comm._dup.Barrier()
                 t0 = time.perf_counter()
                 comm.Allreduce(send, recv, MPI.SUM)
-                total[a] += time.perf_counter() - t0
+                total[a].append(time.perf_counter() - t0)
     finally:
         comm.algorithm = saved
     # the mean over the ranks, as mtcoll.bench reports: rank 0's own times alone flattered the
     # schedules (8 ranks on 2 cores: ring at 16 KiB 0.17 ms on rank 0, 1.7 ms per call in the
     # benchmark), since the rank that leaves the Barrier last waits least for the others
-    mine = np.array([total[a] / max(n, 1) for a in algorithms])
+    mine = np.array([float(np.median(total[a])) if total[a] else 0.0 for a in algorithms])
     mean = np.empty_like(mine)
     comm._dup.Allreduce(mine, mean, MPI.SUM)
     return {a: float(t) / comm._dup.Get_size() for a, t in zip(algorithms, mean)}
