@@ -273,7 +273,16 @@ def cluster(tmp_path_factory):
     # Every process of this cluster (daemons, job steps, ranks) inherits SLURM_CONF=<its path>.
     marker = f"SLURM_CONF={c.conf}".encode()
     try:
-        c.start()
+        for attempt in range(3):
+            try:
+                c.start()
+                break
+            except RuntimeError as e:
+                # the free ports were picked, then closed, before the daemons bound them: one
+                # may be taken meanwhile (CI saw slurmctld's "Address already in use" once)
+                if "Address already in use" not in str(e) or attempt == 2:
+                    raise
+                c.stop()
         yield c
     finally:
         try:
