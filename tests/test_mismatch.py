@@ -52,6 +52,41 @@ def fresh(comm):
         c.Free()
 
 
+_TRUNCATION = {}
+
+
+@pytest.fixture
+def truncation_contained(comm):
+    """Skip a test that provokes MPI_ERR_TRUNCATE where the MPI library itself writes a
+    truncated message past the receive buffer (Open MPI 5.0.11 does: the whole message lands,
+    corrupting the memory behind the buffer, and the job later crashes). Probed once per
+    process, collectively, with plain mpi4py: rank 1 sends rank 0 a message 1024 elements
+    longer than its receive, into a buffer with a guard zone behind it."""
+    if comm.Get_size() < 2:
+        return  # (the test itself skips)
+    if "ok" not in _TRUNCATION:
+        c = comm.Dup()
+        n, extra = 4096, 1024
+        touched = 0
+        if c.Get_rank() == 0:
+            space = np.full(n + 2 * extra, -7.0)
+            try:
+                c.Recv(space[:n], source=1, tag=7)
+            except MPI.Exception as e:
+                assert e.Get_error_class() == MPI.ERR_TRUNCATE, e
+            touched = int((space[n:] != -7.0).sum())
+        elif c.Get_rank() == 1:
+            c.Send(np.ones(n + extra), dest=0, tag=7)
+        _TRUNCATION["touched"] = c.bcast(touched, root=0)
+        _TRUNCATION["ok"] = _TRUNCATION["touched"] == 0
+        c.Free()
+    if not _TRUNCATION["ok"]:
+        pytest.skip(f"the MPI library ({MPI.Get_library_version().split(',')[0].strip()}) "
+                    f"writes a truncated message past the receive buffer "
+                    f"({_TRUNCATION['touched']} elements behind it changed in a plain mpi4py "
+                    f"Recv): a test of MPI_ERR_TRUNCATE would corrupt memory")
+
+
 def _ranks_sum(size, n):
     return np.full(n, size * (size - 1) / 2)
 
@@ -411,7 +446,8 @@ def test_guard_zones_untouched(comm, fresh, need_size, monkeypatch, what, algori
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("wait_first", ["other", "failing"])
-def test_mpi_error_charged_to_its_own_call(comm, fresh, need_size, monkeypatch, wait_first):
+def test_mpi_error_charged_to_its_own_call(comm, fresh, need_size, monkeypatch,
+                                           truncation_contained, wait_first):
     """Two Comms with calls in flight together; the first call's count is larger on every rank
     but 0, so rank 0 receives a message longer than its receive (MPI_ERR_TRUNCATE). Whichever
     request rank 0 waits for first, the error belongs to the first call: the second call
@@ -458,7 +494,8 @@ def test_mpi_error_charged_to_its_own_call(comm, fresh, need_size, monkeypatch, 
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("how", ["Wait", "Test"])
-def test_mpi_error_ends_the_other_calls_on_its_comm(comm, fresh, need_size, monkeypatch, how):
+def test_mpi_error_ends_the_other_calls_on_its_comm(comm, fresh, need_size, monkeypatch,
+                                                    truncation_contained, how):
     """As above, but both calls on one Comm: rank 0 waits for the second call while the first
     one's message fails. The failure breaks the Comm and abandons the second call too, so its
     ``Wait`` (or a ``Test`` loop) must raise RuntimeError, not return as if complete with a
@@ -501,7 +538,7 @@ def test_mpi_error_ends_the_other_calls_on_its_comm(comm, fresh, need_size, monk
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("where", ["check", "planning"])
 def test_no_call_starts_on_a_comm_broken_while_it_starts(comm, fresh, need_size, monkeypatch,
-                                                        where):
+                                                        truncation_contained, where):
     """A call whose agreement check (or planning broadcast, on its algorithm's first use)
     advances the running calls, one of which fails there with an MPI error and breaks the Comm:
     the new call must raise RuntimeError instead of starting on the broken Comm (where its
