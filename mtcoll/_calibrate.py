@@ -453,13 +453,7 @@ def _time_batch(comm, algorithms, nbytes, repeats=None):
     try:
         for rnd in range(1 + n):
             for a in algorithms:
-                comm.algorithm = a
-                # the fast path, as a Comm of that algorithm would have it: the library's calls
-                # take it (after the first, a real Comm's do), a schedule's never (without
-                # this, every candidate timed after the library at a size was the library)
-                comm._forget_fast()
-                if a == "native":
-                    comm._fast.add((recv.nbytes, recv.dtype.num, MPI.SUM.handle))
+                comm.algorithm = a  # (the fast path follows: the library's calls take it)
                 if rnd == 0:
                     if a != "native":
                         comm._executor(a).layout(count, 4, (REDUCE, GATHER))
@@ -585,8 +579,6 @@ def _probe(comm, k, feats):
             go = done < MIN_POINTS or time.perf_counter() - start < budget
         if not comm._dup.bcast(go, root=0):
             break
-    # the probe's library calls must not become the fast path of auto's calls
-    comm._forget_fast()
     data = None
     if rank == 0:
         total = time.perf_counter() - start
