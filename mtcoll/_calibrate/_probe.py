@@ -114,10 +114,12 @@ def time_batch(comm, algorithms, nbytes, repeats=None):
                 comm.Allreduce(send, recv, MPI.SUM)
                 pending.append((a, time.perf_counter() - t0))
             if rnd == 1 or rnd == n - 1:  # every rank learns the same times, and agrees
-                mine = np.array([t for _, t in pending])
-                mean = np.empty_like(mine)
-                comm._dup.Allreduce(mine, mean, MPI.SUM)
-                for (a, _), t in zip(pending, mean / comm._dup.Get_size()):
+                # (in whole nanoseconds: an integer sum is the same on every rank, a floating
+                # one need not be, and ranks disagreeing on who is dominated would hang)
+                mine = np.array([round(t * 1e9) for _, t in pending], dtype=np.int64)
+                total = np.empty_like(mine)
+                comm._dup.Allreduce(mine, total, MPI.SUM)
+                for (a, _), t in zip(pending, total / (1e9 * comm._dup.Get_size())):
                     calls[a].append(float(t))
                 pending = []
                 out = dominated(calls)
