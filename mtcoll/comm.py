@@ -245,9 +245,10 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         self._ncalls = 0  # calls made (every rank counts alike: the stall's presence round)
         self._broken = None  # why this Comm is broken (a stall or an error mid-call), or None
         # (nbytes, dtype, op handle) of blocking Allreduce calls the library runs, when the
-        # progress thread runs (only then are they the library's blocking calls)
-        self._fast = set()
-        self._last_dtype = self._last_op = self._last_nbytes = None  # _fast_path's memo
+        # progress thread runs (only then are they the library's blocking calls): one set per
+        # algorithm setting, since what the library runs depends on it (see ``algorithm``)
+        self._fast_by_algorithm = {}
+        self.algorithm = self.algorithm  # (the set of the setting given)
         self._lib_allreduce, self._lib_iallreduce = self._dup.Allreduce, self._dup.Iallreduce
         self._leaders = leaders
         self._probing = False  # the calibration probe's calls print no debug lines
@@ -267,6 +268,21 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
                 self._probing = False
 
     # -- lifetime ----------------------------------------------------------------------------
+
+    @property
+    def algorithm(self):
+        """The algorithm setting: ``"auto"``, ``"native"`` or a planner name. Assigning it
+        changes the algorithm of later calls; the fast path then follows the new setting (what
+        it remembered as the library's calls under another setting is not used)."""
+        return self._algorithm
+
+    @algorithm.setter
+    def algorithm(self, value):
+        self._algorithm = value
+        memo = getattr(self, "_fast_by_algorithm", None)
+        if memo is not None:  # (not yet during construction)
+            self._fast = memo.setdefault(value, set())
+            self._last_dtype = self._last_op = self._last_nbytes = None  # _fast_path's memo
 
     @property
     def comm(self):
@@ -380,7 +396,8 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
 
     def _forget_fast(self):
         # no call goes straight to the library any more (a freed or broken Comm)
-        self._fast.clear()
+        for memo in self._fast_by_algorithm.values():
+            memo.clear()
         self._last_dtype = self._last_op = self._last_nbytes = None
 
     def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):

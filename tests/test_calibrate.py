@@ -127,8 +127,9 @@ def probing(comm, monkeypatch):
     monkeypatch.setenv("MTCOLL_CALIBRATE", "on")
     monkeypatch.setenv("MTCOLL_CACHE_DIR", d)
     monkeypatch.setenv("MTCOLL_PROBE_SECONDS", "0")
-    monkeypatch.setattr(_calibrate, "PROBE_SIZES", (1024, 8192, 65536))
-    monkeypatch.setattr(_calibrate, "REPEATS", 1)
+    monkeypatch.setattr(_calibrate._probe, "SMALL", 1024)
+    monkeypatch.setattr(_calibrate._probe, "LARGE", 65536)
+    monkeypatch.setattr(_calibrate._probe, "REPEATS", 1)
     yield d
     comm.Barrier()
 
@@ -156,8 +157,8 @@ def test_probe_then_cache_and_every_rank_chooses_the_same(comm, probing):
         cal = c.calibration
         assert cal is not None and cal.source == "probe"
         assert cal.candidates[0] == "native" and "multitree" in cal.candidates
-        npoints = sum(len(v) for v in cal.data["measured"].values())
-        assert npoints >= _calibrate.MIN_POINTS
+        for a in ("native", "rhd", "multitree"):  # the minimum: each at two sizes
+            assert [b for b, _ in cal.data["measured"][a]] == [65536, 1024], a
         choices = [mtcoll.comm.choose(b, comm.size, c.network, calibration=cal) for b in SIZES]
         _same_everywhere(comm, choices)
         _same_everywhere(comm, json.dumps(cal.data, sort_keys=True))
@@ -309,8 +310,151 @@ def test_the_probe_times_the_algorithm_it_names(comm, monkeypatch):
             return library(*args)
 
         c._lib_allreduce = spy
-        times = _calibrate._time_batch(c, ["native", "ring", "native", "ring"], 16384,
+        times = _calibrate.time_batch(c, ["native", "ring", "native", "ring"], 16384,
                                        repeats=2)
         assert set(times) == {"native", "ring"} and all(t > 0 for t in times.values())
         assert "native" in ran and "ring" not in ran, ran
         _same_everywhere(comm, sorted(times))
+
+
+# -- the probe and the model on a made-up machine (a fake clock, no MPI) ---------------------
+
+class _FakeDup:
+    def __init__(self, clock):
+        self.clock = clock
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Barrier(self):
+        self.clock[0] += 1e-5
+
+    def Allreduce(self, send, recv, op):
+        recv[...] = send
+
+    def bcast(self, obj, root=0):
+        return obj
+
+
+class _FakeComm:
+    """One rank of a made-up machine: ``Allreduce`` advances the fake clock by what ``cost``
+    says the forced algorithm takes at that size, and records the call."""
+
+    def __init__(self, cost, spec="torus:4x4", nranks=16):
+        self.clock = [0.0]
+        self.cost = cost
+        self.calls = []
+        self.algorithm = "auto"
+        self.network = mtcoll.topology.parse(spec)
+        self._size = nranks
+        self._dup = _FakeDup(self.clock)
+        self.wait, self.segment_bytes, self.max_segments = "busy", None, None
+        self._schedules = {}
+
+    def _gate(self):
+        pass
+
+    def schedule(self, a):
+        if a not in self._schedules:
+            self._schedules[a] = mtcoll.plan.plan(self.network, a)
+        return self._schedules[a]
+
+    def _executor(self, a):
+        class _Ex:
+            def layout(self, *args):
+                pass
+        return _Ex()
+
+    def Allreduce(self, send, recv, op):
+        self.calls.append((self.algorithm, send.nbytes))
+        self.clock[0] += self.cost(self.algorithm, send.nbytes)
+
+
+def _fake_probe(monkeypatch, cost, nranks=16, spec="torus:4x4"):
+    comm = _FakeComm(cost, spec, nranks)
+    monkeypatch.setattr(_calibrate._probe.time, "perf_counter", lambda: comm.clock[0])
+    monkeypatch.setattr(_calibrate._probe, "_warm_engine", lambda: None)
+    data = _calibrate._probe.run(comm, {"fake": True})
+    return comm, Calibration(data)
+
+
+def _testbed_cost(a, n):
+    # torus:4x4 at 20 Mbit/s as measured (docs/performance.md): MultiTree 0.376 s at 1 MiB and
+    # 1.29 s at 4 MiB, the library 1.17 s and 4.99 s; every call a fixed cost plus bytes
+    fixed, per_mib = {"native": (0.03, 1.24), "multitree": (0.07, 0.305), "rhd": (0.04, 2.0),
+                      "dbtree": (0.05, 1.5), "ring2d": (0.06, 0.42), "ring": (0.1, 1.0)}[a]
+    return fixed + per_mib * n / 2**20
+
+
+def test_the_probe_on_links_gets_multitree_right_at_1_and_4_mib(monkeypatch):
+    """Issue 15 on the emulated cluster: auto picked MultiTree at 4 MiB but the library at
+    1 MiB, where MultiTree was 3.1x faster, because the probe measured MultiTree at 4 MiB
+    alone. Now each candidate is measured at two sizes and predicted from its own points."""
+    comm, cal = _fake_probe(monkeypatch, _testbed_cost)
+    small, _, large = _calibrate.probe_sizes(16)
+    for a in ("native", "rhd", "multitree"):
+        assert sorted(b for b, _ in cal.data["measured"][a]) == [small, large], a
+    for n in (1 << 20, 4 << 20, 16 << 20):
+        pred = cal.predict(n)
+        for a in ("native", "multitree"):
+            assert pred[a] == pytest.approx(_testbed_cost(a, n), rel=0.02), (a, n)
+        assert cal.choose(n)[0] == "multitree", n
+    assert cal.choose(1024)[0] == "native"
+    # dominated candidates were not timed three times: the library at the large size (4x
+    # MultiTree), rhd there too; so the probe costs less than every point in full
+    timed = [c for c in comm.calls if c == ("native", large)]
+    assert len(timed) == 1 + 2, comm.calls
+    full = sum(4 * _testbed_cost(a, b) for b, names in _calibrate.probe_batches(16)[:2]
+               for a in names)
+    assert cal.data["probe_seconds"] < 0.8 * full
+
+
+def _shared_memory_cost(a, n):
+    # 8 ranks on 2 cores, roughly as measured here: the library wins below 4 MiB, ring is a
+    # little behind it at 4 MiB; MultiTree's messages cost it at every size
+    fixed, per_mib = {"native": (1e-4, 2.4e-3), "rhd": (6e-4, 3.0e-3), "multitree": (2e-3, 3.3e-3),
+                      "dbtree": (1e-3, 4e-3), "ring2d": (1.5e-3, 3e-3), "ring": (1.5e-3, 2.6e-3)}[a]
+    return fixed + per_mib * n / 2**20
+
+
+def test_the_probe_on_shared_memory_keeps_the_library(monkeypatch):
+    comm, cal = _fake_probe(monkeypatch, _shared_memory_cost, nranks=8, spec="torus:2x4")
+    for n in SIZES:
+        assert cal.choose(n)[0] == "native", (n, cal.choose(n))
+    # the budget was spent on more points than the minimum (the made-up calls are cheap)
+    assert sum(len(v) for v in cal.data["measured"].values()) > 6
+
+
+def test_the_minimum_is_measured_whatever_the_budget(monkeypatch):
+    monkeypatch.setenv("MTCOLL_PROBE_SECONDS", "0")
+    comm, cal = _fake_probe(monkeypatch, _testbed_cost)
+    assert sorted(cal.data["measured"]) == ["multitree", "native", "rhd"]
+    assert all(len(v) == 2 for v in cal.data["measured"].values())
+
+
+def test_dominated_and_probe_sizes():
+    assert _calibrate.dominated({"a": [1.0, 1.1], "b": [2.3, 2.4], "c": [1.5, 2.5]}) == {"b"}
+    # one fast call is enough to stay (noise can slow a call, not speed it up)
+    assert _calibrate.dominated({"a": [1.0, 1.0], "b": [2.1, 30.0]}) == {"b"}
+    assert _calibrate.dominated({"a": [1.0, 1.0], "b": [1.9, 30.0]}) == set()
+    assert _calibrate.dominated({"a": [1.0]}) == set()
+    assert _calibrate.probe_sizes(8) == (16384, 262144, 4 << 20)
+    assert _calibrate.probe_sizes(16)[2] == 2 << 20
+    assert _calibrate.probe_sizes(64)[2] == 512 << 10
+    assert _calibrate.probe_sizes(100000)[2] == 16 * 16384  # never below
+
+
+def test_between_and_beyond_two_points_the_candidates_own_line():
+    meas = {"native": [[16384, 0.001], [4 << 20, 0.101]],
+            "rhd": [[16384, 0.004], [4 << 20, 0.05]]}
+    cal = Calibration(_data(meas))
+    slope_n = 0.1 / ((4 << 20) - 16384)
+    for n in (1 << 20, 16 << 20, 64 << 20):
+        assert cal.predict(n)["native"] == pytest.approx(0.001 + slope_n * (n - 16384))
+    # below the smallest size the fixed cost never goes negative
+    assert 0 < cal.predict(8)["native"] <= 0.001
+    assert cal.choose(1 << 20)[0] == "rhd" and cal.choose(16384)[0] == "native"
+    assert any("above:" in line for line in cal.describe())

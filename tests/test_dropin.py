@@ -469,6 +469,39 @@ def test_7_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm
         c.Allreduce(x, out, op)  # remembered before Free: forgotten by it
 
 
+@pytest.mark.mpi(min_size=2)
+def test_7_setting_the_algorithm_moves_the_fast_path(comm, monkeypatch):
+    """The fast path remembers the sizes the library ran under the algorithm setting it saw
+    them under: after ``c.algorithm = "ring"`` a size the library ran before runs the ring
+    (through mtcoll's path, not straight to the library); set back, the library's again."""
+    monkeypatch.setenv("MTCOLL_CHECK", "0")
+    calls = []
+    real = mtcoll.Comm._start
+
+    def spy(self, *args, **kw):
+        calls.append(self.algorithm)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(mtcoll.Comm, "_start", spy)
+    x = np.arange(4096, dtype=np.float32) + comm.Get_rank()
+    want = native(comm, x, MPI.SUM)
+    with mtcoll.Comm(comm, algorithm="native") as c:
+        if not c._threaded:
+            pytest.skip("no fast path without the progress thread")
+        library = c._lib_allreduce
+        ran = []
+        c._lib_allreduce = lambda *a: (ran.append(c.algorithm), library(*a))[1]
+        for algorithm, slow in (("native", 1), ("ring", 3), ("native", 0), ("ring", 3)):
+            c.algorithm = algorithm
+            calls.clear()
+            for _ in range(3):
+                out = np.empty_like(x)
+                c.Allreduce(x, out, MPI.SUM)
+                assert np.array_equal(out, want), algorithm
+            assert calls == [algorithm] * slow, (algorithm, calls)
+        assert "ring" not in ran and "native" in ran, ran
+
+
 # -- 8. no sleep-waiting for library calls -------------------------------------------------------------
 
 @pytest.mark.mpi(min_size=2)
