@@ -332,22 +332,10 @@ class CompiledExecution:
 
     def __init__(self, executor, layout, acc, ufunc, slot, src=None):
         abi = _abi()
-        self.executor = executor
-        self.layout = layout
-        self.acc = acc
-        if src is None:
-            src = acc
-        else:
-            for a, b in layout.precopy:
-                acc[a:b] = src[a:b]
-        self.src = src
-        self._src8 = _bytes(src)
+        nbytes = execute._take_inputs(self, executor, layout, acc, slot, src)
+        self._src8 = _bytes(self.src)
         self._acc8 = _bytes(acc)
         self._dt = np.int64(_DTYPE_CODES[acc.dtype.kind, acc.dtype.itemsize])
-        self.slot = slot
-        self.on_done = []
-        self.on_error = []
-        self.error = None
         self.done = layout.npieces == 0
         self._flat = flat = _flat(layout)
         n = layout.npieces
@@ -365,12 +353,7 @@ class CompiledExecution:
         self._statuses = np.zeros(max(n, 1) * abi.status_size // 4, dtype=np.int32)
         self._comm = abi.handle_of(executor.comm)
         self._dtype = abi.handle_of(MPI._typedict[acc.dtype.char])
-        self._tmp = self._acc8[:0]
-        self._raw = None
-        if layout.scratch_size:
-            nbytes = layout.scratch_size * acc.itemsize
-            self._raw = execute._get_scratch(nbytes)
-            self._tmp = self._raw[:nbytes]
+        self._tmp = self._acc8[:0] if self._raw is None else self._raw[:nbytes]
         self._started = False
 
     # -- running -----------------------------------------------------------------------------
@@ -488,14 +471,7 @@ class CompiledExecution:
         # the scratch stays with this object (kept alive by the abandoned request, as the
         # Python executor's): a receive MPI failed to cancel may still write into it
 
-    def _fail(self, error):
-        if self.done:
-            return
-        self.error = error
-        self.abandon()
-        callbacks, self.on_error = self.on_error, []
-        for fn in callbacks:
-            fn(error)
+    _fail = execute.Execution._fail  # the same steps over this class's abandon()
 
     def _fail_quietly(self):
         self.abandon()
