@@ -2,6 +2,7 @@
 
     mpiexec -n 2 python -m mpi4py bench/engine_overhead.py
     mpiexec -n 4 python -m mpi4py bench/engine_overhead.py [--ks 64,256,1024] [--rounds 15]
+                                                           [--wait auto|busy|sleep]
 
 One call is a ring allreduce of float64 on ``MPI.COMM_WORLD``, cut into one-element (8-byte)
 messages (``segment_bytes=8``), with a count chosen so that each rank sends about K messages
@@ -18,6 +19,9 @@ The three run in interleaved rounds on the same ranks and buffers; a round's tim
 the slowest rank's (a MAX reduction), the table the median over rounds. Ratios are against
 ``mpi4py`` in the same run (target: compiled at most 0.5x), medians and, last column, the
 best rounds' (the least disturbed by other load on a shared machine). Rank 0 prints the table.
+The engines wait as an :class:`mtcoll.Comm` on this host would make them (``--wait auto``:
+``"sleep"`` when the host runs more ranks than it has cores, else ``"busy"``; the header says
+which); ``--wait busy`` or ``sleep`` forces one. The mpi4py loop always waits in ``Waitall``.
 ``--phase gather`` times the ring's all-gather phase alone: at 2 ranks one step, so no
 message waits for another and the engines post everything at once, as the mpi4py loop does --
 the engines' per-message cost without the latency of the allreduce's dependency chain.
@@ -34,9 +38,10 @@ import numpy as np
 from mpi4py import MPI
 
 from mtcoll import execute
+from mtcoll._planning import auto_wait
 from mtcoll.plan import plan
 from mtcoll.schedule import GATHER, RECV, REDUCE, SEND
-from mtcoll.topology import parse
+from mtcoll.topology import host_leaders, parse
 
 METHODS = ("compiled", "python", "mpi4py")
 
@@ -78,13 +83,21 @@ def main():
     ap.add_argument("--phase", choices=("allreduce", "gather"), default="allreduce",
                     help="gather: only the ring's all-gather phase (at 2 ranks a single step, "
                          "no dependencies: every message can be posted at once, as mpi4py's)")
+    ap.add_argument("--wait", choices=("auto", "busy", "sleep"), default="auto",
+                    help="how the engines wait; auto: as an mtcoll.Comm on this host would "
+                         "(sleep with more ranks than cores)")
     args = ap.parse_args()
     phases = (REDUCE, GATHER) if args.phase == "allreduce" else (GATHER,)
     steps = 2 if args.phase == "allreduce" else 1
     comm = MPI.COMM_WORLD.Dup()
     n, rank = comm.Get_size(), comm.Get_rank()
+    wait = args.wait
+    if wait == "auto":  # the Comm's rule, agreed as the Comm agrees it: sleep if any rank does
+        leaders = host_leaders(comm)
+        mine = auto_wait(leaders.count(leaders[rank])) == "sleep"
+        wait = "sleep" if comm.allreduce(mine, op=MPI.LOR) else "busy"
     ex = execute.Executor(comm, plan(parse(f"ring:{n}"), "ring"), segment_bytes=8,
-                          max_segments=1 << 20)
+                          max_segments=1 << 20, wait=wait)
     from mtcoll import _engine
     why = _engine.warm()
     rows = []
@@ -109,8 +122,9 @@ def main():
     os.environ.pop("MTCOLL_ENGINE", None)
     if rank == 0:
         lib = MPI.Get_library_version().splitlines()[0].strip()
-        print(f"engine overhead: {n} ranks, ring {args.phase} of 8-byte messages, {lib}, "
-              f"compiled engine: {why or 'in use'}")
+        print(f"engine overhead: {n} ranks ({os.cpu_count()} cores here), ring {args.phase} "
+              f"of 8-byte messages, wait={wait}" + (" (auto)" if args.wait == "auto" else "")
+              + f", {lib}, compiled engine: {why or 'in use'}")
         print(f"{'K':>6} {'sent':>5} {'recv':>5} {'compiled us':>12} {'python us':>10} "
               f"{'mpi4py us':>10} {'compiled/mpi4py':>16} {'python/mpi4py':>14} "
               f"{'best rounds c/m':>16}")

@@ -30,13 +30,18 @@ for the Python executor, why.
 Waiting, time-outs and errors
 -----------------------------
 A busy wait (``wait="busy"``, no deadline) blocks in ``MPI_Waitsome`` inside the kernel, with
-the GIL released. With a deadline (``MTCOLL_TIMEOUT``) or ``wait="sleep"`` the kernel tests
-(``MPI_Testsome``) and returns after some tests that found nothing; Python then checks the
-deadline, sleeps as :func:`mtcoll.execute._test_and_sleep` does, and calls it again (all the
-state of a call is in arrays, so the kernel resumes where it stopped). A failed message (MPI
-error, e.g. ``MPI_ERR_TRUNCATE`` in a status) ends the kernel: the execution is abandoned (its
-receives cancelled) and the ``MPI.Exception`` raised from :meth:`CompiledExecution.wait`, as
-the Python executor does.
+the GIL released. A sleeping wait (``wait="sleep"``) stays in the kernel too: it tests
+(``MPI_Testsome``) as :data:`mtcoll.execute.WAIT` says -- :data:`~mtcoll.execute.SPIN_POLLS`
+tests, :data:`~mtcoll.execute.YIELD_POLLS` after a ``sched_yield``, then ``nanosleep`` between
+tests from :data:`~mtcoll.execute.SLEEP_MIN` doubling to :data:`~mtcoll.execute.SLEEP_MAX` --
+with the thread's timer slack lowered to :data:`SLEEP_SLACK` while it sleeps, and returns to
+Python after :data:`SLEEP_BUDGET` of sleeping without a completion, so that a deadline
+(``MTCOLL_TIMEOUT``) is checked and signal handlers run. A busy wait with a deadline tests and
+returns after some tests that found nothing. Python then checks the deadline and calls the
+kernel again (all the state of a call is in arrays, so the kernel resumes where it stopped).
+A failed message (MPI error, e.g. ``MPI_ERR_TRUNCATE`` in a status) ends the kernel: the
+execution is abandoned (its receives cancelled) and the ``MPI.Exception`` raised from
+:meth:`CompiledExecution.wait`, as the Python executor does.
 """
 
 from __future__ import annotations
@@ -68,7 +73,30 @@ _DONE, _IDLE, _ERROR, _STALL = 0, 1, 2, 3
 # slots of the state array
 _REMAINING, _NEXT_RECV, _RECVS_OUT, _NACTIVE, _WHEAD, _WTAIL, _MOVED, _ERR = range(8)
 _STATE = 8
-_IDLE_POLLS = 2000  # tests without progress before the kernel returns (deadline, sleep mode)
+# slots of the kernel's pace array: how it waits between tests (see _engine_kernel.run)
+_POLLS, _SPIN, _YIELDS, _SLEEP_MIN, _SLEEP_MAX, _BUDGET, _SLACK = range(7)
+_PACE = 7
+_IDLE_POLLS = 2000  # tests without progress before the kernel returns (busy, with a deadline)
+#: While the kernel sleeps (``wait="sleep"``) the thread's timer slack, in ns: Linux's default
+#: 50 us makes every short sleep last 50 us longer (a 20 us ``nanosleep`` took 89 us on the
+#: 2-core VM, 30 us with a 1 ns slack). Restored when the kernel returns.
+SLEEP_SLACK = 1000
+#: The sleeping the kernel does without a completion before it returns to Python, which checks
+#: the call's deadline (``MTCOLL_TIMEOUT``) and runs signal handlers, in seconds.
+SLEEP_BUDGET = 0.01
+
+
+def _pace(polls, spin, yields=0, sleep_min=0.0, sleep_max=0.0, budget=0.0, slack=0):
+    """The kernel's pace array (times in seconds, slack in ns; see _engine_kernel.run)."""
+    pace = np.zeros(_PACE, dtype=np.int64)
+    pace[_POLLS], pace[_SPIN], pace[_YIELDS] = max(polls, 1), spin, yields
+    pace[_SLEEP_MIN] = max(1, round(sleep_min * 1e9))
+    pace[_SLEEP_MAX] = round(sleep_max * 1e9)
+    pace[_BUDGET], pace[_SLACK] = round(budget * 1e9), slack
+    return pace
+
+
+_ONE_TEST = _pace(1, 1)  # test() and warm(): one test, no waiting
 
 
 def engine_setting():
@@ -119,9 +147,11 @@ class _Abi:
             self.why = "unknown MPI ABI: the error field of MPI_Status not found"
             return
         self.err_word = int(hits[0])  # int32 index within a status
+        # and the C library's, for waiting inside the kernel (prctl: Linux only, else 0)
         self.fn = np.array([self._address(name) for name in
-                            ("MPI_Isend", "MPI_Irecv", "MPI_Testsome", "MPI_Waitsome")],
-                           dtype=np.int64)
+                            ("MPI_Isend", "MPI_Irecv", "MPI_Testsome", "MPI_Waitsome")]
+                           + [self._libc(name) for name in ("sched_yield", "nanosleep")]
+                           + [self._libc("prctl", required=False)], dtype=np.int64)
         self.req_null = self.handle(self._signed(MPI.REQUEST_NULL.handle))
         self.err_in_status = int(MPI.ERR_IN_STATUS)
         self.library = MPI.Get_library_version().splitlines()[0].strip()
@@ -133,6 +163,14 @@ class _Abi:
             except (OSError, AttributeError):
                 continue
         raise LookupError(f"{name} not found in the MPI library mpi4py loaded")
+
+    def _libc(self, name, required=True):
+        try:
+            return ctypes.cast(getattr(ctypes.CDLL(None), name), ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            if required:
+                raise LookupError(f"{name} not found in the process's C library") from None
+            return 0
 
     def _signed(self, h):
         # mpi4py gives a handle as an unsigned integer (MPICH's int handles sign-extended to
@@ -193,7 +231,7 @@ def warm():
         comm, rank, sleep = MPI.COMM_SELF, 0, False
 
     acc = np.zeros(1)
-    CompiledExecution(_Stub(), _Stub(), acc, np.add, 0)._step(False, 1)
+    CompiledExecution(_Stub(), _Stub(), acc, np.add, 0)._step(False, _ONE_TEST)
     return None
 
 
@@ -294,22 +332,10 @@ class CompiledExecution:
 
     def __init__(self, executor, layout, acc, ufunc, slot, src=None):
         abi = _abi()
-        self.executor = executor
-        self.layout = layout
-        self.acc = acc
-        if src is None:
-            src = acc
-        else:
-            for a, b in layout.precopy:
-                acc[a:b] = src[a:b]
-        self.src = src
-        self._src8 = _bytes(src)
+        nbytes = execute._take_inputs(self, executor, layout, acc, slot, src)
+        self._src8 = _bytes(self.src)
         self._acc8 = _bytes(acc)
         self._dt = np.int64(_DTYPE_CODES[acc.dtype.kind, acc.dtype.itemsize])
-        self.slot = slot
-        self.on_done = []
-        self.on_error = []
-        self.error = None
         self.done = layout.npieces == 0
         self._flat = flat = _flat(layout)
         n = layout.npieces
@@ -327,17 +353,12 @@ class CompiledExecution:
         self._statuses = np.zeros(max(n, 1) * abi.status_size // 4, dtype=np.int32)
         self._comm = abi.handle_of(executor.comm)
         self._dtype = abi.handle_of(MPI._typedict[acc.dtype.char])
-        self._tmp = self._acc8[:0]
-        self._raw = None
-        if layout.scratch_size:
-            nbytes = layout.scratch_size * acc.itemsize
-            self._raw = execute._get_scratch(nbytes)
-            self._tmp = self._raw[:nbytes]
+        self._tmp = self._acc8[:0] if self._raw is None else self._raw[:nbytes]
         self._started = False
 
     # -- running -----------------------------------------------------------------------------
 
-    def _step(self, block, idle_polls):
+    def _step(self, block, pace):
         abi = _abi()
         f = self._flat
         k = _kernel()
@@ -347,7 +368,7 @@ class CompiledExecution:
                    self._acc8, self._src8, self._tmp, self._dt, np.int64(self.acc.itemsize),
                    self._op, self._dtype, self._comm,
                    np.int64(self.slot), np.int64(execute.TAG_SLOTS),
-                   np.int64(execute.RECV_WINDOW), bool(block), np.int64(idle_polls),
+                   np.int64(execute.RECV_WINDOW), bool(block), pace,
                    np.int64(abi.status_size // 4), np.int64(abi.err_word),
                    np.int64(abi.err_in_status), bool(not self._started))
         self._started = True
@@ -368,7 +389,7 @@ class CompiledExecution:
     def test(self):
         """Advance this call without blocking; True once it is complete (raises its error)."""
         if not self.done:
-            self._step(False, 1)
+            self._step(False, _ONE_TEST)
         if self.error is not None:
             raise self.error
         return self.done
@@ -376,24 +397,24 @@ class CompiledExecution:
     def wait(self, timeout=None):
         """Run this call to completion; returns True. With ``timeout`` (seconds), return False
         once no message has completed for that long (the call is then still running)."""
-        sleep = self.executor.sleep
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = execute.SLEEP_MIN
+        if self.executor.sleep:  # the kernel tests, yields and sleeps as execute.WAIT says
+            pace = _pace(1 << 62, execute.SPIN_POLLS, execute.YIELD_POLLS,
+                         execute.SLEEP_MIN, execute.SLEEP_MAX, SLEEP_BUDGET, SLEEP_SLACK)
+        elif deadline is None:
+            pace = None  # blocks in MPI_Waitsome until done (or an error)
+        else:
+            pace = _pace(_IDLE_POLLS, _IDLE_POLLS)  # polls, returning for the deadline
         while not self.done:
-            if deadline is None and not sleep:
-                self._step(True, 0)  # blocks in MPI_Waitsome until done (or an error)
+            if pace is None:
+                self._step(True, _ONE_TEST)
                 continue
-            polls = execute.SPIN_POLLS if sleep else _IDLE_POLLS
-            if self._step(False, max(polls, 1)):
-                delay = execute.SLEEP_MIN
+            if self._step(False, pace):
                 if timeout is not None:
                     deadline = time.monotonic() + timeout
                 continue
             if deadline is not None and time.monotonic() >= deadline:
                 return False
-            if sleep:
-                time.sleep(delay)
-                delay = min(2 * delay, execute.SLEEP_MAX)
         if self.error is not None:
             raise self.error
         return True
@@ -450,14 +471,7 @@ class CompiledExecution:
         # the scratch stays with this object (kept alive by the abandoned request, as the
         # Python executor's): a receive MPI failed to cancel may still write into it
 
-    def _fail(self, error):
-        if self.done:
-            return
-        self.error = error
-        self.abandon()
-        callbacks, self.on_error = self.on_error, []
-        for fn in callbacks:
-            fn(error)
+    _fail = execute.Execution._fail  # the same steps over this class's abandon()
 
     def _fail_quietly(self):
         self.abandon()

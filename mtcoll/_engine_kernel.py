@@ -2,14 +2,25 @@
 
 :func:`run` is one stretch of a call: it carries on the call whose whole state is in its array
 arguments until the call is done, an MPI error or a stall ends it, or (not blocking) it has
-tested ``idle_polls`` times without a completion. It does what
+waited as long as ``pace`` allows without a completion. It does what
 :class:`mtcoll.execute.Execution` does, in the same order: post reduce-phase receives ahead
 (at most ``window``), act on pieces whose dependencies are met (send, gather-receive, combine),
-test completions, release dependents. MPI's C functions are called through their addresses
-(``fn``: Isend, Irecv, Testsome, Waitsome) by :func:`_ccall`, which casts an address to a C
-function of the argument types it is given: 4-byte integer handles (MPICH) and 8-byte ones
-(Open MPI's pointers) are both plain integer arguments in the x86-64 and AArch64 C calling
-conventions.
+test completions, release dependents. Not blocking, it waits between tests that found
+nothing as ``pace`` (int64, slots :data:`mtcoll._engine._PACE`) says: the first
+``pace[_SPIN]`` tests one after the other, the next ``pace[_YIELDS]`` each after a
+``sched_yield``, then each after a ``nanosleep`` from ``pace[_SLEEP_MIN]`` ns doubling up to
+``pace[_SLEEP_MAX]`` (0: no sleeping); it returns after ``pace[_POLLS]`` such tests in a row
+or once it has slept ``pace[_BUDGET]`` ns since the last completion, so that the caller can
+check its deadline. While sleeping, the thread's timer slack is ``pace[_SLACK]`` ns (restored
+on return). The call holds no GIL throughout.
+
+MPI's C functions are called through their addresses (``fn``: Isend, Irecv, Testsome,
+Waitsome, then the C library's sched_yield, nanosleep and prctl, 0 when absent) by
+:func:`_ccall`, which casts an address to a C function of the argument types it is given:
+4-byte integer handles (MPICH) and 8-byte ones (Open MPI's pointers) are both plain integer
+arguments in the x86-64 and AArch64 C calling conventions. (prctl is variadic; its integer
+arguments travel in the same registers either way, and on x86-64 the callee reads ``%al``
+only to decide whether to save vector registers.)
 """
 
 from __future__ import annotations
@@ -20,11 +31,14 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._engine import (_DONE, _ERR, _ERROR, _IDLE, _MOVED, _NACTIVE, _NEXT_RECV, _RECVS_OUT,
-                      _REMAINING, _STALL, _WHEAD, _WTAIL)
+from ._engine import (_BUDGET, _DONE, _ERR, _ERROR, _IDLE, _MOVED, _NACTIVE, _NEXT_RECV,
+                      _POLLS, _RECVS_OUT, _REMAINING, _SLACK, _SLEEP_MAX, _SLEEP_MIN, _SPIN,
+                      _STALL, _WHEAD, _WTAIL, _YIELDS)
 from .schedule import GATHER, RECV, REDUCE, SEND
 
-_ISEND, _IRECV, _TESTSOME, _WAITSOME = 0, 1, 2, 3
+# the functions of ``fn``, by index
+_ISEND, _IRECV, _TESTSOME, _WAITSOME, _SCHED_YIELD, _NANOSLEEP, _PRCTL = range(7)
+_PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30  # <linux/prctl.h>
 
 
 @intrinsic
@@ -52,80 +66,87 @@ def _ccall(typingctx, addr, args):
 # 9 BOR, 10 BXOR. MIN and MAX follow numpy's minimum/maximum: a NaN operand is the result.
 
 def _combine(op, out, lo, mine, other, off, n):
+    # Each variant loops over slices (o, m, t), not over out[lo + i]: indexed from lo, a
+    # 1M-element float32 SUM took 2-3x as long in a micro-benchmark (our reading, not checked
+    # in the machine code: numba's wrap-around check of a computed index keeps it scalar).
     raise NotImplementedError  # compiled only (see the overload)
 
 
 def _combine_int(op, out, lo, mine, other, off, n):
+    o, m, t = out[lo:lo + n], mine[lo:lo + n], other[off:off + n]  # see _combine
     if op == 1:
         for i in range(n):
-            out[lo + i] = mine[lo + i] + other[off + i]
+            o[i] = m[i] + t[i]
     elif op == 2:
         for i in range(n):
-            out[lo + i] = mine[lo + i] * other[off + i]
+            o[i] = m[i] * t[i]
     elif op == 3:
         for i in range(n):
-            x, y = mine[lo + i], other[off + i]
-            out[lo + i] = x if x <= y else y
+            x, y = m[i], t[i]
+            o[i] = x if x <= y else y
     elif op == 4:
         for i in range(n):
-            x, y = mine[lo + i], other[off + i]
-            out[lo + i] = x if x >= y else y
+            x, y = m[i], t[i]
+            o[i] = x if x >= y else y
     elif op == 5:
         for i in range(n):
-            out[lo + i] = 1 if (mine[lo + i] != 0 and other[off + i] != 0) else 0
+            o[i] = 1 if (m[i] != 0 and t[i] != 0) else 0
     elif op == 6:
         for i in range(n):
-            out[lo + i] = 1 if (mine[lo + i] != 0 or other[off + i] != 0) else 0
+            o[i] = 1 if (m[i] != 0 or t[i] != 0) else 0
     elif op == 7:
         for i in range(n):
-            out[lo + i] = 1 if ((mine[lo + i] != 0) != (other[off + i] != 0)) else 0
+            o[i] = 1 if ((m[i] != 0) != (t[i] != 0)) else 0
     elif op == 8:
         for i in range(n):
-            out[lo + i] = mine[lo + i] & other[off + i]
+            o[i] = m[i] & t[i]
     elif op == 9:
         for i in range(n):
-            out[lo + i] = mine[lo + i] | other[off + i]
+            o[i] = m[i] | t[i]
     elif op == 10:
         for i in range(n):
-            out[lo + i] = mine[lo + i] ^ other[off + i]
+            o[i] = m[i] ^ t[i]
 
 
 def _combine_float(op, out, lo, mine, other, off, n):
+    o, m, t = out[lo:lo + n], mine[lo:lo + n], other[off:off + n]  # see _combine
     if op == 1:
         for i in range(n):
-            out[lo + i] = mine[lo + i] + other[off + i]
+            o[i] = m[i] + t[i]
     elif op == 2:
         for i in range(n):
-            out[lo + i] = mine[lo + i] * other[off + i]
+            o[i] = m[i] * t[i]
     elif op == 3:
         for i in range(n):
-            x, y = mine[lo + i], other[off + i]
-            out[lo + i] = x if (x <= y or x != x) else y
+            x, y = m[i], t[i]
+            o[i] = x if (x <= y or x != x) else y
     elif op == 4:
         for i in range(n):
-            x, y = mine[lo + i], other[off + i]
-            out[lo + i] = x if (x >= y or x != x) else y
+            x, y = m[i], t[i]
+            o[i] = x if (x >= y or x != x) else y
 
 
 def _combine_complex(op, out, lo, mine, other, off, n):
+    o, m, t = out[lo:lo + n], mine[lo:lo + n], other[off:off + n]  # see _combine
     if op == 1:
         for i in range(n):
-            out[lo + i] = mine[lo + i] + other[off + i]
+            o[i] = m[i] + t[i]
     elif op == 2:
         for i in range(n):
-            out[lo + i] = mine[lo + i] * other[off + i]
+            o[i] = m[i] * t[i]
 
 
 def _combine_bool(op, out, lo, mine, other, off, n):
+    o, m, t = out[lo:lo + n], mine[lo:lo + n], other[off:off + n]  # see _combine
     if op == 5:
         for i in range(n):
-            out[lo + i] = mine[lo + i] and other[off + i]
+            o[i] = m[i] and t[i]
     elif op == 6:
         for i in range(n):
-            out[lo + i] = mine[lo + i] or other[off + i]
+            o[i] = m[i] or t[i]
     elif op == 7:
         for i in range(n):
-            out[lo + i] = mine[lo + i] != other[off + i]
+            o[i] = m[i] != t[i]
 
 
 @overload(_combine)
@@ -194,13 +215,12 @@ def _post(fn, which, ptr, count, dtype_h, peer, tag, comm_h, reqs, slot):
 @njit(nogil=True, cache=True)
 def run(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep_idx,
         recv_order, pending, arrived, work, reqs, req_piece, index, statuses, acc, src, tmp, dt,
-        isz, op, dtype_h, comm_h, slot, tag_slots, window, block, idle_polls, status_words,
+        isz, op, dtype_h, comm_h, slot, tag_slots, window, block, pace, status_words,
         err_word, err_in_status, first):
     st[_MOVED] = 0
     acc_p = np.int64(acc.ctypes.data)
     src_p = np.int64(src.ctypes.data)
     tmp_p = np.int64(tmp.ctypes.data)
-    outcount = np.zeros(1, dtype=np.int32)
     if first:
         rc = _drain(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr,
                     dep_idx, recv_order, pending, arrived, work, reqs, req_piece, acc, src, tmp,
@@ -210,7 +230,52 @@ def run(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep
             return _ERROR
         if st[_REMAINING] == 0:
             return _DONE
+    slack = np.full(1, -1, dtype=np.int64)  # the thread's timer slack, while lowered
+    rc = _loop(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep_idx,
+               recv_order, pending, arrived, work, reqs, req_piece, index, statuses, acc, src,
+               tmp, dt, isz, op, dtype_h, comm_h, slot, tag_slots, window, block, pace,
+               status_words, err_word, err_in_status, acc_p, src_p, tmp_p, slack)
+    if slack[0] >= 0:
+        _ccall(fn[_PRCTL], (np.int64(_PR_SET_TIMERSLACK), slack[0], np.int64(0), np.int64(0),
+                            np.int64(0)))
+    return rc
+
+
+@njit(nogil=True, cache=True)
+def _idle(fn, pace, idle, delay, slept, ts, slack):
+    # The wait between two tests that found nothing (``idle`` of them in a row), as ``pace``
+    # says (see run): test again at once, after a sched_yield, or after a nanosleep of
+    # ``delay`` ns with the thread's timer slack lowered to pace[_SLACK] (Linux's default 50 us
+    # slack would make a 20 us sleep last 90 us). Returns the nanoseconds slept, -1 for none.
+    if idle < pace[_SPIN]:
+        return -1
+    if idle < pace[_SPIN] + pace[_YIELDS]:
+        _ccall(fn[_SCHED_YIELD], ())
+        return -1
+    if pace[_SLEEP_MAX] <= 0:
+        return -1
+    if slack[0] < 0 and fn[_PRCTL] != 0 and pace[_SLACK] > 0:
+        zero = np.int64(0)
+        old = _ccall(fn[_PRCTL], (np.int64(_PR_GET_TIMERSLACK), zero, zero, zero, zero))
+        if old > pace[_SLACK]:
+            slack[0] = old
+            _ccall(fn[_PRCTL], (np.int64(_PR_SET_TIMERSLACK), pace[_SLACK], zero, zero, zero))
+    ts[0] = delay // 1000000000
+    ts[1] = delay % 1000000000
+    _ccall(fn[_NANOSLEEP], (np.int64(ts.ctypes.data), np.int64(0)))  # EINTR: just test again
+    return delay
+
+
+@njit(nogil=True, cache=True)
+def _loop(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep_idx,
+          recv_order, pending, arrived, work, reqs, req_piece, index, statuses, acc, src, tmp,
+          dt, isz, op, dtype_h, comm_h, slot, tag_slots, window, block, pace, status_words,
+          err_word, err_in_status, acc_p, src_p, tmp_p, slack):
+    outcount = np.zeros(1, dtype=np.int32)
+    ts = np.zeros(2, dtype=np.int64)  # struct timespec {tv_sec, tv_nsec}
     idle = 0
+    delay = pace[_SLEEP_MIN]
+    slept = 0
     while True:
         n = st[_NACTIVE]
         if n == 0:
@@ -234,10 +299,18 @@ def run(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep
         m = outcount[0]
         if m <= 0:  # none (MPI_UNDEFINED cannot happen: every request listed is active)
             idle += 1
-            if idle >= idle_polls:
+            if idle >= pace[_POLLS]:
                 return _IDLE
+            t = _idle(fn, pace, idle, delay, slept, ts, slack)
+            if t >= 0:
+                slept += t
+                delay = min(2 * delay, pace[_SLEEP_MAX])
+                if slept >= pace[_BUDGET]:
+                    return _IDLE
             continue
         idle = 0
+        delay = pace[_SLEEP_MIN]
+        slept = 0
         st[_MOVED] = 1
         for k in range(m):
             i = index[k]

@@ -26,6 +26,13 @@ from .schedule import Schedule
 _SPECIAL_ALGORITHMS = ("auto", "native")  # algorithm names that are no schedule
 
 
+def auto_wait(ranks_here):
+    """The wait mode ``wait="auto"`` picks on a host running ``ranks_here`` ranks: ``"sleep"``
+    when that is more ranks than the host has cores, else ``"busy"``. (:class:`mtcoll.Comm`
+    then agrees on it: sleep if any rank sleeps.)"""
+    return "sleep" if ranks_here > (os.cpu_count() or 1) else "busy"
+
+
 class Planning:
     """The construction and planning steps of :class:`mtcoll.Comm`."""
 
@@ -134,7 +141,7 @@ class Planning:
                 else f"wait={wait!r}"
             bad = f"{where} (rank {self._dup.Get_rank()}) is not one of auto, busy, sleep"
         if mode == "auto":
-            mode = "sleep" if ranks_here > (os.cpu_count() or 1) else "busy"
+            mode = auto_wait(ranks_here)
         if threaded is None:
             bad = f"environment variable MTCOLL_PROGRESS={os.environ['MTCOLL_PROGRESS']!r} " \
                   f"(rank {self._dup.Get_rank()}) is not one of thread, off"

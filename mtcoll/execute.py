@@ -461,6 +461,31 @@ _active = []  # running executions, oldest first, over all communicators
 _ARRIVED, _APPLIED = 1, 2  # states of a reduce-phase receive (0: not arrived)
 
 
+def _take_inputs(call, executor, layout, acc, slot, src):
+    """What an execution of either engine (this module's :class:`Execution`, the compiled
+    :class:`mtcoll._engine.CompiledExecution`) sets up from its inputs: its executor, layout,
+    buffers (copying into ``acc`` the parts of ``src`` the layout reads from ``acc``), tag slot,
+    callbacks and error, and its scratch buffer from the process's pool (``call._raw``, None
+    when the layout needs none; returned whole when the call completes). Returns the scratch
+    bytes the layout uses."""
+    call.executor = executor
+    call.layout = layout
+    call.acc = acc
+    if src is None:
+        src = acc
+    else:
+        for a, b in layout.precopy:
+            acc[a:b] = src[a:b]
+    call.src = src
+    call.slot = slot
+    call.on_done = []
+    call.error = None  # the MPI.Exception the execution failed with (see _fail)
+    call.on_error = []  # callbacks fn(error), run once when it fails
+    nbytes = layout.scratch_size * acc.itemsize
+    call._raw = _get_scratch(nbytes) if nbytes else None
+    return nbytes
+
+
 class Execution:
     """One running call of an :class:`Executor` (see :meth:`Executor.start`).
 
@@ -470,20 +495,8 @@ class Execution:
     """
 
     def __init__(self, executor, layout, acc, ufunc, slot, src=None):
-        self.executor = executor
-        self.layout = layout
-        self.acc = acc
-        if src is None:
-            src = acc
-        else:
-            for a, b in layout.precopy:
-                acc[a:b] = src[a:b]
-        self.src = src
+        nbytes = _take_inputs(self, executor, layout, acc, slot, src)
         self.ufunc = ufunc
-        self.slot = slot
-        self.on_done = []
-        self.error = None  # the MPI.Exception this execution failed with (see _fail)
-        self.on_error = []  # callbacks fn(error), run once when it fails
         # MPI requests of this execution and the piece of each. Testsome turns completed ones
         # into MPI.REQUEST_NULL in place, which later tests skip; the lists are compacted only
         # when such holes make up most of them, so that a completion costs O(1), not O(list).
@@ -497,12 +510,7 @@ class Execution:
         self._next_recv = 0
         self._recvs_out = 0
         self._comm = executor.comm
-        self._tmp = None
-        if layout.scratch_size:
-            nbytes = layout.scratch_size * acc.itemsize
-            raw = _get_scratch(nbytes)
-            self._raw = raw  # returned whole to the process's scratch pool when the call completes
-            self._tmp = raw[:nbytes].view(acc.dtype)
+        self._tmp = None if self._raw is None else self._raw[:nbytes].view(acc.dtype)
         self.done = layout.npieces == 0
         if not self.done:
             _active.append(self)

@@ -4,13 +4,18 @@ same errors. Each test checks that the engine it means to exercise ran (``_engin
 
 from __future__ import annotations
 
+import ctypes
+import sys
+import time
+
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 import mtcoll
-from mtcoll import _engine
-from mtcoll.plan import ALGORITHMS
+from mtcoll import _engine, execute
+from mtcoll.plan import ALGORITHMS, plan
+from mtcoll.topology import parse
 
 # (dtype, op): an exact op (the MPI library must agree bit for bit) or an order-dependent one
 # (the MPI library's order differs: compared with a tolerance; the Python executor bitwise)
@@ -124,8 +129,8 @@ def test_block_calls_and_readonly_input(comm, engine_ok, monkeypatch):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("mode", ["sleep", "timeout"])
 def test_waits_that_poll(comm, engine_ok, monkeypatch, mode):
-    """wait="sleep" and MTCOLL_TIMEOUT: the kernel tests and returns, Python sleeps or checks
-    the deadline, and calls it again."""
+    """wait="sleep" and MTCOLL_TIMEOUT: the kernel tests and sleeps in itself, or tests and
+    returns for Python to check the deadline and call it again."""
     if mode == "timeout":
         monkeypatch.setenv("MTCOLL_TIMEOUT", "60")
     c = mtcoll.Comm(comm, algorithm="multitree", wait="sleep" if mode == "sleep" else "busy",
@@ -136,6 +141,44 @@ def test_waits_that_poll(comm, engine_ok, monkeypatch, mode):
     slow, _ = run(c, x, MPI.SUM, "python", monkeypatch)
     assert fast.tobytes() == slow.tobytes()
     c.Free()
+
+
+def _timer_slack():
+    return ctypes.CDLL(None).prctl(30, 0, 0, 0, 0)  # PR_GET_TIMERSLACK, in ns
+
+
+@pytest.mark.mpi(min_size=2)
+def test_sleeping_kernel_gives_up_on_time_and_restores_timer_slack(comm, engine_ok,
+                                                                  monkeypatch):
+    """wait="sleep": the kernel sleeps without returning to Python, yet a wait with a timeout
+    gives up on time while a peer is late (the kernel comes back within its sleep budget), the
+    late call then completes with the right sum, and the thread's timer slack, lowered while
+    the kernel sleeps, is what it was before."""
+    monkeypatch.setenv("MTCOLL_ENGINE", "compiled")
+    linux = sys.platform.startswith("linux")
+    slack = _timer_slack() if linux else None
+    rank, n = comm.Get_rank(), comm.Get_size()
+    dup = comm.Dup()
+    ex = execute.Executor(dup, plan(parse(f"ring:{n}"), "ring"), wait="sleep")
+    acc = np.arange(1000.0) + rank
+    e = ex.start(acc, np.add, 0, blocking=True) if rank else None
+    if rank:
+        assert e.engine == "compiled"
+        _engine.warm()  # the kernel loaded before the clock starts
+        t0 = time.monotonic()
+        assert e.wait(timeout=0.2) is False  # rank 0 has not started its part
+        took = time.monotonic() - t0
+        # (a kernel that never came back would hang here until rank 0 starts: never)
+        assert 0.2 <= took < 30.0, took
+    comm.Barrier()  # rank 0 starts once the others have given up once
+    if not rank:
+        e = ex.start(acc, np.add, 0, blocking=True)
+        assert e.engine == "compiled"
+    assert e.wait() is True
+    assert np.array_equal(acc, n * np.arange(1000.0) + n * (n - 1) / 2)
+    if linux:
+        assert _timer_slack() == slack
+    dup.Free()
 
 
 @pytest.mark.mpi(min_size=2)
