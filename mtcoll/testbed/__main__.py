@@ -135,7 +135,8 @@ def _table(meta, traffic, result):
                      f"CPU: job user {cpu['job_user_s']:.1f} s, system {cpu['job_system_s']:.1f} "
                      f"s; machine ({cpu['machine_cores']} cores) busy "
                      f"{100 * cpu['machine_busy_fraction']:.0f} %, softirq "
-                     f"{cpu['machine_softirq_s']:.1f} s")
+                     f"{cpu['machine_softirq_s']:.1f} s; load average "
+                     f"{cpu['loadavg_start'][0]:.1f} -> {cpu['loadavg_end'][0]:.1f}")
         for ev in result["events"]:
             lines.append(f"event at {ev['at_s']:.1f} s: {ev['what']}"
                          + (f" (failed: {ev['error']})" if "error" in ev else ""))
