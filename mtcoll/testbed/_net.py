@@ -21,8 +21,8 @@ import time
 
 from ._layout import RULE_PRIORITY, TABLE_BASE, address, format_rate
 
-__all__ = ["PREFIX", "STATE_DIR", "missing", "new_id", "build", "check_routes", "counters",
-           "destroy", "cleanup", "testbeds", "set_link", "TestbedError"]
+__all__ = ["PREFIX", "STATE_DIR", "TBF_LATENCY", "tbf_burst", "missing", "new_id", "build",
+           "check_routes", "counters", "destroy", "cleanup", "testbeds", "set_link", "TestbedError"]
 
 #: every namespace of every testbed starts with this
 PREFIX = "mtcb-"
@@ -30,6 +30,13 @@ STATE_DIR = "/run/mtcoll-testbed"
 NFT_TABLE = "mtcoll_testbed"
 #: tbf queue: how long a packet may wait before tbf drops it
 TBF_LATENCY = "200ms"
+
+
+def tbf_burst(rate):
+    """The tbf bucket (bytes) of a link shaped to ``rate`` bytes/s: 10 ms of the rate, at
+    least 32 KiB. What the link lets through at once after it idled (the simulator's
+    ``burst``)."""
+    return max(32 * 1024, int(rate / 100))
 
 
 class TestbedError(RuntimeError):
@@ -197,7 +204,7 @@ def _build(lay, topo, congestion_control=None):
         _batch("ip", ns[x], lines, "adding addresses and routes")
     shaping = {x: [] for x in range(len(ns))}
     for a, b, rate in lay.links:
-        burst = max(32 * 1024, int(rate / 100))  # 10 ms worth, at least 32 KiB
+        burst = tbf_burst(rate)
         shaping[a].append(f"qdisc add dev {lay.ifname(a, b)} root tbf rate {format_rate(rate)} "
                           f"burst {burst} latency {TBF_LATENCY}")
     for x in range(len(ns)):
