@@ -162,6 +162,15 @@ def test_bench_on_a_torus_2x2(tmp_path):
     assert all(b > low / 4 for b in links.values()), links
     assert out["traffic"]["total_link_bytes"] > low * 4
     assert out["run"]["returncode"] == 0 and out["run"]["cpu"]["job_user_s"] > 0
+    # the drops, the kernel's TCP counters and the load are recorded; TCP sent at least the
+    # bytes the links carried, in segments of at most 1514 bytes
+    assert all(x["dropped_packets"] >= 0 for x in out["traffic"]["links"])
+    assert out["traffic"]["total_dropped_packets"] >= 0
+    tcp = out["traffic"]["tcp_total"]
+    assert tcp["OutSegs"] > out["traffic"]["total_link_bytes"] / 1514 / 2
+    assert 0 <= tcp["RetransSegs"] <= tcp["OutSegs"] and tcp["TCPTimeouts"] >= 0
+    assert set(out["traffic"]["tcp"]) == {"0", "1", "2", "3"}
+    assert len(out["run"]["cpu"]["loadavg_start"]) == 3
 
 
 @real

@@ -140,6 +140,12 @@ def _table(meta, traffic, result):
         for ev in result["events"]:
             lines.append(f"event at {ev['at_s']:.1f} s: {ev['what']}"
                          + (f" (failed: {ev['error']})" if "error" in ev else ""))
+    tcp = traffic.get("tcp_total", {})
+    if tcp:
+        lines.append(f"tbf queues dropped {traffic.get('total_dropped_packets', 0)} packets; TCP "
+                     f"sent {tcp.get('OutSegs', 0)} segments, retransmitted "
+                     f"{tcp.get('RetransSegs', 0)}, {tcp.get('TCPTimeouts', 0)} "
+                     "retransmission timeouts")
     links = sorted(traffic["links"], key=lambda x: -x["bytes"])
     tot = traffic["total_link_bytes"]
     lines.append(f"links: {_mb(tot)} in total; busiest "

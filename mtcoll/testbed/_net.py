@@ -245,10 +245,27 @@ def check_routes(lay):
     return checked
 
 
+#: the kernel's TCP counters read per namespace (/proc/net/snmp and /proc/net/netstat)
+TCP_COUNTERS = (("Tcp", "OutSegs"), ("Tcp", "RetransSegs"), ("TcpExt", "TCPTimeouts"))
+
+
+def _tcp_counters(text):
+    """{name: value} of :data:`TCP_COUNTERS` from the text of /proc/net/snmp + netstat (each
+    section is a line of names and a line of values)."""
+    lines = [line.split() for line in text.splitlines() if ":" in line]
+    table = {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names and values and names[0] == values[0]:
+            table.update({(names[0][:-1], k): v for k, v in zip(names[1:], values[1:])})
+    return {name: int(table[(sec, name)]) for sec, name in TCP_COUNTERS if (sec, name) in table}
+
+
 def counters(lay):
-    """Byte counters now, by namespace: ``links`` {(a, b): bytes sent on a->b, from its tbf}
-    and ``forwarded`` {namespace: bytes its kernel forwarded} (None without ``nft``)."""
-    links, fwd = {}, {}
+    """Counters now, by namespace: ``links`` {(a, b): bytes sent on a->b, from its tbf},
+    ``drops`` {(a, b): packets its tbf dropped (queue full)}, ``tcp`` {namespace: segments
+    sent, retransmitted, retransmission timeouts} and ``forwarded`` {namespace: bytes its
+    kernel forwarded} (None without ``nft``)."""
+    links, drops, tcp, fwd = {}, {}, {}, {}
     have_nft = shutil.which("nft") is not None
     for x, ns in enumerate(lay.namespaces):
         out = _run(["tc", "-n", ns, "-s", "-j", "qdisc", "show"], what="reading tc counters")
@@ -256,6 +273,9 @@ def counters(lay):
             dev = q.get("dev", "")
             if q.get("kind") == "tbf" and dev.startswith("v"):
                 links[(x, int(dev[1:]))] = int(q.get("bytes", 0))
+                drops[(x, int(dev[1:]))] = int(q.get("drops", 0))
+        tcp[x] = _tcp_counters(_in_ns(ns, ["cat", "/proc/net/snmp", "/proc/net/netstat"],
+                                      what="reading the TCP counters"))
         if have_nft:
             out = _in_ns(ns, ["nft", "-j", "list", "table", "ip", NFT_TABLE],
                          what="reading the forwarding counter")
@@ -267,7 +287,7 @@ def counters(lay):
             fwd[x] = total
         else:
             fwd[x] = None
-    return {"links": links, "forwarded": fwd}
+    return {"links": links, "drops": drops, "tcp": tcp, "forwarded": fwd}
 
 
 def set_link(lay, a, b, up):
