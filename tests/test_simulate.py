@@ -309,8 +309,9 @@ def test_burst_delivers_a_bucket_at_once_after_idling(engine):
                                [0.75 * u, 1.75 * u], rtol=1e-12)
     # step by step, the second waits an overhead of u/8 after the first: the bucket has
     # refilled by u/8 of the link
+    step = {**kw, "mode": "step", "overhead": u / 8}
     np.testing.assert_allclose(
-        simulate(two, "ring:2", 2 * MiB, burst=q, **{**kw, "mode": "step", "overhead": u / 8}).finish,
+        simulate(two, "ring:2", 2 * MiB, burst=q, **step).finish,
         [u / 8 + 0.75 * u, u / 8 + 0.75 * u + u / 8 + (1 - 1 / 8) * u], rtol=1e-12)
     with pytest.raises(ValueError, match="burst"):
         simulate(one, "ring:2", MiB, burst=-1, **kw)
