@@ -171,6 +171,7 @@ def test_bench_on_a_torus_2x2(tmp_path):
     assert 0 <= tcp["RetransSegs"] <= tcp["OutSegs"] and tcp["TCPTimeouts"] >= 0
     assert set(out["traffic"]["tcp"]) == {"0", "1", "2", "3"}
     assert len(out["run"]["cpu"]["loadavg_start"]) == 3
+    assert out["meta"]["queue"] == "200ms"
 
 
 @real
@@ -243,7 +244,8 @@ def test_error_without_root_or_command():
         for args, text in ((["--rate", "0"], "--rate: rate '0' must be positive"),
                            (["--link-rate", "0-1=fast"], "--link-rate '0-1=fast': bad rate"),
                            (["--link-rate", "0-2=1mbit"], "ring:4 has no link from vertex 0"),
-                           (["--congestion-control", "nope"], "'nope' is not allowed")):
+                           (["--congestion-control", "nope"], "'nope' is not allowed"),
+                           (["--queue", "2x"], "bad queue '2x'")):
             r = run_testbed(["--topology", "ring:4"] + args + ["--", "true"])
             assert r.returncode == 2 and text in r.stderr, (args, r.stderr)
         r = run_testbed(["--topology", "blob:4", "--", "true"])

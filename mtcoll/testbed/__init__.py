@@ -49,6 +49,10 @@ class Testbed:
         A tc-style rate (``"50mbit"``) or bytes/s.
     link_rates : dict (a, b) -> rate, optional
         Per directed link (vertex ids, ranks first then switches) overrides.
+    queue : str, optional
+        How much each link's tbf queue holds, as time at its rate (``tc``'s ``latency``:
+        ``200ms``, ``2s``; default :data:`mtcoll.testbed._net.TBF_LATENCY`). Packets beyond it
+        are dropped; a longer queue drops fewer and delays more.
     congestion_control : str, optional
         TCP congestion control in every namespace (default :data:`DEFAULT_CONGESTION_CONTROL`;
         None: the kernel's default; only those in
@@ -61,7 +65,7 @@ class Testbed:
     """
 
     def __init__(self, topology, rate=DEFAULT_RATE, link_rates=None, tb_id=None,
-                 congestion_control=DEFAULT_CONGESTION_CONTROL):
+                 congestion_control=DEFAULT_CONGESTION_CONTROL, queue=None):
         from . import _net
 
         self.topology = parse(topology)
@@ -71,6 +75,8 @@ class Testbed:
         self.id = tb_id or _net.new_id()
         self.layout = layout(self.topology, f"{PREFIX}{self.id}-", self.rate, self.link_rates)
         self.congestion_control = congestion_control
+        # how long each tbf queue may hold packets before it drops (None: _net.TBF_LATENCY)
+        self.queue = _net.tbf_latency(queue) if queue is not None else _net.TBF_LATENCY
         self.built = False
 
     @property
@@ -93,7 +99,8 @@ class Testbed:
         _net.build(self.layout, self.id, {"spec": self.topology.spec, "rate": self.rate,
                                           "link_rates": [[a, b, r] for (a, b), r in
                                                          self.link_rates.items()],
-                                          "congestion_control": self.congestion_control},
+                                          "congestion_control": self.congestion_control,
+                                          "queue": self.queue},
                    pid, log=log)
         self.built = True
         if check:

@@ -21,7 +21,7 @@ import time
 
 from ._layout import RULE_PRIORITY, TABLE_BASE, address, format_rate
 
-__all__ = ["PREFIX", "STATE_DIR", "TBF_LATENCY", "tbf_burst", "missing", "new_id", "build",
+__all__ = ["PREFIX", "STATE_DIR", "TBF_LATENCY", "tbf_burst", "tbf_latency", "missing", "new_id", "build",
            "check_routes", "counters", "destroy", "cleanup", "testbeds", "set_link", "TestbedError"]
 
 #: every namespace of every testbed starts with this
@@ -30,6 +30,14 @@ STATE_DIR = "/run/mtcoll-testbed"
 NFT_TABLE = "mtcoll_testbed"
 #: tbf queue: how long a packet may wait before tbf drops it
 TBF_LATENCY = "200ms"
+
+
+def tbf_latency(text):
+    """A tbf queue length as ``tc`` takes it (``200ms``, ``2s``); ValueError otherwise."""
+    text = str(text).strip()
+    if not re.fullmatch(r"[0-9]+(ms|s)", text):
+        raise ValueError(f"bad queue {text!r}: give milliseconds or seconds, such as 200ms or 2s")
+    return text
 
 
 def tbf_burst(rate):
@@ -144,13 +152,13 @@ def build(lay, tb_id, meta, owner_pid, log=None):
                              pid_start=_proc_start(owner_pid) if owner_pid else None,
                              namespaces=lay.namespaces, created=time.time()))
     try:
-        _build(lay, topo, meta.get("congestion_control"))
+        _build(lay, topo, meta.get("congestion_control"), meta.get("queue") or TBF_LATENCY)
     except BaseException:
         destroy(tb_id, lay.namespaces)
         raise
 
 
-def _build(lay, topo, congestion_control=None):
+def _build(lay, topo, congestion_control=None, queue=TBF_LATENCY):
     ns = lay.namespaces
     _run(["ip", "-batch", "-"], input="".join(f"netns add {x}\n" for x in ns),
          what="creating the namespaces")
@@ -206,7 +214,7 @@ def _build(lay, topo, congestion_control=None):
     for a, b, rate in lay.links:
         burst = tbf_burst(rate)
         shaping[a].append(f"qdisc add dev {lay.ifname(a, b)} root tbf rate {format_rate(rate)} "
-                          f"burst {burst} latency {TBF_LATENCY}")
+                          f"burst {burst} latency {tbf_latency(queue)}")
     for x in range(len(ns)):
         _batch("tc", ns[x], shaping[x], "adding tbf")
 
