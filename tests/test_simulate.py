@@ -183,14 +183,16 @@ def test_dataflow_deps_match_brute_force(seed):
 @pytest.mark.parametrize("mode", ["step", "dataflow"])
 @pytest.mark.parametrize("sharing", ["fair", "priority", "connection"])
 @pytest.mark.parametrize("spec", ["torus:3x3", "mesh:2x3x2", "fattree:2x3", "bigraph:2x4"])
-def test_numba_engine_equals_python_twin(mode, sharing, spec):
+@pytest.mark.parametrize("burst", [0, 3000])
+def test_numba_engine_equals_python_twin(mode, sharing, spec, burst):
     rng = np.random.default_rng(zlib.crc32(f"{mode} {sharing} {spec}".encode()))
     slowed = 0
     for _ in range(3):
         s = random_schedule(rng, spec, 7, 40)
-        kw = dict(mode=mode, sharing=sharing)
+        kw = dict(mode=mode, sharing=sharing, burst=burst)
         a = simulate(s, spec, 7 * 4096, engine="numba", **kw)
         b = simulate(s, spec, 7 * 4096, engine="python", **kw)
+        np.testing.assert_allclose(a.start, b.start, rtol=1e-9)
         assert a.slowed == b.slowed
         slowed += a.slowed
         np.testing.assert_allclose(a.finish, b.finish, rtol=1e-9)
@@ -230,6 +232,89 @@ def test_connection_sharing_keeps_release_order_per_pair(engine):
     np.testing.assert_allclose(got["priority"], [2 * u, 4 * u], rtol=1e-12)  # B, A
     np.testing.assert_allclose(got["fair"], [3 * u, 4 * u], rtol=1e-12)
     np.testing.assert_allclose(got["connection"], [4 * u, 3 * u], rtol=1e-12)
+
+
+@BOTH_ENGINES
+def test_connections_share_a_link_and_keep_their_own_order(engine):
+    # ring:4, u = 1 MiB of link time. Pair 0->2 (route 0->1->2) sends a1 then a2, 1 MiB each;
+    # pair 1->2 sends b1, 3 MiB; all three are ready at once and meet on link 1->2. Each
+    # connection carries one transfer at a time and the connections split the link: a1 and
+    # b1 at half rate until 2u, then a2 and b1 until 4u, then b1 alone. Priority classes that
+    # were global across pairs (the former model) held a2 back until b1 was done (5u), and
+    # fair sharing runs all three at once (a third each).
+    s = hand("ring:4", 4, 5, [(REDUCE, 0, 0, 2, 0, 1), (REDUCE, 0, 1, 2, 2, 5),
+                              (REDUCE, 1, 0, 2, 1, 2)])
+    kw = dict(mode="dataflow", latency=0.0, engine=engine, **NO_EXTRAS)
+    u = MiB / B
+    conn = simulate(s, "ring:4", 5 * MiB, sharing="connection", **kw)
+    np.testing.assert_allclose(conn.finish, [2 * u, 5 * u, 4 * u], rtol=1e-12)
+    np.testing.assert_allclose(conn.start, [0, 0, 2 * u], atol=1e-15)
+    fair = simulate(s, "ring:4", 5 * MiB, sharing="fair", **kw)
+    np.testing.assert_allclose(fair.finish, [3 * u, 5 * u, 3 * u], rtol=1e-12)
+
+
+@BOTH_ENGINES
+def test_a_connection_carries_one_transfer_at_a_time(engine):
+    # pair 0->1 has a1 (3 MiB) and a2 (1 MiB), both ready at once: the connection sends a1
+    # and then a2, where fair sharing splits the link between them
+    u = MiB / B
+    kw = dict(mode="dataflow", latency=0.0, engine=engine, **NO_EXTRAS)
+    s = hand("ring:4", 4, 4, [(REDUCE, 0, 0, 1, 0, 3), (REDUCE, 1, 0, 1, 3, 4)])
+    np.testing.assert_allclose(simulate(s, "ring:4", 4 * MiB, sharing="connection", **kw).finish,
+                               [3 * u, 4 * u], rtol=1e-12)
+    np.testing.assert_allclose(simulate(s, "ring:4", 4 * MiB, sharing="fair", **kw).finish,
+                               [4 * u, 2 * u], rtol=1e-12)
+    # a1 released later (it waits for chunk 0 from rank 3, 1 MiB): a2 goes first
+    s = hand("ring:4", 4, 4, [(REDUCE, 0, 3, 0, 0, 1), (REDUCE, 0, 0, 1, 3, 4),
+                              (REDUCE, 1, 0, 1, 0, 3)])
+    r = simulate(s, "ring:4", 4 * MiB, sharing="connection", **kw)
+    np.testing.assert_allclose(r.finish, [u, u, 4 * u], rtol=1e-12)
+    np.testing.assert_allclose(r.start, [0, 0, u], atol=1e-15)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_connection_replay_keeps_each_pairs_order(seed):
+    # on random schedules: a pair's transfers never overlap, and they go in the order they
+    # were released (ties: schedule order)
+    rng = np.random.default_rng(seed)
+    spec = "torus:3x3"
+    waited = 0
+    for _ in range(3):
+        s = random_schedule(rng, spec, 7, 60)
+        r = simulate(s, spec, 7 * 4096, "dataflow", sharing="connection", latency=0.0,
+                     engine="numba", **NO_EXTRAS)
+        pair = s.src * s.nranks + s.dst
+        for p in np.unique(pair):
+            idx = np.flatnonzero(pair == p)
+            order = idx[np.lexsort((idx, r.release[idx]))]
+            assert (np.diff(r.start[order]) >= 0).all()
+            assert (r.start[order[1:]] >= r.finish[order[:-1]] * (1 - 1e-12)).all()
+        waited += int((r.start > r.release + 1e-12).sum())
+    assert waited > 0  # some transfers did wait for their connection
+
+
+@BOTH_ENGINES
+def test_burst_delivers_a_bucket_at_once_after_idling(engine):
+    # ring:4, one link 0->1, u = 1 MiB of link time, a bucket of 256 KiB (u/4)
+    u = MiB / B
+    q = MiB // 4
+    kw = dict(mode="dataflow", latency=0.0, engine=engine, sharing="connection", **NO_EXTRAS)
+    one = hand("ring:2", 2, 1, [(REDUCE, 0, 0, 1, 0, 1)], owner=[1])
+    assert simulate(one, "ring:2", MiB, burst=q, **kw).time == pytest.approx(0.75 * u, rel=1e-12)
+    assert simulate(one, "ring:2", MiB // 8, burst=q, **kw).time == 0.0  # all in the bucket
+    assert simulate(one, "ring:2", MiB, burst=0, **kw).time == pytest.approx(u, rel=1e-12)
+    # back to back on one connection: the second transfer finds the bucket empty
+    two = hand("ring:2", 2, 2, [(REDUCE, 0, 0, 1, 0, 1), (REDUCE, 1, 0, 1, 1, 2)], owner=[1, 1])
+    np.testing.assert_allclose(simulate(two, "ring:2", 2 * MiB, burst=q, **kw).finish,
+                               [0.75 * u, 1.75 * u], rtol=1e-12)
+    # step by step, the second waits an overhead of u/8 after the first: the bucket has
+    # refilled by u/8 of the link
+    step = {**kw, "mode": "step", "overhead": u / 8}
+    np.testing.assert_allclose(
+        simulate(two, "ring:2", 2 * MiB, burst=q, **step).finish,
+        [u / 8 + 0.75 * u, u / 8 + 0.75 * u + u / 8 + (1 - 1 / 8) * u], rtol=1e-12)
+    with pytest.raises(ValueError, match="burst"):
+        simulate(one, "ring:2", MiB, burst=-1, **kw)
 
 
 def test_dataflow_never_slower_than_step_without_contention():
@@ -393,3 +478,27 @@ def test_simgrid_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_simgrid, "find_python", lambda: None)
     with pytest.raises(RuntimeError, match="python3-simgrid"):
         simgrid_replay(planned("ring:4", "ring"), "ring:4", 4096)
+
+
+# -- the executor's pieces -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm,nbytes", [("rhd", 16 * MiB), ("ring2d", 16 * MiB),
+                                              ("multitree", 4 * MiB), ("dbtree", 1 * MiB)])
+def test_pieces_carry_the_executors_bytes(algorithm, nbytes):
+    # every transfer becomes its piece count of pieces of (almost) equal bytes, which add up
+    # to the transfer's; rhd's first steps at 16 MiB are 16 pieces, next to 8 and 4 (the
+    # sub-chunks once outnumbered the elements and most pieces carried nothing)
+    from mtcoll.simulate._pieces import piece_counts, pieces
+
+    s = planned("torus:4x4", algorithm)
+    k = piece_counts(s, nbytes, 4, 256 * 1024, 16)
+    p = pieces(s, nbytes)
+    b = s.chunk_bounds(nbytes // 4) * 4
+    pb = p.chunk_bounds(nbytes // 4) * 4
+    want = b[s.hi] - b[s.lo]
+    got = pb[p.hi] - pb[p.lo]
+    assert p.ntransfers == k.sum()
+    assert got.sum() == want.sum()
+    share = np.sort(np.repeat(want / k, k))
+    assert np.abs(np.sort(got) - share).max() <= 4 * 4  # a few elements of rounding
+    assert got.min() > 0

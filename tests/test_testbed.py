@@ -162,6 +162,16 @@ def test_bench_on_a_torus_2x2(tmp_path):
     assert all(b > low / 4 for b in links.values()), links
     assert out["traffic"]["total_link_bytes"] > low * 4
     assert out["run"]["returncode"] == 0 and out["run"]["cpu"]["job_user_s"] > 0
+    # the drops, the kernel's TCP counters and the load are recorded; TCP sent at least the
+    # bytes the links carried, in segments of at most 1514 bytes
+    assert all(x["dropped_packets"] >= 0 for x in out["traffic"]["links"])
+    assert out["traffic"]["total_dropped_packets"] >= 0
+    tcp = out["traffic"]["tcp_total"]
+    assert tcp["OutSegs"] > out["traffic"]["total_link_bytes"] / 1514 / 2
+    assert 0 <= tcp["RetransSegs"] <= tcp["OutSegs"] and tcp["TCPTimeouts"] >= 0
+    assert set(out["traffic"]["tcp"]) == {"0", "1", "2", "3"}
+    assert len(out["run"]["cpu"]["loadavg_start"]) == 3
+    assert out["meta"]["queue"] == "200ms"
 
 
 @real
@@ -234,7 +244,8 @@ def test_error_without_root_or_command():
         for args, text in ((["--rate", "0"], "--rate: rate '0' must be positive"),
                            (["--link-rate", "0-1=fast"], "--link-rate '0-1=fast': bad rate"),
                            (["--link-rate", "0-2=1mbit"], "ring:4 has no link from vertex 0"),
-                           (["--congestion-control", "nope"], "'nope' is not allowed")):
+                           (["--congestion-control", "nope"], "'nope' is not allowed"),
+                           (["--queue", "2x"], "bad queue '2x'")):
             r = run_testbed(["--topology", "ring:4"] + args + ["--", "true"])
             assert r.returncode == 2 and text in r.stderr, (args, r.stderr)
         r = run_testbed(["--topology", "blob:4", "--", "true"])

@@ -25,14 +25,16 @@ imports it. The model (documented in full in ``docs/reproduction.md``):
   **sharing="priority"**: the paper's step-priority arbitration; a transfer of an earlier
   (phase, step) takes what it can use before any later one gets the rest, and transfers of
   one step share fairly. The same as fair in step mode, where only one step runs at a time.
-  **sharing="connection"**: what TCP does with the messages of a pair of ranks: each pair's
-  transfers go one after the other on its own connection, in the order they were released
-  (the order the executor posts them: whichever has its data first), and the connections
-  share links fairly. Replayed as priority classes -- a transfer's class is its position in its
-  pair's queue, in the release order of the previous replay (the first by step priority) --
-  until the order no longer changes (at most :data:`CONNECTION_PASSES` replays). Classes are
-  global, so on a link shared by several pairs a pair's second transfer also waits for the
-  other pairs' first ones (fair sharing between connections is approximated).
+  **sharing="connection"**: what TCP does with the messages of a pair of ranks: each
+  (sender, receiver) pair's transfers go one at a time on its own connection, in the order
+  their in-flight delay ended (the order the executor posts them: whichever has its data
+  first; ties in schedule order, i.e. earlier steps first), a transfer waiting in its
+  connection's queue until the one before it has completed; the connections' current
+  transfers share links max-min fairly.
+* **burst** (bytes, default 0): each link is also a token bucket of that depth, as a Linux
+  ``tbf`` shaper is: while the link carries nothing its tokens refill at its bandwidth, up to
+  ``burst``, and a transfer that starts on it gets as many bytes as the fullest-emptied link of
+  its route holds delivered at once (the rest drains at the fair rate). 0: plain links.
 
 Defaults: the topology's links (16 GB/s per direction and 150 ns per link unless the spec was
 parsed otherwise), :data:`ROUTER_DELAY` per hop and :data:`OVERHEAD` per message.
@@ -58,13 +60,11 @@ from ..schedule import REDUCE, Schedule
 from ..topology import parse
 
 __all__ = ["simulate", "Result", "sweep", "parse_sizes", "busbw", "ceiling",
-           "MODES", "SHARINGS", "CONNECTION_PASSES", "ROUTER_DELAY", "OVERHEAD", "ITEMSIZE",
+           "MODES", "SHARINGS", "ROUTER_DELAY", "OVERHEAD", "ITEMSIZE",
            "simgrid_python", "simgrid_replay"]
 
 MODES = ("step", "dataflow")
 SHARINGS = ("fair", "priority", "connection")
-#: replays at most for ``sharing="connection"`` (the queue order is a fixed point after 2-4)
-CONNECTION_PASSES = 8
 #: seconds added per hop (link) for the router a transfer crosses: 10 cycles of a 1 GHz router
 #: pipeline (route computation, allocation, crossbar), rounded up from BookSim's few stages
 ROUTER_DELAY = 10e-9
@@ -224,7 +224,7 @@ def _dependents(before, after, ntasks):
 
 def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="fair",
              itemsize=ITEMSIZE, bandwidth=None, latency=None, router_delay=ROUTER_DELAY,
-             overhead=OVERHEAD, engine="auto"):
+             overhead=OVERHEAD, burst=0.0, engine="auto"):
     """Predict the time of an allreduce of ``nbytes`` bytes running ``schedule``.
 
     Parameters
@@ -241,9 +241,9 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         Step-synchronous replay, or each transfer as soon as its data is ready (see the module
         docstring).
     sharing : {"fair", "priority", "connection"}
-        How transfers on one link share it: max-min fairly, earlier steps first, or one pair's
-        transfers in release order on its connection and connections fairly (see the module
-        docstring).
+        How transfers on one link share it: max-min fairly, earlier steps first, or one
+        pair's transfers one at a time in release order on its connection and the connections
+        fairly (see the module docstring).
     itemsize : int
         Bytes per element: the buffer has ``nbytes // itemsize`` elements, cut into chunks by
         :meth:`Schedule.chunk_bounds`.
@@ -253,6 +253,9 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         Seconds per hop (per link crossed) on top of the link latency.
     overhead : float
         Seconds per message, once per transfer.
+    burst : float
+        Bytes each link lets through at once after idling (a token bucket; see the module
+        docstring). 0: none.
     engine : {"auto", "numba", "python"}
         The compiled event engine, or its pure-Python twin (identical results); ``auto`` takes
         Python for step mode with fair sharing below :data:`NUMBA_FROM` transfers, where it is
@@ -280,8 +283,10 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
     if sharing not in SHARINGS:
         raise ValueError(f"sharing must be one of {', '.join(SHARINGS)}, got {sharing!r}")
+    if not burst >= 0:
+        raise ValueError(f"burst must be a non-negative number of bytes, got {burst!r}")
     params = dict(itemsize=int(itemsize), router_delay=float(router_delay),
-                  overhead=float(overhead), bandwidth=_uniform(topo.bandwidth),
+                  overhead=float(overhead), burst=float(burst), bandwidth=_uniform(topo.bandwidth),
                   latency=_uniform(topo.latency))
     t = schedule.ntransfers
     if t == 0:
@@ -292,21 +297,16 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         schedule, topo, nbytes, mode, itemsize, router_delay, overhead, engine)
     dptr, dlist, ndeps = _dependents(before, after, ntasks)
     prio = np.zeros(ntasks, np.int64)
-    if sharing in ("priority", "connection"):
+    if sharing == "priority":
         prio[:t] = _step_index(schedule)[0]
+    conn = np.full(ntasks, -1, np.int64)
+    if sharing == "connection":
+        conn[:t] = schedule.src.astype(np.int64) * schedule.nranks + schedule.dst
     from . import _engine
 
     fn = _engine.replay if engine == "numba" else _engine.replay_py
     release, start, finish, slowed, ndone = fn(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps,
-                                               prio)
-    if sharing == "connection" and ndone == ntasks:
-        for _ in range(CONNECTION_PASSES - 1):
-            queue = _connection_queue(schedule, release[:t])
-            if (queue == prio[:t]).all():
-                break
-            prio[:t] = queue
-            release, start, finish, slowed, ndone = fn(size, delay, rptr, rlinks, cap, dptr,
-                                                       dlist, ndeps, prio)
+                                               prio, conn, np.full(len(cap), float(burst)))
     if ndone != ntasks:
         raise RuntimeError(f"replay stalled: {ntasks - ndone} of {ntasks} tasks never ran "
                            "(a dependency cycle)")
@@ -325,19 +325,6 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     return Result(total, reduce_time, step_times, int(slowed[:t].sum()),
                   float((load / topo.bandwidth).max()), release[:t], start[:t], fin,
                   int(nbytes), mode, sharing, schedule.nranks, params)
-
-
-def _connection_queue(schedule, release):
-    """Each transfer's position in its (src, dst) pair's queue, ordered by release time (ties by
-    step, then schedule order)."""
-    pair = schedule.src.astype(np.int64) * schedule.nranks + schedule.dst
-    order = np.lexsort((_step_index(schedule)[0], release, pair))
-    sorted_pair = pair[order]
-    first = np.r_[0, np.flatnonzero(np.diff(sorted_pair)) + 1]
-    pos = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
-    queue = np.empty(len(order), np.int64)
-    queue[order] = pos
-    return queue
 
 
 def _uniform(a):

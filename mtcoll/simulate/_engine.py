@@ -7,11 +7,19 @@ Both engines replay the same input, a task graph flattened into arrays:
   ``cap[l]`` each link's bandwidth in bytes/s;
 * ``dptr``/``dlist``: the tasks that wait for task ``i`` are ``dlist[dptr[i]:dptr[i+1]]``;
   ``ndeps[i]`` is how many tasks task ``i`` waits for;
-* ``prio[i]``: the task's priority class, lower first (all equal: plain fair sharing).
+* ``prio[i]``: the task's priority class, lower first (all equal: plain fair sharing);
+* ``conn[i]``: the connection the task is sent on (a TCP stream between two ranks), or -1;
+* ``burst[l]``: bytes link ``l`` lets through at once after it idled (a token bucket's depth).
 
 A task is *released* when the last task it waits for completes. It then spends ``delay``
 seconds in flight without using any bandwidth, becomes *active*, and drains its bytes at the
-rate the fair share gives it; it *completes* when its last byte is through. A task without
+rate the fair share gives it; it *completes* when its last byte is through. A connection
+carries one task at a time, in the order their delays elapsed (ties: lower task index first):
+a task whose connection is busy waits in the connection's queue and becomes active when the
+task before it completes. A link with a burst is a token bucket: its tokens (bytes, full at
+the start) refill at its bandwidth while no task crosses it, up to ``burst[l]``; a task that
+becomes active has the fewest tokens of its route's links (at most its size) delivered at
+once, taken from each of those links, and drains only the rest. A task without
 bytes or without a route completes when its delay has elapsed. The rates are max-min fair
 (progressive filling): every active task crossing a link counts once on it; the link whose
 remaining capacity split over its not-yet-fixed tasks is smallest fixes their rate at that
@@ -142,13 +150,24 @@ def _pop(ht, hk, hv, n):
 
 
 @njit(cache=True)
-def replay(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio):
+def replay(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio, conn, burst):
     """Replay a task graph (see the module docstring). Returns per task its release, start
     (active) and completion times and whether its rate was ever below its route's narrowest
     link (it shared a link)."""
     n = len(size)
+    # per connection: the task it carries (-1: idle) and its queue, a linked list over tasks
+    nconn = 1
+    for i in range(n):
+        if conn[i] + 1 > nconn:
+            nconn = conn[i] + 1
+    cbusy = np.full(nconn, -1, np.int64)
+    qhead = np.full(nconn, -1, np.int64)
+    qtail = np.full(nconn, -1, np.int64)
+    qnext = np.full(n, -1, np.int64)
     nl = len(cap)
     npos = len(rlinks)
+    tokens = burst.copy()
+    idle_from = np.zeros(nl)  # since when the link carries nothing
     ndeps = ndeps0.copy()
     release = np.zeros(n)
     start = np.full(n, np.nan)
@@ -206,6 +225,8 @@ def replay(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio):
             f = key >> 1
             kind = key & 1
             done_now = False
+            activate = False
+            free = 0.0
             if kind == _FIN:
                 if state[f] != 2 or v != ver[f]:
                     continue  # superseded by a rate change
@@ -218,18 +239,49 @@ def replay(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio):
                     if nxt[p] >= 0:
                         prv[nxt[p]] = prv[p]
                     cnt[l] -= 1
+                    if cnt[l] == 0:
+                        idle_from[l] = te
                     if lstamp[l] != epoch:
                         lstamp[l] = epoch
                         dirty[ndirty] = l
                         ndirty += 1
                 done_now = True
             else:
-                start[f] = te
+                c = conn[f]
                 if size[f] <= 0.0 or rptr[f] == rptr[f + 1]:
+                    start[f] = te
                     done_now = True
+                elif c >= 0 and cbusy[c] >= 0 and cbusy[c] != f:
+                    # its connection carries an earlier task: wait behind it
+                    if qtail[c] >= 0:
+                        qnext[qtail[c]] = f
+                    else:
+                        qhead[c] = f
+                    qtail[c] = f
                 else:
+                    if c >= 0:
+                        cbusy[c] = f
+                    start[f] = te
+                    # the links' buckets deliver what they hold of it at once
+                    free = size[f]
+                    for p in range(rptr[f], rptr[f + 1]):
+                        l = rlinks[p]
+                        if cnt[l] == 0 and burst[l] > 0.0:
+                            tokens[l] = min(burst[l],
+                                            tokens[l] + (te - idle_from[l]) * cap[l])
+                            idle_from[l] = te
+                        if tokens[l] < free:
+                            free = tokens[l]
+                    if free > 0.0:
+                        for p in range(rptr[f], rptr[f + 1]):
+                            tokens[rlinks[p]] -= free
+                    if free >= size[f]:
+                        done_now = True
+                    else:
+                        activate = True
+                if activate:
                     state[f] = 2
-                    rem[f] = size[f]
+                    rem[f] = size[f] - free
                     rate[f] = 0.0
                     tlast[f] = te
                     for p in range(rptr[f], rptr[f + 1]):
@@ -248,6 +300,20 @@ def replay(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio):
                 state[f] = 3
                 finish[f] = te
                 ndone += 1
+                c = conn[f]
+                if c >= 0 and cbusy[c] == f:
+                    # the connection's next task goes now (an event in this same batch)
+                    g = qhead[c]
+                    cbusy[c] = g
+                    if g >= 0:
+                        qhead[c] = qnext[g]
+                        if qhead[c] < 0:
+                            qtail[c] = -1
+                        if hn == len(ht):
+                            ht = np.concatenate((ht, np.empty(len(ht))))
+                            hk = np.concatenate((hk, np.empty(len(hk), np.int64)))
+                            hv = np.concatenate((hv, np.empty(len(hv), np.int64)))
+                        hn = _push(ht, hk, hv, hn, te, g * 2 + _ACT, 0)
                 for q in range(dptr[f], dptr[f + 1]):
                     d = dlist[q]
                     ndeps[d] -= 1
@@ -351,7 +417,7 @@ def replay(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio):
 
 # -- the pure-Python twin ------------------------------------------------------------------------
 
-def replay_py(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio):
+def replay_py(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio, conn, burst):
     """The same replay as :func:`replay`, written plainly: every active task is re-shared at
     every event. For tests and small graphs."""
     n = len(size)
@@ -364,6 +430,11 @@ def replay_py(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio):
     solo = [min((cap[l] for l in r), default=float("inf")) for r in routes]
     active = {}  # task -> [remaining bytes, rate, time of last update]
     ver = [0] * n
+    sending = {}  # connection -> the task it carries
+    queue = {}  # connection -> the tasks waiting for it, in order
+    tokens = [float(b) for b in burst]
+    idle_from = [0.0] * len(cap)
+    users = [0] * len(cap)  # active tasks per link
     heap = [(float(delay[i]), i * 2 + _ACT, 0) for i in range(n) if ndeps[i] == 0]
     heapq.heapify(heap)
     ndone = 0
@@ -381,14 +452,45 @@ def replay_py(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps0, prio):
                     continue
                 del active[f]
                 changed = True
+                for l in routes[f]:
+                    users[l] -= 1
+                    if users[l] == 0:
+                        idle_from[l] = te
             else:
-                start[f] = te
-                if size[f] > 0 and routes[f]:
-                    active[f] = [float(size[f]), 0.0, te]
-                    changed = True
+                c = int(conn[f])
+                start_now = size[f] > 0 and routes[f]
+                if start_now and c >= 0 and sending.get(c, f) != f:
+                    queue.setdefault(c, []).append(f)
                     continue
+                start[f] = te
+                if start_now:
+                    if c >= 0:
+                        sending[c] = f
+                    free = float(size[f])
+                    for l in routes[f]:
+                        if users[l] == 0 and burst[l] > 0:
+                            tokens[l] = min(float(burst[l]),
+                                            tokens[l] + (te - idle_from[l]) * float(cap[l]))
+                            idle_from[l] = te
+                        free = min(free, tokens[l])
+                    if free > 0:
+                        for l in routes[f]:
+                            tokens[l] -= free
+                    if free < size[f]:
+                        active[f] = [float(size[f]) - free, 0.0, te]
+                        for l in routes[f]:
+                            users[l] += 1
+                        changed = True
+                        continue
             finish[f] = te
             ndone += 1
+            c = int(conn[f])
+            if c >= 0 and sending.get(c) == f:
+                del sending[c]
+                if queue.get(c):
+                    g = queue[c].pop(0)
+                    sending[c] = g
+                    heapq.heappush(heap, (te, g * 2 + _ACT, 0))
             for d in dlist[dptr[f]:dptr[f + 1]]:
                 ndeps[d] -= 1
                 release[d] = max(release[d], te)

@@ -4,7 +4,8 @@ The executor (``mtcoll/execute.py``) cuts every transfer into ``ceil(bytes / seg
 pieces, at most ``max_segments``, one MPI message each, sent in order on the pair's
 connection; a piece moves on as soon as the pieces it overlaps have arrived, so the pieces of
 one transfer pipeline through the steps. :func:`pieces` rewrites a schedule the same way:
-every chunk becomes ``L`` sub-chunks (``L`` a multiple of every piece count used), a transfer
+every chunk becomes ``L`` sub-chunks (``L`` the least common multiple of the piece counts
+used), a transfer
 of ``k`` pieces becomes ``k`` transfers of consecutive sub-chunk ranges, and step ``s`` becomes
 steps ``s * K .. s * K + k - 1`` (``K`` the largest piece count) so that, replayed with
 ``mode="dataflow", sharing="priority"``, a transfer's first piece is served before its second
@@ -39,7 +40,12 @@ def pieces(schedule, nbytes, itemsize=4, segment_bytes=256 * 1024, max_segments=
     """
     k = piece_counts(schedule, nbytes, itemsize, segment_bytes, max_segments)
     kmax = int(k.max()) if len(k) else 1
-    sub = math.lcm(*range(1, kmax + 1))
+    # the counts in use, not every count up to kmax: lcm(1..16) sub-chunks per chunk would
+    # outnumber the elements, and the empty sub-chunks would leave pieces without bytes
+    sub = math.lcm(*np.unique(k).tolist()) if len(k) else 1
+    if schedule.nchunks * sub > nbytes // itemsize:
+        raise ValueError(f"{nbytes} bytes are too few to cut {schedule.nchunks} chunks into "
+                         f"{sub} sub-chunks each (piece counts {np.unique(k).tolist()})")
     rows = []
     for i in range(len(k)):
         lo, hi = int(schedule.lo[i]) * sub, int(schedule.hi[i]) * sub

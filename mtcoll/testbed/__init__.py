@@ -49,6 +49,10 @@ class Testbed:
         A tc-style rate (``"50mbit"``) or bytes/s.
     link_rates : dict (a, b) -> rate, optional
         Per directed link (vertex ids, ranks first then switches) overrides.
+    queue : str, optional
+        How much each link's tbf queue holds, as time at its rate (``tc``'s ``latency``:
+        ``200ms``, ``2s``; default :data:`mtcoll.testbed._net.TBF_LATENCY`). Packets beyond it
+        are dropped; a longer queue drops fewer and delays more.
     congestion_control : str, optional
         TCP congestion control in every namespace (default :data:`DEFAULT_CONGESTION_CONTROL`;
         None: the kernel's default; only those in
@@ -61,7 +65,7 @@ class Testbed:
     """
 
     def __init__(self, topology, rate=DEFAULT_RATE, link_rates=None, tb_id=None,
-                 congestion_control=DEFAULT_CONGESTION_CONTROL):
+                 congestion_control=DEFAULT_CONGESTION_CONTROL, queue=None):
         from . import _net
 
         self.topology = parse(topology)
@@ -71,6 +75,8 @@ class Testbed:
         self.id = tb_id or _net.new_id()
         self.layout = layout(self.topology, f"{PREFIX}{self.id}-", self.rate, self.link_rates)
         self.congestion_control = congestion_control
+        # how long each tbf queue may hold packets before it drops (None: _net.TBF_LATENCY)
+        self.queue = _net.tbf_latency(queue) if queue is not None else _net.TBF_LATENCY
         self.built = False
 
     @property
@@ -93,7 +99,8 @@ class Testbed:
         _net.build(self.layout, self.id, {"spec": self.topology.spec, "rate": self.rate,
                                           "link_rates": [[a, b, r] for (a, b), r in
                                                          self.link_rates.items()],
-                                          "congestion_control": self.congestion_control},
+                                          "congestion_control": self.congestion_control,
+                                          "queue": self.queue},
                    pid, log=log)
         self.built = True
         if check:
@@ -137,21 +144,32 @@ class Testbed:
 
     def traffic(self, before, after):
         """What the links carried between two :meth:`counters`: a JSON-able dict with
-        ``links`` (one entry per directed link: from, to, bytes, rate_Bps), ``forwarded``
-        (bytes per vertex; None without nft) and totals. Vertices are the topology's; a hier
-        host is reported as its NIC vertex."""
+        ``links`` (one entry per directed link: from, to, bytes, rate_Bps, dropped_packets:
+        what its tbf queue could not hold), ``forwarded`` (bytes per vertex; None without
+        nft), ``tcp`` (per vertex: segments sent and retransmitted, retransmission timeouts)
+        and totals. Vertices are the topology's; a hier host is reported as its NIC vertex."""
+        from . import _net
+
         lay = self.layout
         links = []
         for a, b, rate in lay.links:
             nbytes = after["links"].get((a, b), 0) - before["links"].get((a, b), 0)
+            nd = after.get("drops", {}).get((a, b), 0) - before.get("drops", {}).get((a, b), 0)
             links.append({"from": lay.ns_vertex[a], "to": lay.ns_vertex[b], "bytes": nbytes,
-                          "rate_Bps": rate})
+                          "rate_Bps": rate, "dropped_packets": nd})
+        tcp = {}
+        for k in range(len(lay.namespaces)):
+            t0, t1 = before.get("tcp", {}).get(k, {}), after.get("tcp", {}).get(k, {})
+            tcp[str(lay.ns_vertex[k])] = {name: t1[name] - t0.get(name, 0) for name in t1}
+        tcp_total = {name: sum(v.get(name, 0) for v in tcp.values())
+                     for _, name in _net.TCP_COUNTERS}
         fwd = {}
         for k in range(len(lay.namespaces)):
             x0, x1 = before["forwarded"].get(k), after["forwarded"].get(k)
             fwd[str(lay.ns_vertex[k])] = None if x0 is None or x1 is None else x1 - x0
         rank_ns = sorted(set(lay.vertex_ns[: self.topology.nranks]))
         rank_fwd = [fwd[str(lay.ns_vertex[k])] for k in rank_ns]
-        return {"links": links, "forwarded": fwd,
+        return {"links": links, "forwarded": fwd, "tcp": tcp, "tcp_total": tcp_total,
                 "total_link_bytes": sum(x["bytes"] for x in links),
+                "total_dropped_packets": sum(x["dropped_packets"] for x in links),
                 "ranks_forwarded_bytes": None if None in rank_fwd else sum(rank_fwd)}

@@ -65,6 +65,9 @@ def _parser():
                    help="TCP congestion control inside the namespaces (one of "
                         "/proc/sys/net/ipv4/tcp_allowed_congestion_control; default: "
                         "%(default)s)")
+    p.add_argument("--queue", default=None, metavar="TIME",
+                   help="tbf queue of every link, as time at its rate (tc's latency: 200ms, "
+                        "2s; default 200ms); a longer one drops fewer packets")
     p.add_argument("--fail-link", action="append", default=[], metavar="A-B@SECONDS",
                    help="take the link between vertices A and B down SECONDS after the launch")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -135,10 +138,17 @@ def _table(meta, traffic, result):
                      f"CPU: job user {cpu['job_user_s']:.1f} s, system {cpu['job_system_s']:.1f} "
                      f"s; machine ({cpu['machine_cores']} cores) busy "
                      f"{100 * cpu['machine_busy_fraction']:.0f} %, softirq "
-                     f"{cpu['machine_softirq_s']:.1f} s")
+                     f"{cpu['machine_softirq_s']:.1f} s; load average "
+                     f"{cpu['loadavg_start'][0]:.1f} -> {cpu['loadavg_end'][0]:.1f}")
         for ev in result["events"]:
             lines.append(f"event at {ev['at_s']:.1f} s: {ev['what']}"
                          + (f" (failed: {ev['error']})" if "error" in ev else ""))
+    tcp = traffic.get("tcp_total", {})
+    if tcp:
+        lines.append(f"tbf queues dropped {traffic.get('total_dropped_packets', 0)} packets; TCP "
+                     f"sent {tcp.get('OutSegs', 0)} segments, retransmitted "
+                     f"{tcp.get('RetransSegs', 0)}, {tcp.get('TCPTimeouts', 0)} "
+                     "retransmission timeouts")
     links = sorted(traffic["links"], key=lambda x: -x["bytes"])
     tot = traffic["total_link_bytes"]
     lines.append(f"links: {_mb(tot)} in total; busiest "
@@ -175,7 +185,8 @@ def _from_state(tb_id):
         if st["id"] == tb_id:
             rates = {(a, b): r for a, b, r in st.get("link_rates", [])}
             return Testbed(st["spec"], rate=st["rate"], link_rates=rates, tb_id=tb_id,
-                           congestion_control=st.get("congestion_control")), st
+                           congestion_control=st.get("congestion_control"),
+                           queue=st.get("queue")), st
     raise TestbedError(f"no testbed with id {tb_id!r} (see: python -m mtcoll.testbed status)")
 
 
@@ -242,7 +253,7 @@ def main(argv=None):
             except ValueError as e:
                 raise ValueError(f"--rate: {e}") from None
             tb = Testbed(args.topology, rate=rate, link_rates=_link_rates(args.link_rate),
-                         congestion_control=args.congestion_control)
+                         congestion_control=args.congestion_control, queue=args.queue)
             keep = args.action == "up"
         fails = _fail_links(args.fail_link, tb.topology)
     except (ValueError, TestbedError) as e:
@@ -260,7 +271,7 @@ def main(argv=None):
     guard = None
     result = None
     meta = {"topology": tb.topology.spec, "id": tb.id, "rate": f"{tb.rate * 8 / 1e6:g} Mbit/s",
-            "congestion_control": tb.congestion_control,
+            "congestion_control": tb.congestion_control, "queue": tb.queue,
             "rate_Bps": tb.rate, "namespaces": len(tb.layout.namespaces),
             "veth_pairs": len(tb.layout.pairs), "command": command}
     try:

@@ -90,8 +90,9 @@ def run(lay, command, *, mpiexec=None, env=None, timeout=None, events=(), log=No
     ``--json`` alone owns standard output).
 
     The result: ``returncode`` (None when killed on timeout), ``elapsed_s``, ``timed_out``,
-    ``cpu`` (the job's user/system CPU seconds from its rusage, and the machine's busy fraction
-    and softirq seconds from /proc/stat over the run), ``events`` (what fired, when).
+    ``cpu`` (the job's user/system CPU seconds from its rusage, the machine's busy fraction
+    and softirq seconds from /proc/stat over the run, and the load averages at the start and
+    the end), ``events`` (what fired, when).
     """
     n = lay.topology.nranks
     log = log or (lambda s: None)
@@ -130,6 +131,7 @@ def run(lay, command, *, mpiexec=None, env=None, timeout=None, events=(), log=No
     fired = []
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     c0 = cpu_times()
+    load0 = os.getloadavg()
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=full_env, start_new_session=True,
                             stdout=sys.stderr if stdout_to_stderr else None)
@@ -178,6 +180,10 @@ def run(lay, command, *, mpiexec=None, env=None, timeout=None, events=(), log=No
         "machine_user_s": round(c1["user"] - c0["user"], 2),
         "machine_system_s": round(c1["system"] - c0["system"], 2),
         "machine_softirq_s": round(c1["softirq"] - c0["softirq"], 2),
+        # 1, 5 and 15 minute load averages at the launch and at the end (the job's own
+        # ranks count: each spinning rank adds one)
+        "loadavg_start": [round(x, 2) for x in load0],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
     return {"returncode": None if timed_out else proc.returncode, "timed_out": timed_out,
             "elapsed_s": round(elapsed, 3), "cpu": cpu, "events": fired, "argv": argv}

@@ -21,8 +21,8 @@ import time
 
 from ._layout import RULE_PRIORITY, TABLE_BASE, address, format_rate
 
-__all__ = ["PREFIX", "STATE_DIR", "missing", "new_id", "build", "check_routes", "counters",
-           "destroy", "cleanup", "testbeds", "set_link", "TestbedError"]
+__all__ = ["PREFIX", "STATE_DIR", "TBF_LATENCY", "tbf_burst", "tbf_latency", "missing", "new_id", "build",
+           "check_routes", "counters", "destroy", "cleanup", "testbeds", "set_link", "TestbedError"]
 
 #: every namespace of every testbed starts with this
 PREFIX = "mtcb-"
@@ -30,6 +30,21 @@ STATE_DIR = "/run/mtcoll-testbed"
 NFT_TABLE = "mtcoll_testbed"
 #: tbf queue: how long a packet may wait before tbf drops it
 TBF_LATENCY = "200ms"
+
+
+def tbf_latency(text):
+    """A tbf queue length as ``tc`` takes it (``200ms``, ``2s``); ValueError otherwise."""
+    text = str(text).strip()
+    if not re.fullmatch(r"[0-9]+(ms|s)", text):
+        raise ValueError(f"bad queue {text!r}: give milliseconds or seconds, such as 200ms or 2s")
+    return text
+
+
+def tbf_burst(rate):
+    """The tbf bucket (bytes) of a link shaped to ``rate`` bytes/s: 10 ms of the rate, at
+    least 32 KiB. What the link lets through at once after it idled (the simulator's
+    ``burst``)."""
+    return max(32 * 1024, int(rate / 100))
 
 
 class TestbedError(RuntimeError):
@@ -137,13 +152,13 @@ def build(lay, tb_id, meta, owner_pid, log=None):
                              pid_start=_proc_start(owner_pid) if owner_pid else None,
                              namespaces=lay.namespaces, created=time.time()))
     try:
-        _build(lay, topo, meta.get("congestion_control"))
+        _build(lay, topo, meta.get("congestion_control"), meta.get("queue") or TBF_LATENCY)
     except BaseException:
         destroy(tb_id, lay.namespaces)
         raise
 
 
-def _build(lay, topo, congestion_control=None):
+def _build(lay, topo, congestion_control=None, queue=TBF_LATENCY):
     ns = lay.namespaces
     _run(["ip", "-batch", "-"], input="".join(f"netns add {x}\n" for x in ns),
          what="creating the namespaces")
@@ -197,9 +212,9 @@ def _build(lay, topo, congestion_control=None):
         _batch("ip", ns[x], lines, "adding addresses and routes")
     shaping = {x: [] for x in range(len(ns))}
     for a, b, rate in lay.links:
-        burst = max(32 * 1024, int(rate / 100))  # 10 ms worth, at least 32 KiB
+        burst = tbf_burst(rate)
         shaping[a].append(f"qdisc add dev {lay.ifname(a, b)} root tbf rate {format_rate(rate)} "
-                          f"burst {burst} latency {TBF_LATENCY}")
+                          f"burst {burst} latency {tbf_latency(queue)}")
     for x in range(len(ns)):
         _batch("tc", ns[x], shaping[x], "adding tbf")
 
@@ -238,10 +253,27 @@ def check_routes(lay):
     return checked
 
 
+#: the kernel's TCP counters read per namespace (/proc/net/snmp and /proc/net/netstat)
+TCP_COUNTERS = (("Tcp", "OutSegs"), ("Tcp", "RetransSegs"), ("TcpExt", "TCPTimeouts"))
+
+
+def _tcp_counters(text):
+    """{name: value} of :data:`TCP_COUNTERS` from the text of /proc/net/snmp + netstat (each
+    section is a line of names and a line of values)."""
+    lines = [line.split() for line in text.splitlines() if ":" in line]
+    table = {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names and values and names[0] == values[0]:
+            table.update({(names[0][:-1], k): v for k, v in zip(names[1:], values[1:])})
+    return {name: int(table[(sec, name)]) for sec, name in TCP_COUNTERS if (sec, name) in table}
+
+
 def counters(lay):
-    """Byte counters now, by namespace: ``links`` {(a, b): bytes sent on a->b, from its tbf}
-    and ``forwarded`` {namespace: bytes its kernel forwarded} (None without ``nft``)."""
-    links, fwd = {}, {}
+    """Counters now, by namespace: ``links`` {(a, b): bytes sent on a->b, from its tbf},
+    ``drops`` {(a, b): packets its tbf dropped (queue full)}, ``tcp`` {namespace: segments
+    sent, retransmitted, retransmission timeouts} and ``forwarded`` {namespace: bytes its
+    kernel forwarded} (None without ``nft``)."""
+    links, drops, tcp, fwd = {}, {}, {}, {}
     have_nft = shutil.which("nft") is not None
     for x, ns in enumerate(lay.namespaces):
         out = _run(["tc", "-n", ns, "-s", "-j", "qdisc", "show"], what="reading tc counters")
@@ -249,6 +281,9 @@ def counters(lay):
             dev = q.get("dev", "")
             if q.get("kind") == "tbf" and dev.startswith("v"):
                 links[(x, int(dev[1:]))] = int(q.get("bytes", 0))
+                drops[(x, int(dev[1:]))] = int(q.get("drops", 0))
+        tcp[x] = _tcp_counters(_in_ns(ns, ["cat", "/proc/net/snmp", "/proc/net/netstat"],
+                                      what="reading the TCP counters"))
         if have_nft:
             out = _in_ns(ns, ["nft", "-j", "list", "table", "ip", NFT_TABLE],
                          what="reading the forwarding counter")
@@ -260,7 +295,7 @@ def counters(lay):
             fwd[x] = total
         else:
             fwd[x] = None
-    return {"links": links, "forwarded": fwd}
+    return {"links": links, "drops": drops, "tcp": tcp, "forwarded": fwd}
 
 
 def set_link(lay, a, b, up):
