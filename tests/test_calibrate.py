@@ -442,8 +442,9 @@ def test_dominated_and_probe_sizes():
     assert _calibrate.dominated({"a": [1.0, 1.0], "b": [1.9, 30.0]}) == set()
     assert _calibrate.dominated({"a": [1.0]}) == set()
     assert _calibrate.probe_sizes(8) == (16384, 262144, 4 << 20)
-    assert _calibrate.probe_sizes(16)[2] == 2 << 20
-    assert _calibrate.probe_sizes(64)[2] == 512 << 10
+    assert _calibrate.probe_sizes(16)[2] == 4 << 20
+    assert _calibrate.probe_sizes(64)[2] == 4 << 20
+    assert _calibrate.probe_sizes(128)[2] == 2 << 20
     assert _calibrate.probe_sizes(100000)[2] == 16 * 16384  # never below
 
 

@@ -27,7 +27,7 @@ the same on every rank. Three files:
 
 ``_probe.py``: the probe
     Sizes :func:`probe_sizes`: 16 KiB and a large size of 4 MiB, halved until it times the
-    ranks is at most 32 MiB (512 KiB at 64 ranks), and their middle. Batches in
+    ranks is at most 256 MiB (4 MiB up to 64 ranks), and their middle. Batches in
     :func:`probe_batches`' order: the library, rhd (the fewest messages) and MultiTree at the
     large size, then at the small (the minimum, :data:`MIN_BATCHES`), then the others at both,
     then the middle size, while :data:`BUDGET` seconds (``MTCOLL_PROBE_SECONDS``) last. A

@@ -14,10 +14,12 @@ from ._model import link_terms, features, _REF
 #: the smallest size the probe measures (bytes per rank, float32 elements)
 SMALL = 16 * 1024
 #: the largest size it measures, at most; and that size times the ranks at most
-#: :data:`PROBE_BYTES` (64 ranks on one machine would move 256 MiB a call at 4 MiB: 0.1-0.3 s
-#: a call on 2 cores, where 512 KiB already shows the cost per byte)
+#: :data:`PROBE_BYTES`: 4 MiB up to 64 ranks (a 4 MiB call of 64 ranks on 2 cores takes
+#: 0.2-0.3 s). Not less there: in the main job (64 ranks on 2 cores) the library wins up to
+#: 1 MiB and rhd, MultiTree and ring2d win from 4 MiB (1.09-1.31x, 1.76-1.89x at 16 MiB), so a
+#: point at 512 KiB, on the library's side of that crossing, sent 16 MiB to the library too.
 LARGE = 4 * 1024 * 1024
-PROBE_BYTES = 32 * 1024 * 1024
+PROBE_BYTES = 256 * 1024 * 1024
 #: seconds the probe may take after its minimum (``MTCOLL_PROBE_SECONDS``)
 BUDGET = 0.5
 #: batches always measured, whatever the budget: the library, rhd and MultiTree at the
