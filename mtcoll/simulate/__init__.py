@@ -33,8 +33,8 @@ imports it. The model (documented in full in ``docs/reproduction.md``):
   transfers share links max-min fairly.
 * **burst** (bytes, default 0): each link is also a token bucket of that depth, as a Linux
   ``tbf`` shaper is: while the link carries nothing its tokens refill at its bandwidth, up to
-  ``burst``, and a transfer that starts on it gets as many bytes as the fullest-emptied link of
-  its route holds delivered at once (the rest drains at the fair rate). 0: plain links.
+  ``burst``, and a transfer that starts on it gets as many bytes as the emptiest bucket of its
+  route holds delivered at once (the rest drains at the fair rate). 0: plain links.
 
 Defaults: the topology's links (16 GB/s per direction and 150 ns per link unless the spec was
 parsed otherwise), :data:`ROUTER_DELAY` per hop and :data:`OVERHEAD` per message.
@@ -286,8 +286,8 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     if not burst >= 0:
         raise ValueError(f"burst must be a non-negative number of bytes, got {burst!r}")
     params = dict(itemsize=int(itemsize), router_delay=float(router_delay),
-                  overhead=float(overhead), burst=float(burst), bandwidth=_uniform(topo.bandwidth),
-                  latency=_uniform(topo.latency))
+                  overhead=float(overhead), burst=float(burst),
+                  bandwidth=_uniform(topo.bandwidth), latency=_uniform(topo.latency))
     t = schedule.ntransfers
     if t == 0:
         return Result(0.0, 0.0, np.zeros(0) if mode == "step" else None, 0, 0.0,

@@ -5,8 +5,8 @@ pieces, at most ``max_segments``, one MPI message each, sent in order on the pai
 connection; a piece moves on as soon as the pieces it overlaps have arrived, so the pieces of
 one transfer pipeline through the steps. :func:`pieces` rewrites a schedule the same way:
 every chunk becomes ``L`` sub-chunks (``L`` the least common multiple of the piece counts
-used), a transfer
-of ``k`` pieces becomes ``k`` transfers of consecutive sub-chunk ranges, and step ``s`` becomes
+used), a transfer of ``k`` pieces becomes ``k`` transfers of consecutive sub-chunk ranges, and
+step ``s`` becomes
 steps ``s * K .. s * K + k - 1`` (``K`` the largest piece count) so that, replayed with
 ``mode="dataflow", sharing="priority"``, a transfer's first piece is served before its second
 as on one TCP connection, and every piece waits only for the pieces whose data it carries.
