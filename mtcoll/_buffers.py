@@ -16,6 +16,8 @@ mpi4py: non-contiguous numpy arrays are copied in and out.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 from mpi4py import MPI
 from mpi4py.util import dtlib
@@ -62,30 +64,99 @@ class _HostArray:
         self.owner = owner  # keeps the exporter alive as long as the array
 
 
-def _as_array(buf, where):
-    """``buf`` as a numpy array sharing its memory (buffer protocol, DLPack or CAI)."""
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensorHead(ctypes.Structure):
+    # the first fields of DLPack's DLTensor, as far as the dtype (data, device, ndim, dtype)
+    _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int),
+                ("device_id", ctypes.c_int32), ("ndim", ctypes.c_int32),
+                ("dtype", _DLDataType)]
+
+
+# DLManagedTensorVersioned puts version (2 x uint32), manager_ctx, deleter and flags (uint64)
+# before its DLTensor; the legacy DLManagedTensor starts with it
+_VERSIONED_HEAD = 8 + 2 * ctypes.sizeof(ctypes.c_void_p) + 8
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object,
+                                                                        ctypes.c_char_p]
+_capsule_name = ctypes.pythonapi.PyCapsule_GetName
+_capsule_name.restype, _capsule_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+_capsule_valid = ctypes.pythonapi.PyCapsule_IsValid
+_capsule_valid.restype, _capsule_valid.argtypes = ctypes.c_int, [ctypes.py_object,
+                                                                 ctypes.c_char_p]
+
+# DLPack's (type code, bits) -> numpy dtype, for the types the executor reduces; bfloat16,
+# float8, bool packed in bits, complex32 and the rest are left to the MPI library
+_DLPACK_KINDS = {0: "i", 1: "u", 2: "f", 5: "c", 6: "b"}
+_KDLCPU, _KDLCUDAHOST, _KDLROCMHOST = 1, 3, 11
+
+
+def _dlpack_dtype(buf):
+    """The numpy dtype of a DLPack export in host memory, read from the capsule's header
+    without consuming it (its own destructor frees it), or None for anything else: another
+    device, a type numpy or the executor lacks, an exporter that raises. mpi4py reads the
+    memory itself (:func:`_as_array`); mtcoll only needs the element type."""
+    try:
+        capsule = buf.__dlpack__()
+        name = _capsule_name(capsule)
+        if name not in (b"dltensor", b"dltensor_versioned") \
+                or not _capsule_valid(capsule, name):
+            return None
+        head = _capsule_pointer(capsule, name) + (_VERSIONED_HEAD if name.endswith(b"ned")
+                                                  else 0)
+        t = _DLTensorHead.from_address(head)
+        kind, bits, lanes = _DLPACK_KINDS.get(t.dtype.code), t.dtype.bits, t.dtype.lanes
+        device = t.device_type
+        del capsule
+    except Exception:  # the exporter's fault: mpi4py calls it again and reports it
+        return None
+    if device not in (_KDLCPU, _KDLCUDAHOST, _KDLROCMHOST) or kind is None or lanes != 1:
+        return None
+    if kind == "b":
+        return np.dtype(np.bool_) if bits == 8 else None
+    if bits % 8 or bits not in (8, 16, 32, 64, 128):
+        return None
+    try:
+        dtype = np.dtype(f"{kind}{bits // 8}")
+    except TypeError:
+        return None
+    return dtype if _ops.simple_dtype(dtype) else None
+
+
+def _as_array(buf, where, writable):
+    """``buf`` as a numpy array sharing its memory (buffer protocol, DLPack or CAI), or None
+    when mtcoll cannot read it and the MPI library (through mpi4py's own parsing) must: an
+    exporter numpy does not take, a DLPack type it lacks, a faulty exporter."""
     if isinstance(buf, np.ndarray):
         return buf
     try:
-        return np.asarray(memoryview(buf))
+        view = memoryview(buf)
     except TypeError:
-        pass
-    except (ValueError, NotImplementedError, BufferError) as e:
-        raise TypeError(f"{where}: expected a buffer (numpy array, bytearray, memoryview...), "
-                        f"got {type(buf).__name__}: {e}") from None
-    if hasattr(buf, "__dlpack__"):
+        view = None
+    if view is not None:
         try:
-            return np.from_dlpack(buf)
-        except (BufferError, RuntimeError, TypeError, ValueError) as e:
-            raise BufferError(f"{where}: a DLPack exporter mtcoll cannot read on the host "
-                              f"({type(buf).__name__}: {e})") from None
+            return np.asarray(view)
+        except (ValueError, NotImplementedError, BufferError, TypeError):
+            return None  # a format numpy does not read: mpi4py may
+    if hasattr(buf, "__dlpack__"):
+        dtype = _dlpack_dtype(buf)
+        if dtype is None:
+            return None
+        try:  # the memory as mpi4py sees it (its checks, its read-only rule)
+            mem = MPI.buffer.frombuffer(buf, readonly=not writable)
+        except Exception:
+            return None  # mpi4py raises it again in the library's call
+        if mem.nbytes % dtype.itemsize:
+            return None
+        return np.frombuffer(mem, dtype=dtype)
     cai = getattr(buf, "__cuda_array_interface__", None)
     if cai is not None:
         try:
             return np.asarray(_HostArray(cai, buf))
-        except (KeyError, TypeError, ValueError) as e:
-            raise BufferError(f"{where}: a __cuda_array_interface__ exporter mtcoll cannot "
-                              f"read ({type(buf).__name__}: {e})") from None
+        except (KeyError, TypeError, ValueError):
+            return None
     raise TypeError(f"{where}: expected a buffer (an object with the buffer protocol, DLPack "
                     f"or __cuda_array_interface__, or a [buf, datatype] list), got "
                     f"{type(buf).__name__}")
@@ -137,7 +208,11 @@ def parse_buffer(spec, name, rank, writable):
             return None
     if buf is MPI.IN_PLACE or buf is MPI.BOTTOM:
         raise TypeError(f"{where}: MPI.IN_PLACE/MPI.BOTTOM are not accepted here")
-    arr = _as_array(buf, where)
+    if buf is None:
+        return None  # [None, datatype]: mpi4py's zero-size message, the library's to run
+    arr = _as_array(buf, where, writable)
+    if arr is None:
+        return None
     if writable and not arr.flags.writeable:
         raise ReadOnlyBufferError(f"{where} is read-only")
     if npdt is None and not _ops.simple_dtype(arr.dtype):
@@ -173,7 +248,8 @@ class Call:
 
     ``raw`` holds the arguments as given (``sendbuf`` None or the same object as ``recvbuf``
     already replaced by ``MPI.IN_PLACE``); ``send`` is None for an in-place call; ``recv`` and
-    ``send`` are None together for what only the MPI library can run (derived datatypes).
+    ``send`` are None together for what only the MPI library can run (derived datatypes,
+    zero-size ``[None, datatype]``, exporters mtcoll cannot read).
     """
 
     __slots__ = ("kind", "send", "recv", "raw", "count", "dtype", "op", "ufunc", "algorithm",
@@ -204,11 +280,11 @@ def prepare(kind, sendbuf, recvbuf, op, rank, size):
     c.recv = parse_buffer(recvbuf, "recvbuf", rank, writable=True)
     if sendbuf is not MPI.IN_PLACE:
         c.send = parse_buffer(sendbuf, "sendbuf", rank, writable=False)
-        if c.send is None and c.recv is not None or c.send is not None and c.recv is None:
-            c.why = "derived datatype"
-            return c
+        if c.send is None:
+            c.recv = None  # (both None: the library takes the arguments as given)
     if c.recv is None:
-        c.why = "derived datatype"
+        c.send = None
+        c.why = "a buffer or datatype only the MPI library reads"
         return c
     recv = c.recv.flat
     c.dtype = recv.dtype
