@@ -21,7 +21,18 @@ from ._errors import StallError, env_flag, env_quiet, env_timeout
 from ._requests import LOCK, Request, reraise, wake
 from .schedule import GATHER, REDUCE
 
-_FAST_CACHE = 256  # (nbytes, dtype, op) choices remembered per Comm
+_FAST_CACHE = 256  # (call, nbytes, dtype, op) choices remembered per Comm
+#: the calls with a fast path (Comm._fast_path), Iallreduce under Allreduce's name
+FAST_KINDS = ("Allreduce", "Reduce_scatter_block", "Allgather")
+_FAST_KIND = {"Allreduce": FAST_KINDS[0], "Iallreduce": FAST_KINDS[0],
+              "Reduce_scatter_block": FAST_KINDS[1], "Allgather": FAST_KINDS[2]}
+
+
+def fast_key(c):
+    """The fast path's key of a prepared call: (kind, recvbuf bytes, dtype number, op
+    handle or 0)."""
+    return (_FAST_KIND[c.kind], c.recv.flat.nbytes, c.dtype.num,
+            0 if c.op is None else c.op.handle)
 _COMPLETE = Request()  # what a blocking call the library ran returns: nothing to wait for
 
 
@@ -90,6 +101,13 @@ class Dispatch:
             if debug and self._rank == 0:
                 self._debug(c, "algorithm=none (nothing to exchange)")
             return self._trivial(c)
+        if c.algorithm != "native" and kind in ("Allreduce", "Iallreduce"):
+            try:
+                self.schedule(c.algorithm)
+            except ValueError as e:
+                if c.algorithm != self._env_algorithm:
+                    raise
+                self._auto(c, f"MTCOLL_ALGO={c.algorithm} does not fit: {e}; ")
         if c.algorithm != "native":
             if kind in ("Allreduce", "Iallreduce"):
                 ex = self._executor(c.algorithm)
@@ -159,17 +177,15 @@ class Dispatch:
             recvspec = c.recv.flat
             recv = c.recv
         done = [recv.copy_back] if recv is not None and recv.orig is not None else []
+        if (direct or c.kind == "Iallreduce" and self._threaded) and not done \
+                and c.dtype is not None and env_quiet() and len(self._fast) < _FAST_CACHE:
+            self._fast.add(fast_key(c))  # the library's, always
         if direct:
             if c.kind == "Allgather":
                 return (lambda: comm.Allgather(sendspec, recvspec)), done
             if c.kind == "Reduce_scatter_block":
                 return (lambda: comm.Reduce_scatter_block(sendspec, recvspec, c.op)), done
-            if c.dtype is not None and env_quiet() and len(self._fast) < _FAST_CACHE:
-                self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
             return (lambda: comm.Allreduce(sendspec, recvspec, c.op)), done
-        if c.kind == "Iallreduce" and not done and c.dtype is not None and self._threaded \
-                and env_quiet() and len(self._fast) < _FAST_CACHE:
-            self._fast.add((c.nbytes, c.dtype.num, c.op.handle))  # the library's, always
         if c.kind == "Allgather":
             req = comm.Iallgather(sendspec, recvspec)
         elif c.kind == "Reduce_scatter_block":

@@ -25,7 +25,7 @@ from mpi4py import MPI
 from . import _calibrate, _errors, _tuning
 from ._buffers import prepare
 from ._derived import Derived
-from ._dispatch import Dispatch
+from ._dispatch import FAST_KINDS, Dispatch
 from ._errors import ABANDONED, StallError, env_flag, env_quiet, positive_int
 from ._planning import Planning
 from ._requests import LOCK, Request, thread_enabled, waitall
@@ -44,6 +44,8 @@ ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "M
             "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS", "MTCOLL_ENGINE")
 
 _IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, looked up once)
+# the fast path's call kinds (compared by identity) and its cache keys: _dispatch.fast_key
+_ALLREDUCE, _RSB, _ALLGATHER = FAST_KINDS
 _ENV = _errors._ENV_STORE
 
 
@@ -202,6 +204,9 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         env_topo = os.environ.get("MTCOLL_TOPOLOGY", "").strip() if env_topology else ""
         algorithm = (env_algo or str(algorithm)).strip().lower()
         self.algorithm = algorithm
+        # MTCOLL_ALGO is for the whole job: where its algorithm does not fit this Comm's
+        # network, calls run as auto would (an algorithm= argument that does not fit raises)
+        self._env_algorithm = algorithm if env_algo else None
         rank = MPI.Intracomm.Get_rank(self)
         ports = positive_int("ports", ports, rank, per_rank=True)
         segment_bytes = positive_int("segment_bytes", segment_bytes, rank)
@@ -250,6 +255,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         self._fast_by_algorithm = {}
         self.algorithm = self.algorithm  # (the set of the setting given)
         self._lib_allreduce, self._lib_iallreduce = self._dup.Allreduce, self._dup.Iallreduce
+        self._lib_rsb, self._lib_allgather = self._dup.Reduce_scatter_block, self._dup.Allgather
         self._leaders = leaders
         self._probing = False  # the calibration probe's calls print no debug lines
         self.calibration = None
@@ -282,7 +288,8 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         memo = getattr(self, "_fast_by_algorithm", None)
         if memo is not None:  # (not yet during construction)
             self._fast = memo.setdefault(value, set())
-            self._last_dtype = self._last_op = self._last_nbytes = None  # _fast_path's memo
+            self._last_kind = self._last_dtype = self._last_op = None  # _fast_path's memo
+            self._last_nbytes = None
 
     @property
     def comm(self):
@@ -359,23 +366,29 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
 
     # -- the calls -------------------------------------------------------------------------------
 
-    def _fast_path(self, sendbuf, recvbuf, op):
+    def _fast_path(self, kind, sendbuf, recvbuf, op):
         """The send buffer to give the library when a call may go straight to it: plain
-        arrays whose (size, dtype, op) this Comm has already handed to it, nothing to check or
-        print, and buffers that cannot overlap (``None`` or the same object becomes
-        ``MPI.IN_PLACE``); else None, and the slow path checks and says what is wrong.
+        arrays whose (call, size, dtype, op) this Comm has already handed to it, nothing to
+        check or print, and buffers that cannot overlap (``MPI.IN_PLACE``, or None or the same
+        object where mpi4py takes those as in place, become ``MPI.IN_PLACE``); else None, and
+        the slow path checks and says what is wrong. ``kind``: ``"Allreduce"`` (for
+        ``Iallreduce`` too), ``"Reduce_scatter_block"`` or ``"Allgather"``, always one of
+        these string constants (compared by identity).
 
         Every attribute read here costs tens of nanoseconds against a 3 us call: the last
-        call's (dtype, op, size) is remembered, so a loop of like calls compares identities
-        instead of building and hashing a key (docs/performance.md, the drop-in overhead)."""
+        call's (kind, dtype, op, size) is remembered, so a loop of like calls compares
+        identities instead of building and hashing a key (docs/performance.md, the drop-in
+        overhead)."""
         try:
             dtype = recvbuf.dtype
-            if dtype is not self._last_dtype or op is not self._last_op \
-                    or recvbuf.nbytes != self._last_nbytes:
-                if (recvbuf.nbytes, dtype.num, op.handle) not in self._fast:
+            nbytes = recvbuf.nbytes
+            if kind is not self._last_kind or dtype is not self._last_dtype \
+                    or op is not self._last_op or nbytes != self._last_nbytes:
+                if (kind, nbytes, dtype.num, 0 if op is None else op.handle) not in self._fast:
                     return None
                 # (the dtype and op objects are held: their ids cannot be reused meanwhile)
-                self._last_dtype, self._last_op, self._last_nbytes = dtype, op, recvbuf.nbytes
+                self._last_kind, self._last_dtype, self._last_op = kind, dtype, op
+                self._last_nbytes = nbytes
         except AttributeError:  # not an array, or not an op
             return None
         env = _ENV  # env_quiet(), inlined: when no MTCOLL_ variable is set, three lookups
@@ -385,10 +398,17 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
                 return None
         if sendbuf is _IN_PLACE:
             return sendbuf
-        if sendbuf is None or sendbuf is recvbuf:
+        if sendbuf is None:
             return _IN_PLACE
+        if sendbuf is recvbuf:  # in place for the reductions (mpi4py >= 4.2), an error else
+            return _IN_PLACE if kind is not _ALLGATHER else None
         if type(sendbuf) is not _ndarray or sendbuf.dtype is not dtype:
             return None  # another dtype, or not a plain array
+        if kind is not _ALLREDUCE:  # the block calls: size * k elements on one side
+            size = self._size
+            if (sendbuf.nbytes * size if kind is _ALLGATHER else nbytes * size) \
+                    != (nbytes if kind is _ALLGATHER else sendbuf.nbytes):
+                return None
         sbase, rbase = sendbuf.base, recvbuf.base
         if sbase is recvbuf or rbase is sendbuf or (sbase is not None and sbase is rbase):
             return None  # maybe overlapping
@@ -398,7 +418,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         # no call goes straight to the library any more (a freed or broken Comm)
         for memo in self._fast_by_algorithm.values():
             memo.clear()
-        self._last_dtype = self._last_op = self._last_nbytes = None
+        self._last_kind = self._last_dtype = self._last_op = self._last_nbytes = None
 
     def Allreduce(self, sendbuf, recvbuf, op=MPI.SUM):
         """Combine the ``sendbuf`` of every rank with ``op``; every rank gets the result.
@@ -432,7 +452,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         # The fast path: plain contiguous arrays whose (size, dtype, op) this Comm has already
         # handed to the MPI library, nothing to check or print, no watchdog: straight to the
         # library's blocking call (mtcoll's calls in flight are advanced by the progress thread).
-        send = self._fast_path(sendbuf, recvbuf, op)
+        send = self._fast_path(_ALLREDUCE, sendbuf, recvbuf, op)
         if send is not None:
             try:
                 self._lib_allreduce(send, recvbuf, op)
@@ -454,7 +474,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         between every pair of ranks).
         """
         # the fast path, as for Allreduce: the library's own request, returned as is
-        send = self._fast_path(sendbuf, recvbuf, op)
+        send = self._fast_path(_ALLREDUCE, sendbuf, recvbuf, op)
         if send is not None:
             try:
                 native = self._lib_iallreduce(send, recvbuf, op)
@@ -490,6 +510,14 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         block of ``recvbuf``. Runs the gather phase of a schedule with one chunk per rank (see
         the class notes). Collective; errors as for :meth:`Allreduce`.
         """
+        send = self._fast_path(_ALLGATHER, sendbuf, recvbuf, None)  # as for Allreduce
+        if send is not None:
+            try:
+                self._lib_allgather(send, recvbuf)
+                self._ncalls += 1
+                return
+            except (BufferError, ValueError, TypeError):
+                pass
         self._start("Allgather", sendbuf, recvbuf, None, blocking=True).Wait()
 
     # -- machinery -------------------------------------------------------------------------------
@@ -498,25 +526,28 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         c = prepare(kind, sendbuf, recvbuf, op, self._rank, self._size)
         if c.why:
             return c  # only the MPI library can run it
-        size = self._size
         if self.algorithm == "native":
             c.why = "algorithm 'native'"
         elif self.algorithm == "auto":
-            # the hook takes the table only when there is one, so that a three-argument
-            # replacement of choose() keeps working
-            if self.tuning:
-                c.algorithm = choose(c.nbytes, size, self.network, tuning=self.tuning)
-                how = "tuning table"
-            elif self.calibration is not None:
-                c.algorithm = choose(c.nbytes, size, self.network, calibration=self.calibration)
-                how = self.calibration.choose(c.nbytes)[1]
-            else:
-                c.algorithm = choose(c.nbytes, size, self.network)
-                how = "built-in rule"
-            c.why = f"chosen by auto, {how}"
+            self._auto(c)
         else:
             c.algorithm = self.algorithm
         return c
+
+    def _auto(self, c, note=""):
+        # auto's choice for a prepared call (the hook takes the table only when there is one,
+        # so that a three-argument replacement of choose() keeps working)
+        size = self._size
+        if self.tuning:
+            c.algorithm = choose(c.nbytes, size, self.network, tuning=self.tuning)
+            how = "tuning table"
+        elif self.calibration is not None:
+            c.algorithm = choose(c.nbytes, size, self.network, calibration=self.calibration)
+            how = self.calibration.choose(c.nbytes)[1]
+        else:
+            c.algorithm = choose(c.nbytes, size, self.network)
+            how = "built-in rule"
+        c.why = f"{note}chosen by auto, {how}"
 
 
 class Cartcomm(Comm, MPI.Cartcomm):
