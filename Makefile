@@ -27,13 +27,17 @@ OMPI_STAMP := $(OMPI_VENV)/.mtcoll-installed
 OMPI_TESTS := tests/test_engine.py tests/test_allreduce.py tests/test_comm_api.py \
               tests/test_dropin.py tests/test_mismatch.py
 
-.PHONY: bench test test-openmpi
+.PHONY: bench test test-openmpi conformance
 
 bench: $(STAMP)
 	$(BENCH)
 
 test: $(STAMP)
 	$(PY) tests/run_suite.py
+
+# mpi4py's own test modules, plain and with mtcoll.Comm, at 1, 2 and 3 ranks (docs/testing.md)
+conformance: $(STAMP)
+	$(PY) tests/mpi4py_conformance.py
 
 # As root Open MPI's mpiexec wants both variables (they change nothing for other users).
 test-openmpi: $(OMPI_STAMP)

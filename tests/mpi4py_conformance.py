@@ -253,6 +253,23 @@ def compare(plain, other):
                   if o == PASSED and other["outcomes"].get(t, ("not run",))[0] != PASSED)
 
 
+def markdown(rows, version):
+    """One line per module and rank count: passed plain, with mtcoll, and the fewest passed
+    with an algorithm forced (where the module calls what mtcoll runs itself)."""
+    out = [f"| module (mpi4py {version}) | ranks | passed plain | passed with mtcoll | "
+           f"fewest passed, each algorithm forced | worse |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["module"], r["ranks"]), []).append(r)
+    for (module, ranks), group in keyed.items():
+        base = next(g for g in group if g["run"] == "mtcoll")
+        forced = [g["passed_mtcoll"] for g in group if g["run"] != "mtcoll"]
+        worse = sum(len(g["worse"]) for g in group)
+        out.append(f"| {module} | {ranks} | {base['passed_plain']} | {base['passed_mtcoll']} | "
+                   f"{min(forced) if forced else '-'} | {worse} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,6 +278,8 @@ def main(argv=None):
     p.add_argument("--algorithms", nargs="*", default=None,
                    help="forced at the largest size (default: every planner algorithm)")
     p.add_argument("--json", metavar="FILE", help="write every outcome to FILE")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="write the table as Markdown (docs/testing.md's conformance table)")
     p.add_argument("--show", type=int, default=5, help="worse tests to print per run")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--testdir", "--module", "--mode", "--out", "--workdir"):
@@ -307,6 +326,8 @@ def main(argv=None):
             report.append({"module": module, "ranks": size, "plain_done": plain["done"],
                            "plain": {t: o for t, (o, _) in plain["outcomes"].items()}})
     print(f"conformance: {total_worse} tests pass plain and not with mtcoll", flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(rows, mpi4py.__version__))
     if args.json:
         Path(args.json).write_text(json.dumps({"mpi4py": mpi4py.__version__, "rows": rows,
                                                "plain": report}, indent=1))
