@@ -500,6 +500,14 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         with one chunk per rank (see the class notes). Collective; errors as for
         :meth:`Allreduce`.
         """
+        send = self._fast_path(_RSB, sendbuf, recvbuf, op)  # the fast path, as for Allreduce
+        if send is not None:
+            try:
+                self._lib_rsb(send, recvbuf, op)
+                self._ncalls += 1
+                return
+            except (BufferError, ValueError, TypeError):
+                pass
         self._start("Reduce_scatter_block", sendbuf, recvbuf, op, blocking=True).Wait()
 
     def Allgather(self, sendbuf, recvbuf):
