@@ -40,6 +40,7 @@ _ENV_NAMES = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT",
 _ENV_KEYS = tuple(n.encode() for n in _ENV_NAMES)
 
 _KEYVAL = None
+_get_attr = MPI.Comm.Get_attr
 
 
 def _keyval():
@@ -64,32 +65,36 @@ def _release(comm, keyval, comms):
 
 
 def key(options):
-    """The registry key of construction ``options`` (a tuple) under the current environment,
-    or None when an option cannot be a key (``ports`` as an array, say: such a Comm is
-    registered for release only, never found again)."""
+    """The registry key of construction ``options`` (a tuple) under the current environment."""
     store = _ENV_STORE
     env = tuple(map(store.get, _ENV_KEYS)) if store is not None \
         else tuple(os.environ.get(n) for n in _ENV_NAMES)
-    options = tuple(tuple(o) if isinstance(o, list) else o for o in options)
-    k = (options, env)
+    return options, env
+
+
+def find(comm, options):
+    """``(comm's Comm for options, its key)``; ``(None, key)`` when it has none. With the
+    default options, the Comm a derivation made of ``comm`` comes first. The key is None when
+    an option cannot be one (``ports`` as an array, say: such a Comm is registered for release
+    only, never found). One attribute lookup and two dict lookups: no MPI communication."""
+    k = key(options)
+    comms = _get_attr(comm, _KEYVAL) if _KEYVAL is not None else None
     try:
-        hash(k)
+        if comms is None:
+            hash(k)
+            return None, k
+        if options == DEFAULT_OPTIONS:
+            own = comms.get(OWN)
+            if own is not None:
+                return own, k
+        return comms.get(k), k
     except TypeError:
-        return None
-    return k
+        return None, None
 
 
 def lookup(comm, k):
-    """The Comm registered on ``comm`` under key ``k``; with the default options, the Comm a
-    derivation made of ``comm`` first. None if there is none (or ``k`` is None)."""
-    comms = MPI.Comm.Get_attr(comm, _KEYVAL) if _KEYVAL is not None else None
-    if comms is None or k is None:
-        return None
-    if k[0] == DEFAULT_OPTIONS:
-        own = comms.get(OWN)
-        if own is not None:
-            return own
-    return comms.get(k)
+    """The Comm registered on ``comm`` under key ``k`` (as :func:`find`), or None."""
+    return find(comm, k[0])[0] if k is not None else None
 
 
 def register(comm, k, obj):

@@ -173,12 +173,15 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
     ``MTCOLL_CHECK=1`` to have every call first check that the ranks agree; a disagreement then
     raises the same error on every rank, naming the ranks, instead of hanging.
 
-    ``Dup``, ``Dup_with_info``, ``Split``, ``Split_type``, ``Create``, ``Create_group`` and
-    ``Create_cart`` return mtcoll communicators with this one's options (``Create_cart``: a
-    :class:`Cartcomm` whose network is the matching ``torus:``/``mesh:``/``ring:``; the others
-    detect their network, ``"auto"``) and its algorithm where that fits their network (else
-    ``"auto"``). ``Idup`` returns a plain mpi4py communicator (it is not
-    usable before its request completes).
+    ``Comm(c, ...)`` of a communicator that already has a Comm with these options is that
+    Comm (a lookup: no message, no new communicator); a Comm is released when its
+    communicator is freed, or by :meth:`Free` (see :mod:`mtcoll._registry`). Every derivation
+    (``Dup``, ``Clone``, ``Idup``, ``Split``, ``Split_type``, ``Create``, ``Create_group``,
+    ``Create_from_group``, ``Create_cart`` and ``Cartcomm.Sub``, ``Create_graph``,
+    ``Create_dist_graph(_adjacent)``, ``Create_intercomm``'s ``Merge``) returns an mtcoll
+    communicator with this one's options (:mod:`mtcoll._derived`; the network of each:
+    docs/api.md). An object allocated but not set up (an ``Idup``'s communicator, an object
+    mpi4py's own constructors made) sets itself up at its first mtcoll call.
 
     Calls go to the MPI library (on the duplicate communicator) when: the algorithm is
     ``"native"`` or ``"auto"`` chose it; the op is not one of MPI's predefined arithmetic,
@@ -217,7 +220,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         # (unpickling passes one): the Comm it already has with the default options, if any.
         if comm is None:
             return MPI.Intracomm.__new__(cls)  # the static base of every mtcoll class
-        got = _registry.lookup(comm, _registry.key(_registry.DEFAULT_OPTIONS))
+        got = _registry.find(comm, _registry.DEFAULT_OPTIONS)[0]
         if got is not None and isinstance(got, cls):
             return got
         return MPI.Intracomm.__new__(cls, comm)
@@ -228,8 +231,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
             raise TypeError(f"comm must be an MPI intracommunicator, got {comm!r}")
-        k = _registry.key(options)
-        got = _registry.lookup(comm, k)
+        got, k = _registry.find(comm, options)
         if got is not None and isinstance(got, cls):
             return got
         cls = _class_of(cls, comm)
@@ -421,9 +423,11 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         communicator given at construction (``MPI.COMM_WORLD``, say) is left alone, while one
         that mtcoll made (by ``Dup``, ``Split``, ``Create_cart``...) is freed too, as mpi4py's
         ``Free`` would. Freeing twice is harmless; any other mtcoll call after ``Free`` raises
-        RuntimeError. A broken Comm (see the class notes) waits for nothing and keeps its
-        duplicate communicators allocated, so that no new communicator gets their context while
-        messages of the broken call may still arrive.
+        RuntimeError; the next ``mtcoll.Comm(comm)`` builds a new Comm. A broken Comm (see the
+        class notes) waits for nothing and keeps its duplicate communicators allocated, so that
+        no new communicator gets their context while messages of the broken call may still
+        arrive. Freeing the communicator given at construction releases its Comms the same
+        way (MPI's attribute delete callback, on every rank inside ``MPI_Comm_free``).
         """
         if self._pending is not None:  # never set up: only the communicator is there
             pending, self._pending = self._pending, None
