@@ -77,7 +77,8 @@ def find(comm, options):
     default options, the Comm a derivation made of ``comm`` comes first. The key is None when
     an option cannot be one (``ports`` as an array, say: such a Comm is registered for release
     only, never found). One attribute lookup and two dict lookups: no MPI communication."""
-    k = key(options)
+    store = _ENV_STORE  # (key(), inlined: this is every repeated construction's cost)
+    k = (options, tuple(map(store.get, _ENV_KEYS)) if store is not None else key(options)[1])
     comms = _get_attr(comm, _KEYVAL) if _KEYVAL is not None else None
     try:
         if comms is None:

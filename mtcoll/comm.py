@@ -44,6 +44,8 @@ ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "M
             "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS", "MTCOLL_ENGINE")
 
 _IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, looked up once)
+_WORLD, _Intracomm, _COMM_NULL, _find = MPI.COMM_WORLD, MPI.Intracomm, MPI.COMM_NULL, \
+    _registry.find
 _ENV = _errors._ENV_STORE
 
 
@@ -105,8 +107,14 @@ class _Constructor(type):
 
     def __call__(cls, comm=None, topology="auto", algorithm="auto", ports=None,
                  segment_bytes=None, max_segments=None, wait=None):
-        return cls._construct(comm, (topology, algorithm, ports, segment_bytes, max_segments,
-                                     wait))
+        options = (topology, algorithm, ports, segment_bytes, max_segments, wait)
+        if comm is None:
+            comm = _WORLD
+        if isinstance(comm, _Intracomm) and comm != _COMM_NULL:  # (the hit path, inlined)
+            got = _find(comm, options)[0]
+            if got is not None and isinstance(got, cls):
+                return got
+        return cls._construct(comm, options)
 
 
 def _class_of(cls, comm):
@@ -220,9 +228,10 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         # (unpickling passes one): the Comm it already has with the default options, if any.
         if comm is None:
             return MPI.Intracomm.__new__(cls)  # the static base of every mtcoll class
-        got = _registry.find(comm, _registry.DEFAULT_OPTIONS)[0]
-        if got is not None and isinstance(got, cls):
-            return got
+        if isinstance(comm, MPI.Intracomm) and comm != MPI.COMM_NULL:
+            got = _registry.find(comm, _registry.DEFAULT_OPTIONS)[0]
+            if got is not None and isinstance(got, cls):
+                return got
         return MPI.Intracomm.__new__(cls, comm)
 
     @classmethod
