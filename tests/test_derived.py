@@ -19,7 +19,7 @@ import pytest
 from mpi4py import MPI
 
 import mtcoll
-from mtcoll.plan import ALGORITHMS
+from mtcoll.plan import ALGORITHMS, plan
 
 FORCED = ("native",) + tuple(ALGORITHMS)
 K = 300  # elements per rank's block
@@ -77,7 +77,10 @@ def agrees_with_mpi(d, parent, seen):
     plain.Reduce_scatter_block(x, want)
     assert np.array_equal(got, want)
     assert seen == [d, d, d]  # through mtcoll, not around it
-    assert d.algorithm in (parent.algorithm, "auto")
+    if d.algorithm != parent.algorithm:  # auto only where the forced algorithm does not fit
+        assert d.algorithm == "auto" and parent.algorithm not in ("auto", "native")
+        with pytest.raises(ValueError):
+            plan(d.network, parent.algorithm)
     assert d.comm == d and d.network.nranks == n
 
 
