@@ -381,3 +381,20 @@ def test_comm_of_a_plain_cartesian_communicator_is_a_cartcomm(comm, spied):
         assert plain != MPI.COMM_NULL  # the program's communicator is left alone
     finally:
         plain.Free()
+
+
+@pytest.mark.mpi
+def test_freeing_the_communicator_completes_the_calls_in_flight(comm):
+    n = comm.Get_size()
+    for algorithm in ("multitree", "native"):
+        c = comm.Dup()
+        m = mtcoll.Comm(c, algorithm=algorithm)
+        outs = [np.zeros(20_000) for _ in range(3)]
+        reqs = [m.Iallreduce(np.full(20_000, float(i + comm.Get_rank())), out)
+                for i, out in enumerate(outs)]
+        c.Free()  # the release (inside MPI_Comm_free) waits for them
+        assert all(r.Test() for r in reqs)
+        for i, out in enumerate(outs):
+            assert np.array_equal(out, np.full(20_000, n * i + n * (n - 1) / 2))
+        with pytest.raises(RuntimeError, match="freed"):
+            m.Iallreduce(np.ones(2), np.zeros(2))
