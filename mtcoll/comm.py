@@ -290,7 +290,10 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
                 self.schedule()
             except ValueError:
                 self.algorithm = "auto"
-        _registry.register(self, _registry.OWN, self)
+        # a communicator mtcoll (or mpi4py) made is this Comm's own; COMM_WORLD's (unpickled)
+        # is its Comm of the default options
+        _registry.register(self, _registry.OWN if owned else
+                           _registry.key(_registry.DEFAULT_OPTIONS), self)
 
     def _plain(self):
         # mpi4py's own object of this handle, of the matching class
