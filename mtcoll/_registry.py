@@ -6,7 +6,7 @@ environment variables read at construction), or :data:`OWN` for the Comm a deriv
 (``Dup``, ``Split``, ``Create_cart``...: the communicator *is* that Comm). So:
 
 * ``mtcoll.Comm(c, **options)`` of a communicator that already has a Comm with those options
-  is a lookup (:func:`lookup`): no collective and no new MPI communicator. Every rank finds
+  is a lookup (:func:`find`): no collective and no new MPI communicator. Every rank finds
   the same thing, because the dict changes only at collective points -- a construction, a
   ``Free()``, the communicator's own free;
 * each Comm is released (its private duplicates and virtual topology freed, :func:`_release`)
@@ -16,7 +16,7 @@ environment variables read at construction), or :data:`OWN` for the Comm a deriv
   nothing (the dict holds it): garbage collection runs at different moments on different
   ranks, and freeing a communicator is collective.
 
-Who calls: :mod:`mtcoll.comm` (construction: :func:`key`, :func:`lookup`, :func:`register`;
+Who calls: :mod:`mtcoll.comm` (construction: :func:`find`, :func:`register`;
 ``Free``: :func:`forget`) and MPI (the delete callback).
 """
 
@@ -91,11 +91,6 @@ def find(comm, options):
         return comms.get(k), k
     except TypeError:
         return None, None
-
-
-def lookup(comm, k):
-    """The Comm registered on ``comm`` under key ``k`` (as :func:`find`), or None."""
-    return find(comm, k[0])[0] if k is not None else None
 
 
 def register(comm, k, obj):

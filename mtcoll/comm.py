@@ -31,7 +31,8 @@ from ._planning import _SPECIAL_ALGORITHMS, Planning
 from ._requests import LOCK, Request, thread_enabled, waitall
 from .topology import from_comm, host_leaders, mpi_topology
 
-__all__ = ["Comm", "Cartcomm", "Graphcomm", "Distgraphcomm", "Intercomm", "Request", "waitall", "choose", "StallError",
+__all__ = ["Comm", "Cartcomm", "Graphcomm", "Distgraphcomm", "Intercomm", "Request", "waitall",
+           "choose", "StallError",
            "SMALL_MESSAGE_BYTES", "ENV_VARS"]
 
 #: Without a calibration (``MTCOLL_CALIBRATE=off``), ``algorithm="auto"`` leaves messages

@@ -98,7 +98,7 @@ def free_comms(limit=4000):
     return len(made)
 
 
-# -- every derivation ------------------------------------------------------------------------------
+# -- every derivation ----------------------------------------------------------------------------
 
 @pytest.mark.mpi
 def test_dup_clone_and_dup_with_info_are_mtcoll(comm, parent, spied):
