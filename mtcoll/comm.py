@@ -22,16 +22,17 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from . import _calibrate, _errors, _tuning
+from . import _calibrate, _errors, _registry, _tuning
 from ._buffers import prepare
-from ._derived import Derived
+from ._derived import Derived, cart_spec
 from ._dispatch import FAST_KINDS, Dispatch
 from ._errors import ABANDONED, StallError, env_flag, env_quiet, positive_int
-from ._planning import Planning
+from ._planning import _SPECIAL_ALGORITHMS, Planning
 from ._requests import LOCK, Request, thread_enabled, waitall
 from .topology import from_comm, host_leaders, mpi_topology
 
-__all__ = ["Comm", "Cartcomm", "Request", "waitall", "choose", "StallError",
+__all__ = ["Comm", "Cartcomm", "Graphcomm", "Distgraphcomm", "Intercomm", "Request", "waitall",
+           "choose", "StallError",
            "SMALL_MESSAGE_BYTES", "ENV_VARS"]
 
 #: Without a calibration (``MTCOLL_CALIBRATE=off``), ``algorithm="auto"`` leaves messages
@@ -46,6 +47,8 @@ ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "M
 _IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, looked up once)
 # the fast path's call kinds (compared by identity) and its cache keys: _dispatch.fast_key
 _ALLREDUCE, _RSB, _ALLGATHER = FAST_KINDS
+_WORLD, _Intracomm, _COMM_NULL, _find = MPI.COMM_WORLD, MPI.Intracomm, MPI.COMM_NULL, \
+    _registry.find
 _ENV = _errors._ENV_STORE
 
 
@@ -96,7 +99,37 @@ def choose(nbytes, nranks, topology, tuning=None, calibration=None):
     return "multitree"
 
 
-class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
+#: The state of an mtcoll communicator allocated but not set up yet (see ``Comm._finish``).
+LATER = "later"
+
+
+class _Constructor(type):
+    """``mtcoll.Comm(comm, ...)`` itself: the Comm ``comm`` already has with these options
+    (a lookup, see :mod:`mtcoll._registry`), else a new one, set up and registered. mpi4py's
+    own constructors allocate with ``cls.__new__(cls)`` and do not come here."""
+
+    def __call__(cls, comm=None, topology="auto", algorithm="auto", ports=None,
+                 segment_bytes=None, max_segments=None, wait=None):
+        options = (topology, algorithm, ports, segment_bytes, max_segments, wait)
+        if comm is None:
+            comm = _WORLD
+        if isinstance(comm, _Intracomm) and comm != _COMM_NULL:  # (the hit path, inlined)
+            got = _find(comm, options)[0]
+            if got is not None and isinstance(got, cls):
+                return got
+        return cls._construct(comm, options)
+
+
+def _class_of(cls, comm):
+    # the mtcoll class of comm's kind: mtcoll.Comm of a Cartesian communicator is a Cartcomm
+    if cls is not Comm:
+        return cls
+    kind = MPI.Comm.Get_topology(comm)
+    return {MPI.CART: Cartcomm, MPI.GRAPH: Graphcomm, MPI.DIST_GRAPH: Distgraphcomm}.get(kind,
+                                                                                       Comm)
+
+
+class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
     """A communicator whose collectives run topology-aware schedules (MultiTree and others).
 
     ``mtcoll.Comm(comm)`` is ``comm`` itself as far as MPI is concerned (``isinstance(c,
@@ -151,12 +184,15 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
     ``MTCOLL_CHECK=1`` to have every call first check that the ranks agree; a disagreement then
     raises the same error on every rank, naming the ranks, instead of hanging.
 
-    ``Dup``, ``Dup_with_info``, ``Split``, ``Split_type``, ``Create``, ``Create_group`` and
-    ``Create_cart`` return mtcoll communicators with this one's options (``Create_cart``: a
-    :class:`Cartcomm` whose network is the matching ``torus:``/``mesh:``/``ring:``; the others
-    detect their network, ``"auto"``) and its algorithm where that fits their network (else
-    ``"auto"``). ``Idup`` returns a plain mpi4py communicator (it is not
-    usable before its request completes).
+    ``Comm(c, ...)`` of a communicator that already has a Comm with these options is that
+    Comm (a lookup: no message, no new communicator); a Comm is released when its
+    communicator is freed, or by :meth:`Free` (see :mod:`mtcoll._registry`). Every derivation
+    (``Dup``, ``Clone``, ``Idup``, ``Split``, ``Split_type``, ``Create``, ``Create_group``,
+    ``Create_from_group``, ``Create_cart`` and ``Cartcomm.Sub``, ``Create_graph``,
+    ``Create_dist_graph(_adjacent)``, ``Create_intercomm``'s ``Merge``) returns an mtcoll
+    communicator with this one's options (:mod:`mtcoll._derived`; the network of each:
+    docs/api.md). An object allocated but not set up (an ``Idup``'s communicator, an object
+    mpi4py's own constructors made) sets itself up at its first mtcoll call.
 
     Calls go to the MPI library (on the duplicate communicator) when: the algorithm is
     ``"native"`` or ``"auto"`` chose it; the op is not one of MPI's predefined arithmetic,
@@ -181,20 +217,106 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
     running calls are advanced, so that they can time out too.
     """
 
+    # What an object has before its setup (mpi4py's own constructors and unpickling allocate
+    # one with ``cls.__new__(cls)`` and never call anything else): not yet set up, the fast
+    # path empty, so that its first mtcoll call reaches _alive, which sets it up.
+    _pending = LATER
+    _dup = None
+    _broken = None
+    _fast = frozenset()
+    _last_kind = _last_dtype = _last_op = _last_nbytes = None
+
     def __new__(cls, comm=None, *args, **kwargs):
+        # Allocation only (``Comm(...)`` itself is _Constructor.__call__). With a communicator
+        # (unpickling passes one): the Comm it already has with the default options, if any.
+        if comm is None:
+            return MPI.Intracomm.__new__(cls)  # the static base of every mtcoll class
+        if isinstance(comm, MPI.Intracomm) and comm != MPI.COMM_NULL:
+            got = _registry.find(comm, _registry.DEFAULT_OPTIONS)[0]
+            if got is not None and isinstance(got, cls):
+                return got
+        return MPI.Intracomm.__new__(cls, comm)
+
+    @classmethod
+    def _construct(cls, comm, options):
         if comm is None:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
             raise TypeError(f"comm must be an MPI intracommunicator, got {comm!r}")
-        return MPI.Intracomm.__new__(cls, comm)  # the static base of Comm and Cartcomm
+        got, k = _registry.find(comm, options)
+        if got is not None and isinstance(got, cls):
+            return got
+        cls = _class_of(cls, comm)
+        self = MPI.Intracomm.__new__(cls, comm)
+        topology, algorithm, ports, segment_bytes, max_segments, wait = options
+        self._setup(comm, self._grid_spec(topology), algorithm, ports, segment_bytes,
+                    max_segments, wait, owned=False)
+        _registry.register(comm, k, self)
+        return self
 
-    def __init__(self, comm=None, topology="auto", algorithm="auto", ports=None,
-                 segment_bytes=None, max_segments=None, wait=None):
-        self._setup(MPI.COMM_WORLD if comm is None else comm, topology, algorithm, ports,
-                    segment_bytes, max_segments, wait, owned=False)
+    def _grid_spec(self, topology):
+        # "auto" on a Cartesian communicator is its grid, as for Create_cart
+        if isinstance(topology, str) and topology.strip().lower() == "auto" \
+                and isinstance(self, MPI.Cartcomm):
+            dims, periods, _ = MPI.Cartcomm.Get_topo(self)
+            return cart_spec(dims, periods)
+        return topology
+
+    def _finish(self):
+        # Set up an object that was allocated but not set up (an Idup's communicator once its
+        # request completed, an object of mpi4py's own constructors): at its first mtcoll call,
+        # which every rank makes at the same point, so this collective setup matches.
+        pending = self._pending
+        req, setup = (None, None) if pending is LATER else pending
+        if req is not None:
+            req.Wait()  # (the caller's request: its own Wait then returns at once)
+        self._pending = None
+        if setup is None:  # (the defaults; a communicator mpi4py made is this object's own)
+            owned = self != MPI.COMM_WORLD and self != MPI.COMM_SELF
+            setup = dict(topology=self._grid_spec("auto"), ports=None, env_topology=True,
+                         options=dict(algorithm="auto", segment_bytes=None,
+                                      max_segments=None, wait=None), owned=owned)
+        try:
+            self._adopt(**setup)
+        except BaseException:
+            self._pending = pending if req is None else (None, setup)
+            raise
+
+    def _adopt(self, topology, ports, env_topology, options, owned=True):
+        # the setup of a communicator mtcoll derived (or mpi4py made): registered as its own
+        self._setup(self._plain(), topology, ports=ports, owned=owned,
+                    env_topology=env_topology, **options)
+        if self.algorithm not in _SPECIAL_ALGORITHMS:
+            # the inherited algorithm where it fits the new network, else auto's choice (the
+            # planner's verdict is broadcast: every rank falls back alike)
+            try:
+                self.schedule()
+            except ValueError:
+                self.algorithm = "auto"
+        # a communicator mtcoll (or mpi4py) made is this Comm's own; COMM_WORLD's (unpickled)
+        # is its Comm of the default options
+        _registry.register(self, _registry.OWN if owned else
+                           _registry.key(_registry.DEFAULT_OPTIONS), self)
+
+    def _plain(self):
+        # mpi4py's own object of this handle, of the matching class
+        for base in (MPI.Cartcomm, MPI.Graphcomm, MPI.Distgraphcomm):
+            if isinstance(self, base):
+                return base(self)
+        return MPI.Intracomm(self)
+
+    def __getattr__(self, name):
+        # only for names not found: say why an object not yet set up has no network, tuning...
+        if self._pending is not None and not name.startswith("__"):
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r} yet: this mtcoll "
+                f"communicator is set up at its first mtcoll call (Allreduce, Allgather, "
+                f"Reduce_scatter_block, Iallreduce, schedule(), a derivation), collectively")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _setup(self, comm, topology, algorithm, ports, segment_bytes, max_segments, wait,
                owned, env_topology=True):
+        self._pending = None
         self._dup = None
         self._owned = owned  # Free frees the communicator itself too (mtcoll made it)
         self._orig = comm
@@ -321,10 +443,31 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         communicator given at construction (``MPI.COMM_WORLD``, say) is left alone, while one
         that mtcoll made (by ``Dup``, ``Split``, ``Create_cart``...) is freed too, as mpi4py's
         ``Free`` would. Freeing twice is harmless; any other mtcoll call after ``Free`` raises
-        RuntimeError. A broken Comm (see the class notes) waits for nothing and keeps its
-        duplicate communicators allocated, so that no new communicator gets their context while
-        messages of the broken call may still arrive.
+        RuntimeError; the next ``mtcoll.Comm(comm)`` builds a new Comm. A broken Comm (see the
+        class notes) waits for nothing and keeps its duplicate communicators allocated, so that
+        no new communicator gets their context while messages of the broken call may still
+        arrive. Freeing the communicator given at construction releases its Comms the same
+        way (MPI's attribute delete callback, on every rank inside ``MPI_Comm_free``).
         """
+        if self._pending is not None:  # never set up: only the communicator is there
+            pending, self._pending = self._pending, None
+            if pending is not LATER and pending[0] is not None:
+                pending[0].Wait()  # (an Idup's: MPI frees no communicator mid-duplication)
+            owned = pending[1]["owned"] if pending is not LATER and pending[1] else \
+                self != MPI.COMM_WORLD and self != MPI.COMM_SELF
+            if owned and self != MPI.COMM_NULL:
+                MPI.Intracomm.Free(self)
+            return
+        if self._dup is None:
+            return  # freed already, or released when its communicator was freed
+        self._release()
+        _registry.forget(self, self)
+        if self._owned:
+            MPI.Intracomm.Free(self)  # (MPI's delete callback releases the other Comms of it)
+
+    def _release(self):
+        # the mtcoll part of Free: wait for the calls in flight, free the duplicates and the
+        # virtual topology. Also MPI's delete callback when the communicator is freed.
         if self._dup is None:
             return
         with LOCK:
@@ -342,16 +485,22 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
             self._schedules.clear()
             self._executors.clear()
             self._forget_fast()
-        if self._owned:
-            MPI.Intracomm.Free(self)
 
     def _alive(self):
         if self._dup is None:
-            raise RuntimeError("this mtcoll.Comm has been freed")
+            if self._pending is None:
+                raise RuntimeError("this mtcoll.Comm has been freed")
+            self._finish()
         if self._broken is not None:
             raise RuntimeError(f"this mtcoll.Comm is broken: {self._broken}. Messages of that "
                                f"call may still be in flight, so no later call can be trusted: "
                                f"Free() it and make a new Comm, or end the job")
+
+    def _ensure(self):
+        # before a derivation: an object not yet set up is set up (collective, as the
+        # derivation is); a freed one derives from its options as before
+        if self._pending is not None:
+            self._finish()
 
     def _break(self, reason):
         # A call stalled or failed midway: stop every call in flight (their receives are
@@ -560,7 +709,35 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
 
 class Cartcomm(Comm, MPI.Cartcomm):
     """An mtcoll :class:`Comm` that is an ``MPI.Cartcomm`` (what :meth:`Comm.Create_cart`
-    returns): mpi4py's coordinates and shifts, mtcoll's collectives on the grid's network."""
+    and :meth:`Sub` return, and ``mtcoll.Comm`` of a Cartesian communicator): mpi4py's
+    coordinates and shifts, mtcoll's collectives on the grid's network."""
+
+    def Sub(self, remain_dims):
+        """mpi4py's ``Sub``; the new communicator is an mtcoll :class:`Cartcomm` whose network
+        is its own grid (the dimensions kept, with their periods)."""
+        return self._sub(remain_dims)
 
 
-Comm._COMM_CLASS, Comm._CART_CLASS = Comm, Cartcomm  # what Derived builds
+class Graphcomm(Comm, MPI.Graphcomm):
+    """An mtcoll :class:`Comm` that is an ``MPI.Graphcomm`` (:meth:`Comm.Create_graph`)."""
+
+
+class Distgraphcomm(Comm, MPI.Distgraphcomm):
+    """An mtcoll :class:`Comm` that is an ``MPI.Distgraphcomm``
+    (:meth:`Comm.Create_dist_graph`, :meth:`Comm.Create_dist_graph_adjacent`)."""
+
+
+class Intercomm(MPI.Intercomm):
+    """An ``MPI.Intercomm`` (what :meth:`Comm.Create_intercomm` returns) whose :meth:`Merge`
+    is an mtcoll :class:`Comm` with the options of the local side. Its own collectives are
+    mpi4py's: mtcoll's schedules reduce within one group."""
+
+    def Merge(self, high=False):
+        """mpi4py's ``Merge``; the new intracommunicator is an mtcoll :class:`Comm` with the
+        local side's options and its own detected network (collective over both groups)."""
+        return self._local._derive(MPI.Intercomm(self).Merge(high))
+
+
+# what Derived builds
+Comm._COMM_CLASS, Comm._CART_CLASS, Comm._INTER_CLASS = Comm, Cartcomm, Intercomm
+Comm._GRAPH_CLASS, Comm._DISTGRAPH_CLASS = Graphcomm, Distgraphcomm

@@ -340,7 +340,7 @@ def test_module_level_calls_cache_one_comm(comm):
     dup = comm.Dup()
     mtcoll.Allreduce(np.full(10, float(r)), out, comm=dup, algorithm="multitree")
     assert np.array_equal(out, ranks_sum(comm, 10))
-    assert dup.Get_attr(mtcoll._calls._KEYVAL)
+    assert dup.Get_attr(mtcoll._registry._KEYVAL)
     dup.Free()
 
 
