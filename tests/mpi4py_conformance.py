@@ -15,7 +15,11 @@ cannot hide the other modules), at every size of ``--sizes``:
 * ``mtcoll``: every test class's communicator is an ``mtcoll.Comm`` of it -- the class
   attribute ``COMM`` (``MPI.COMM_WORLD``, ``MPI.COMM_SELF``) wrapped at import, and what
   ``setUp`` assigns (``MPI.COMM_WORLD.Dup()``...) made from an mtcoll Comm, the one-line switch
-  a user makes;
+  a user makes (one helper of mpi4py's tests is adapted, :data:`ADAPTED`: test_comm_topo's
+  ``checkHandle`` asserts that a handle's round trip gives back the same Python class, which no
+  subclass of mpi4py's communicators can give; the adapted check asserts that
+  ``mtcoll.Comm`` of the round trip is the very Comm, and the rest of each test runs as
+  shipped);
 * at the largest size, ``mtcoll`` again with each algorithm forced by ``MTCOLL_ALGO``, for the
   modules that call a collective mtcoll runs itself (``Allreduce``, ``Iallreduce``,
   ``Reduce_scatter_block``, ``Allgather``).
@@ -104,6 +108,27 @@ def _wrap_classes(module, MPI, mtcoll):
                     break
         if "setUp" in vars(cls):
             cls.setUp = run_with_mtcoll(vars(cls)["setUp"])
+        if callable(getattr(cls, "checkHandle", None)):
+            cls.checkHandle = _check_handle(mtcoll, MPI)
+
+
+ADAPTED = ("checkHandle",)
+
+
+def _check_handle(mtcoll, MPI):
+    """test_comm_topo's ``checkHandle`` with mtcoll's round trip of a handle: mpi4py makes
+    the object of an integer or Fortran handle from the handle alone (``Comm.fromint``,
+    ``Comm.f2py``: a fixed table of its own classes), so no subclass of its communicators --
+    mtcoll's or ``mpi4py.util.pkl5``'s -- comes back as itself, and ``type(new) == type(old)``
+    cannot hold. What mtcoll promises instead: ``mtcoll.Comm(new)`` is the very Comm."""
+    def check(self, oldcomm):
+        handles = [(MPI.Comm.fromint, oldcomm.toint()), (MPI.Comm.f2py, oldcomm.py2f())]
+        for make, handle in handles:
+            if handle != -1:
+                newcomm = make(handle)
+                self.assertEqual(newcomm, oldcomm)
+                self.assertIs(mtcoll.Comm(newcomm), oldcomm)
+    return check
 
 
 def child(args):
