@@ -1,19 +1,19 @@
-"""Issue 13: mtcoll.Comm as a true drop-in for an mpi4py communicator.
+"""mtcoll.Comm as a drop-in for an mpi4py communicator, in the idioms of published numpy/mpi4py
+programs.
 
-One regression test per failure the issue found (numbered as there), each with every algorithm
-forced through ``MTCOLL_ALGO`` where the algorithm matters, every result compared with plain
-mpi4py on ``MPI.COMM_WORLD`` (or a plain ``Split`` of it). Runs serially (one rank) and under
-``mpiexec`` at every suite size.
+Each test forces every algorithm through ``MTCOLL_ALGO`` where the algorithm matters and
+compares every result with plain mpi4py on ``MPI.COMM_WORLD`` (or a plain ``Split`` of it). Runs
+serially (one rank) and under ``mpiexec`` at every suite size. What they hold:
 
-1. a numpy scalar inside a buffer spec (the CG and psum idioms; a Jacobi loop's LAND test);
-2. requests that ``MPI.Request.Waitall`` & co. accept, ``Wait(status)``, ``wait()``/``test()``;
-3. DLPack and ``__cuda_array_interface__`` exporters (host memory);
-4. ``sendbuf=None`` and ``sendbuf is recvbuf`` in place;
-5. the Comm is an ``MPI.Intracomm`` (``isinstance``, ``==``, ``Win.Create``, pkl5, ``topology``);
-6. derived communicators are mtcoll communicators (and ``Create_cart`` gives the grid's model);
-7. a call handed to MPI goes straight to the library (fast path), its slow twin agrees;
-8. no sleeping on the main thread for a library call while a schedule is in flight;
-9. one rank's bad input: the others' StallError names it; run commands use ``python -m mpi4py``.
+- a numpy scalar inside a buffer spec (the CG and psum idioms; a Jacobi loop's LAND test);
+- requests that ``MPI.Request.Waitall`` & co. accept, ``Wait(status)``, ``wait()``/``test()``;
+- DLPack and ``__cuda_array_interface__`` exporters (host memory);
+- ``sendbuf=None`` and ``sendbuf is recvbuf`` in place;
+- the Comm is an ``MPI.Intracomm`` (``isinstance``, ``==``, ``Win.Create``, pkl5, ``topology``);
+- derived communicators are mtcoll communicators (and ``Create_cart`` gives the grid's model);
+- a call handed to MPI goes straight to the library (fast path), its slow twin agrees;
+- no sleeping on the main thread for a library call while a schedule is in flight;
+- one rank's bad input: the others' StallError names it; run commands use ``python -m mpi4py``.
 
 Plus the idioms that worked before (0-d arrays, tuple specs, keyword arguments, float16,
 complex, bool LOR, bytearray, array.array, the pickle-based lowercase calls).
@@ -62,11 +62,11 @@ def forced(request, comm, monkeypatch):
     c.Free()
 
 
-# -- 1. numpy scalars in a spec ---------------------------------------------------------------
+# -- numpy scalars in a spec ---------------------------------------------------------------
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
-def test_1_cg_loop_with_scalar_specs(comm, forced):
+def test_cg_loop_with_scalar_specs(comm, forced):
     """A distributed conjugate-gradient solve whose dot products are reduced as
     ``[np.dot(r, r), MPI.DOUBLE]`` specs, with mtcoll and with mpi4py: same iterates."""
     rank = comm.Get_rank()
@@ -116,7 +116,7 @@ def test_1_cg_loop_with_scalar_specs(comm, forced):
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
-def test_1_jacobi_with_a_land_convergence_test_every_iteration(comm, forced):
+def test_jacobi_with_a_land_convergence_test_every_iteration(comm, forced):
     """The Jacobi idiom: every iteration ends with ``Allreduce`` of the local "converged" flag
     under ``MPI.LAND`` (as a bool array and as a numpy-scalar spec); the loop stops on the same
     iteration, with the same iterate, as with mpi4py."""
@@ -151,11 +151,11 @@ def test_1_jacobi_with_a_land_convergence_test_every_iteration(comm, forced):
         assert np.array_equal(x_mt, x_mpi)
 
 
-# -- 2. requests MPI accepts --------------------------------------------------------------------
+# -- requests MPI accepts --------------------------------------------------------------------
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
-def test_2_iallreduce_on_split_with_mpi_waitall(comm, forced):
+def test_iallreduce_on_split_with_mpi_waitall(comm, forced):
     """The data-parallel trainer's idiom: ``Iallreduce`` per gradient on a ``Split``
     communicator, plain mpi4py requests mixed in, completed by ``MPI.Request.Waitall``."""
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -223,7 +223,7 @@ def test_2_iallreduce_on_split_with_mpi_waitall(comm, forced):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(120)
-def test_2_ranks_waiting_in_different_orders_in_mpi(comm, monkeypatch):
+def test_ranks_waiting_in_different_orders_in_mpi(comm, monkeypatch):
     """Rank 0 waits in ``MPI.Request.Waitall`` for a native request started second while the
     others wait for the schedule started first: the progress thread moves rank 0's part of the
     schedule (no deadlock)."""
@@ -244,7 +244,7 @@ def test_2_ranks_waiting_in_different_orders_in_mpi(comm, monkeypatch):
         assert np.array_equal(b, native(comm, np.full(10, float(rank))))
 
 
-# -- 3. DLPack and CAI exporters ------------------------------------------------------------------
+# -- DLPack and CAI exporters ------------------------------------------------------------------
 
 class DLPackOnly:
     """Exports DLPack (host memory) and nothing else, like a torch CPU tensor's gradient."""
@@ -271,7 +271,7 @@ class CAIOnly:
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
-def test_3_dlpack_and_cai_exporters(comm, forced):
+def test_dlpack_and_cai_exporters(comm, forced):
     rank = comm.Get_rank()
     for n in (7, BIG):
         x = np.full(n, float(rank + 1))
@@ -293,11 +293,11 @@ def test_3_dlpack_and_cai_exporters(comm, forced):
         forced.Allreduce(object(), np.zeros(3))
 
 
-# -- 4. None and the same object as in place --------------------------------------------------------
+# -- None and the same object as in place --------------------------------------------------------
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
-def test_4_none_and_same_object_are_in_place(comm, forced):
+def test_none_and_same_object_are_in_place(comm, forced):
     rank, size = comm.Get_rank(), comm.Get_size()
     for n in (4, BIG):
         want = native(comm, np.full(n, float(rank)))
@@ -318,11 +318,11 @@ def test_4_none_and_same_object_are_in_place(comm, forced):
     assert np.array_equal(x[:k], want)
 
 
-# -- 5. an MPI.Intracomm --------------------------------------------------------------------------
+# -- an MPI.Intracomm --------------------------------------------------------------------------
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
-def test_5_is_an_mpi_intracomm(comm):
+def test_is_an_mpi_intracomm(comm):
     with mtcoll.Comm(comm) as c:
         assert isinstance(c, MPI.Intracomm) and isinstance(c, mtcoll.Comm)
         assert c == comm and c.topology == comm.topology == MPI.UNDEFINED
@@ -343,11 +343,11 @@ def test_5_is_an_mpi_intracomm(comm):
     assert comm.allreduce(1) == comm.Get_size() and comm != MPI.COMM_NULL
 
 
-# -- 6. derived communicators ------------------------------------------------------------------------
+# -- derived communicators ------------------------------------------------------------------------
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
-def test_6_derived_communicators_are_mtcoll(comm, forced, monkeypatch):
+def test_derived_communicators_are_mtcoll(comm, forced, monkeypatch):
     rank, size = comm.Get_rank(), comm.Get_size()
     seen = []
     real = mtcoll.Comm._start
@@ -381,7 +381,7 @@ def test_6_derived_communicators_are_mtcoll(comm, forced, monkeypatch):
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
-def test_6_create_cart_gives_the_grid(comm):
+def test_create_cart_gives_the_grid(comm):
     size = comm.Get_size()
     dims = MPI.Compute_dims(size, 2)
     with mtcoll.Comm(comm) as c:
@@ -404,12 +404,12 @@ def test_6_create_cart_gives_the_grid(comm):
         ring.Free()
 
 
-# -- 7. the fast path ----------------------------------------------------------------------------------
+# -- the fast path ----------------------------------------------------------------------------------
 
 @pytest.mark.mpi
 @pytest.mark.mpi_short
 @pytest.mark.parametrize("algorithm", ["auto", "native"])
-def test_7_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm):
+def test_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm):
     """With nothing to check, a call handed to MPI runs mpi4py's Allreduce (or Iallreduce,
     whose request is returned) on the duplicate after its first call, without mtcoll's
     machinery; the slow twin (MTCOLL_CHECK=1, every call through mtcoll's path) gives the same
@@ -470,7 +470,7 @@ def test_7_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm
 
 
 @pytest.mark.mpi(min_size=2)
-def test_7_setting_the_algorithm_moves_the_fast_path(comm, monkeypatch):
+def test_setting_the_algorithm_moves_the_fast_path(comm, monkeypatch):
     """The fast path remembers the sizes the library ran under the algorithm setting it saw
     them under: after ``c.algorithm = "ring"`` a size the library ran before runs the ring
     (through mtcoll's path, not straight to the library); set back, the library's again."""
@@ -502,11 +502,11 @@ def test_7_setting_the_algorithm_moves_the_fast_path(comm, monkeypatch):
         assert "ring" not in ran and "native" in ran, ran
 
 
-# -- 8. no sleep-waiting for library calls -------------------------------------------------------------
+# -- no sleep-waiting for library calls -------------------------------------------------------------
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(120)
-def test_8_no_main_thread_sleep_for_library_calls(comm, monkeypatch):
+def test_no_main_thread_sleep_for_library_calls(comm, monkeypatch):
     """Waiting sleeps (``wait="sleep"``, as with more ranks than cores) and a MultiTree call is
     in flight: the small blocking calls handed to MPI meanwhile never sleep on the main thread
     (they are the library's blocking calls; the progress thread moves the schedule)."""
@@ -539,12 +539,12 @@ def test_8_no_main_thread_sleep_for_library_calls(comm, monkeypatch):
         assert np.array_equal(big, native(comm, np.full(1 << 18, float(rank))))
 
 
-# -- 9. one rank's bad input --------------------------------------------------------------------------
+# -- one rank's bad input --------------------------------------------------------------------------
 
 @pytest.mark.mpi(min_size=2, max_size=8)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("algorithm", ["native", "multitree"])
-def test_9_stall_names_the_rank_that_did_not_join(comm, monkeypatch, algorithm):
+def test_stall_names_the_rank_that_did_not_join(comm, monkeypatch, algorithm):
     """Checking off, the last rank's recvbuf is read-only: it raises at once, the others stall
     and their StallError names that rank -- not its neighbours."""
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -576,7 +576,7 @@ def test_9_stall_names_the_rank_that_did_not_join(comm, monkeypatch, algorithm):
         assert np.array_equal(out, native(comm, np.full(BIG, float(rank))))
 
 
-def test_9_run_commands_use_mpi4py():
+def test_run_commands_use_mpi4py():
     """Every ``mpiexec ... python script`` in README and docs runs through ``python -m mpi4py``
     (an uncaught exception then aborts the job instead of leaving the other ranks blocked)."""
     bad = []
