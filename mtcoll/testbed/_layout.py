@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-import re
 from dataclasses import dataclass, field
+
+from ..topology import parse_rate  # the one rate syntax: specs and --link-rate
 
 __all__ = ["Layout", "layout", "address", "parse_rate", "format_rate", "ADDRESS_BASE",
            "RULE_PRIORITY", "TABLE_BASE"]
@@ -35,27 +36,6 @@ _LAST = ipaddress.IPv4Address("198.19.255.254")
 RULE_PRIORITY = 1000
 #: routing table id of source vertex s is TABLE_BASE + s
 TABLE_BASE = 1000
-
-_RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmg]?)(bit|bps)?$")
-_MULT = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
-
-
-def parse_rate(text):
-    """A rate such as ``50mbit``, ``1gbit``, ``800kbit`` or ``10mbps`` (bytes) as bytes/s.
-
-    ``bit`` units are bits per second (tc's spelling, powers of 1000); ``bps`` bytes per
-    second; a bare number is bits per second. ValueError on anything else or on zero.
-    """
-    m = _RATE.match(str(text).strip().lower())
-    if not m:
-        raise ValueError(f"bad rate {text!r}: expected a number with a unit such as 50mbit, "
-                         f"1gbit, 800kbit or 10mbps (bytes/s)")
-    value = float(m.group(1)) * _MULT[m.group(2)]
-    value = value if m.group(3) == "bps" else value / 8
-    if not value > 0:
-        raise ValueError(f"rate {text!r} must be positive")
-    return value
-
 
 def format_rate(bytes_per_s):
     """Bytes/s as tc's ``<integer>bit``."""
