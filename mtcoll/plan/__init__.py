@@ -19,7 +19,7 @@ from ._validate import Report, validate
 
 __all__ = ["plan", "validate", "Report", "ALGORITHMS", "tree_depth"]
 
-ALGORITHMS = ("multitree", "ring", "ring2d", "dbtree", "rhd")
+ALGORITHMS = ("multitree", "ring", "ring2d", "dbtree", "rhd", "timed")
 
 # below this many ranks the pure-Python MultiTree is quicker than compiling the kernel
 NUMBA_FROM = 65
@@ -54,7 +54,7 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
     topo = parse(topology, ports=ports)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if algorithm != "multitree":
+    if algorithm not in ("multitree", "timed"):
         return plan_baseline(topo, algorithm)
     if engine == "auto":
         engine = "python" if topo.nranks < NUMBA_FROM else "numba"
@@ -73,8 +73,13 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
                              "MultiTree cannot span it")
     else:
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
-    return schedule_from_trees(edges, topo.spec, topo.nranks,
-                               {"ports": _ports_meta(topo), "engine": engine})
+    mt = schedule_from_trees(edges, topo.spec, topo.nranks,
+                             {"ports": _ports_meta(topo), "engine": engine})
+    if algorithm == "timed":
+        from ._timed import plan_timed
+
+        return plan_timed(topo, g, engine, mt)
+    return mt
 
 
 def tree_depth(schedule):
