@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from ..topology import parse
 from ._baselines import plan_baseline, _ports_meta
+from ._bound import Bound, allreduce_bound
 from ._graph import flatten
 from ._multitree import grow_trees_py, schedule_from_trees
 from ._validate import Report, validate
 
-__all__ = ["plan", "validate", "Report", "ALGORITHMS", "tree_depth"]
+__all__ = ["plan", "validate", "Report", "ALGORITHMS", "tree_depth", "allreduce_bound",
+           "Bound"]
 
 ALGORITHMS = ("multitree", "ring", "ring2d", "dbtree", "rhd", "timed")
 

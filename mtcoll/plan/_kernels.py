@@ -371,7 +371,7 @@ def _note(cerr, cfirst, c, kind, a, b, cc, d):
 def _timed_kernel():
     from ._timed import grow_timed_py
 
-    inner = ("_earliest", "_take")
+    inner = ("_earliest", "_take", "_push", "_pop")
     from . import _timed
 
     env = dict(_timed.__dict__)

@@ -12,8 +12,8 @@ link's bandwidth`` (:func:`route_durations`), and the all-gather is grown in tim
   starting when ``u`` holds it, one of the edge's routes has every link free, ``u`` has a send
   port free and ``v`` a receive port, and finishing one route duration later (the route that
   is free first; the first such on ties).
-* The proposal that finishes first, over the whole network, is committed (ties: lower edge,
-  then lower piece); its links and ports are busy until it finishes, and ``v`` holds the piece
+* The proposal that finishes first, over the whole network, is committed (ties: lower edge;
+  each edge has one proposal at a time); its links and ports are busy until it finishes, and ``v`` holds the piece
   from then on. A proposal whose piece ``v`` got meanwhile, or whose links were taken, is made
   again when it comes up. This is list scheduling by earliest arrival: a slow link is used
   only when what it brings arrives before any other way would bring it, so a piece never
@@ -25,14 +25,12 @@ link's bandwidth`` (:func:`route_durations`), and the all-gather is grown in tim
   time, and a rank forwards a piece only after it arrived. Steps are not lock-step: the
   executor, and the simulator's dataflow mode, run each transfer when its data is there.
 
-:func:`grow_timed_py` is plain Python over numpy arrays and a ``heapq`` list; the numba kernel
+:func:`grow_timed_py` is plain Python over numpy arrays; the numba kernel
 :func:`mtcoll.plan._kernels.grow_timed` is the same function compiled, and the tests hold the
 two bit for bit equal.
 """
 
 from __future__ import annotations
-
-import heapq
 
 import numpy as np
 
@@ -66,11 +64,13 @@ def grow_timed_py(n, k, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, rou
     npieces = n * k
     ne = nbr_ptr[n]
     have = np.full((n, npieces), np.inf)
+    got = np.zeros((n, npieces), np.uint8)  # have < inf, in an eighth of the memory
     held = np.empty((n, npieces), np.int32)  # pieces per rank, in the order it got them
     nheld = np.zeros(n, np.int64)
     for r in range(n):
         for j in range(k):
             have[r, r * k + j] = 0.0
+            got[r, r * k + j] = 1
             held[r, j] = r * k + j
         nheld[r] = k
     esrc = np.empty(ne, np.int64)
@@ -96,25 +96,31 @@ def grow_timed_py(n, k, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, rou
     o_dst = np.empty(m, np.int32)
     o_piece = np.empty(m, np.int32)
     o_alt = np.empty(m, np.int8)
-    heap = [(0.0, np.int64(0), np.int64(0))]
-    heap.pop()
+    # the proposals: a binary heap over edges (an edge has at most one), by (finish, edge)
+    ht = np.empty(ne)
+    he = np.empty(ne, np.int64)
+    hp = np.empty(ne, np.int64)
+    hn = 0
     for e in range(ne):
-        f, p, q, s = _propose(e, esrc, nbr, cursor, held, nheld, have, edge_route_ptr,
+        f, p, q, s = _propose(e, esrc, nbr, cursor, held, nheld, have, got, edge_route_ptr,
                               route_link_ptr, route_links, link_free, sfree, rfree, ports, rdur)
         if p < 0:
             idle[e] = True
         else:
-            heapq.heappush(heap, (f, np.int64(e), np.int64(p)))
+            hn = _push(ht, he, hp, hn, f, e, p)
     done = 0
-    while done < m and len(heap) > 0:
-        f0, e, p0 = heapq.heappop(heap)
-        f, p, q, s = _propose(e, esrc, nbr, cursor, held, nheld, have, edge_route_ptr,
+    while done < m and hn > 0:
+        f0 = ht[0]
+        e = he[0]
+        p0 = hp[0]
+        hn = _pop(ht, he, hp, hn)
+        f, p, q, s = _propose(e, esrc, nbr, cursor, held, nheld, have, got, edge_route_ptr,
                               route_link_ptr, route_links, link_free, sfree, rfree, ports, rdur)
         if p < 0:
             idle[e] = True
             continue
         if f != f0 or p != p0:  # stale: the piece arrived another way, or a link was taken
-            heapq.heappush(heap, (f, np.int64(e), np.int64(p)))
+            hn = _push(ht, he, hp, hn, f, e, p)
             continue
         u = esrc[e]
         v = nbr[e]
@@ -123,6 +129,7 @@ def grow_timed_py(n, k, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, rou
         _take(sfree, u, ports[u], f)
         _take(rfree, v, ports[v], f)
         have[v, p] = f
+        got[v, p] = 1
         held[v, nheld[v]] = p
         nheld[v] += 1
         o_start[done] = s
@@ -133,26 +140,26 @@ def grow_timed_py(n, k, ports, nbr_ptr, nbr, edge_route_ptr, route_link_ptr, rou
         o_alt[done] = q - edge_route_ptr[e]
         done += 1
         # this edge's next transfer, and the edges out of v that had nothing to send
-        f, p, q, s = _propose(e, esrc, nbr, cursor, held, nheld, have, edge_route_ptr,
+        f, p, q, s = _propose(e, esrc, nbr, cursor, held, nheld, have, got, edge_route_ptr,
                               route_link_ptr, route_links, link_free, sfree, rfree, ports, rdur)
         if p < 0:
             idle[e] = True
         else:
-            heapq.heappush(heap, (f, np.int64(e), np.int64(p)))
+            hn = _push(ht, he, hp, hn, f, e, p)
         for e2 in range(nbr_ptr[v], nbr_ptr[v + 1]):
             if idle[e2]:
-                f, p, q, s = _propose(e2, esrc, nbr, cursor, held, nheld, have, edge_route_ptr,
-                                      route_link_ptr, route_links, link_free, sfree, rfree,
-                                      ports, rdur)
+                f, p, q, s = _propose(e2, esrc, nbr, cursor, held, nheld, have, got,
+                                      edge_route_ptr, route_link_ptr, route_links, link_free,
+                                      sfree, rfree, ports, rdur)
                 if p >= 0:
                     idle[e2] = False
-                    heapq.heappush(heap, (f, np.int64(e2), np.int64(p)))
+                    hn = _push(ht, he, hp, hn, f, e2, p)
     err = 0 if done == m else 1
     return (o_start[:done], o_finish[:done], o_src[:done], o_dst[:done], o_piece[:done],
             o_alt[:done], err)
 
 
-def _propose(e, esrc, nbr, cursor, held, nheld, have, edge_route_ptr, route_link_ptr,
+def _propose(e, esrc, nbr, cursor, held, nheld, have, got, edge_route_ptr, route_link_ptr,
              route_links, link_free, sfree, rfree, ports, rdur):
     """Edge ``e``'s next transfer: (finish, piece, route id, start), piece -1 if its sender
     holds nothing its receiver lacks. Advances the edge's cursor past pieces the receiver
@@ -160,7 +167,7 @@ def _propose(e, esrc, nbr, cursor, held, nheld, have, edge_route_ptr, route_link
     u = esrc[e]
     v = nbr[e]
     c = cursor[e]
-    while c < nheld[u] and have[v, held[u, c]] < np.inf:
+    while c < nheld[u] and got[v, held[u, c]]:
         c += 1
     cursor[e] = c
     if c == nheld[u]:
@@ -181,6 +188,45 @@ def _propose(e, esrc, nbr, cursor, held, nheld, have, edge_route_ptr, route_link
             bq = q
             start = t
     return best, p, bq, start
+
+
+def _push(ht, he, hp, n, t, e, p):
+    i = n
+    while i > 0:
+        j = (i - 1) >> 1
+        if ht[j] < t or (ht[j] == t and he[j] < e):
+            break
+        ht[i] = ht[j]
+        he[i] = he[j]
+        hp[i] = hp[j]
+        i = j
+    ht[i] = t
+    he[i] = e
+    hp[i] = p
+    return n + 1
+
+
+def _pop(ht, he, hp, n):
+    n -= 1
+    t, e, p = ht[n], he[n], hp[n]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and (ht[c + 1] < ht[c] or (ht[c + 1] == ht[c] and he[c + 1] < he[c])):
+            c += 1
+        if t < ht[c] or (t == ht[c] and e < he[c]):
+            break
+        ht[i] = ht[c]
+        he[i] = he[c]
+        hp[i] = hp[c]
+        i = c
+    if n > 0:
+        ht[i] = t
+        he[i] = e
+        hp[i] = p
+    return n
 
 
 def _earliest(free, u, count):
