@@ -25,9 +25,31 @@ Spec strings
 ``auto``              needs a rank count: the most square 2-D torus that factors it (a ring
                       for primes), or ``hier`` when detected from a communicator spanning hosts.
 
+Options follow the base spec, each after a ``/`` (no spaces; ``/`` because ``,`` separates
+specs in the tools' lists). Rates take tc's units (``20mbit``, ``1gbit``, ``800kbit``: bits per
+second, powers of 1000) or ``bps`` for bytes per second (``10mbps``):
+
+``/RATE``             every network link (every link but those inside a host) at RATE.
+``/dimK=RATE``        the grid links along axis K (0: the first size; on ``torus:4x4``,
+                      ``dim1`` runs along a row) at RATE; on hosts, the host grid's axis K.
+``/shm=RATE``         the links inside a host (rank to rank, rank to NIC) at RATE.
+``/A-B=RATE``         the links A->B and B->A; ``/A>B=RATE`` only A->B. A and B are vertex ids:
+                      ranks ``0 .. N-1``, then switches or NICs (the testbed's ``--link-rate``).
+``/per-host=R``       each vertex of a direct network (torus, mesh, ring, full) is a host of R
+                      ranks: ranks ``h*R .. h*R+R-1`` and a NIC (vertex ``N + h``) share memory
+                      (fully connected, linked to the NIC); the NICs are linked as the hosts'
+                      network is, at the NIC default. A tree edge joins ranks of one host or of
+                      neighbouring hosts; a route from another host goes NIC to NIC.
+
+Later, more specific options win: the network rate, then axes, then ``shm``, then single links.
+A spec's canonical form (``Topology.spec``) lists its options in that order, so it parses back
+to the same network: ``torus:4x4/20mbit/0-1=5mbit``, ``hier:4x4/20mbit/shm=10gbit``,
+``torus:2x2/per-host=4/20mbit``. A spec without options means what it always meant.
+
 Defaults (overridable with the ``bandwidth``/``latency`` arguments of :func:`parse`): every link
 carries 16 GB/s per direction with 150 ns latency (the MultiTree paper's setup), except a
-``hier`` host's NIC link to the switch, 12.5 GB/s (100 Gb/s) with 1 us. Port budget: a rank's
+``hier`` host's NIC link to the switch and the NIC-to-NIC links of ``per-host`` networks,
+12.5 GB/s (100 Gb/s) with 1 us. Port budget: a rank's
 number of links on direct networks (torus, mesh, ring, full, and ``hier``, whose ranks link to
 their host peers and to the NIC), 1 on the switched ``fattree`` and ``bigraph``.
 """
@@ -41,7 +63,7 @@ import re
 import numpy as np
 
 __all__ = ["Topology", "parse", "auto_spec", "from_comm", "host_leaders", "hosts_spec",
-           "mpi_topology",
+           "mpi_topology", "parse_rate", "format_rate_spec",
            "SPEC_FORMS",
            "DEFAULT_BANDWIDTH", "DEFAULT_LATENCY"]
 
@@ -51,7 +73,8 @@ NIC_BANDWIDTH = 12.5e9
 NIC_LATENCY = 1e-6
 
 SPEC_FORMS = ("torus:AxB[xC...]", "mesh:AxB[xC...]", "ring:N", "full:N", "fattree:LxM",
-              "bigraph:MxS", "hier:HxR", "auto")
+              "bigraph:MxS", "hier:HxR", "auto", "any of them + /OPTION (RATE, A-B=RATE, "
+              "dimK=RATE, shm=RATE, per-host=R)")
 
 
 class Topology:
@@ -59,9 +82,12 @@ class Topology:
 
     Build one with :func:`parse`; the constructor takes the raw pieces. Attributes:
 
-    ``spec`` (canonical spec string), ``kind``, ``dims``, ``nranks``, ``nvertices``,
-    ``switched`` (bool), ``link_src``/``link_dst`` (vertex ids per link), ``bandwidth`` and
-    ``latency`` (per link), ``ports`` (per rank), ``diameter`` (in tree-edge hops).
+    ``spec`` (canonical spec string), ``kind`` (``hosts`` for ``per-host`` networks),
+    ``dims``, ``nranks``, ``nvertices``, ``switched`` (bool), ``link_src``/``link_dst`` (vertex
+    ids per link), ``bandwidth`` and ``latency`` (per link), ``link_axis`` (per link, the grid
+    axis it runs along, -1 if none), ``host_of`` (per vertex, its host, -1 if none),
+    ``ports`` (per rank), ``diameter`` (in tree-edge hops), ``options`` (the spec's canonical
+    ``/...`` suffix).
     """
 
     def __init__(self, spec, kind, dims, nranks, nvertices, links, route_fn, tree_fn, switched,
