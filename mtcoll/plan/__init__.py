@@ -75,13 +75,12 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
                              "MultiTree cannot span it")
     else:
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
-    mt = schedule_from_trees(edges, topo.spec, topo.nranks,
-                             {"ports": _ports_meta(topo), "engine": engine})
+    meta = {"ports": _ports_meta(topo), "engine": engine}
     if algorithm == "timed":
         from ._timed import plan_timed
 
-        return plan_timed(topo, g, engine, mt)
-    return mt
+        return plan_timed(topo, g, engine, edges, meta)
+    return schedule_from_trees(edges, topo.spec, topo.nranks, meta)
 
 
 def tree_depth(schedule):

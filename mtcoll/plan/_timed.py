@@ -262,12 +262,12 @@ def pieces_per_rank(nranks):
     return (1,)
 
 
-def plan_timed(topo, g, engine, multitree):
+def plan_timed(topo, g, engine, edges, meta):
     """The ``timed`` schedule of ``topo`` (flattened to ``g``): the fastest, in the planner's
-    time model, of the grown plans for each :func:`pieces_per_rank` and of ``multitree`` (the
-    MultiTree schedule, timed step by step), so that it is never slower than MultiTree there.
-    """
+    time model, of the grown plans for each :func:`pieces_per_rank` and of MultiTree (its
+    ``edges``, timed step by step), so that it is never slower than MultiTree there."""
     from ..schedule import GATHER, REDUCE, Schedule
+    from ._multitree import schedule_from_trees
 
     n = topo.nranks
     if engine == "numba":
@@ -284,15 +284,12 @@ def plan_timed(topo, g, engine, multitree):
         makespan = float(cols[1].max()) if len(cols[1]) else 0.0
         if best is None or makespan < best[0]:
             best = (makespan, k, cols)
-    mt = multitree_makespan(multitree, topo, g)
-    meta = {"ports": multitree.meta.get("ports"), "engine": engine,
-            "planned_gather_s": min(best[0], mt), "multitree_gather_s": mt,
-            "plan_bytes": PLAN_BYTES}
+    mt = multitree_makespan(edges, topo, g)
+    meta = dict(meta, planned_gather_s=min(best[0], mt), multitree_gather_s=mt,
+                plan_bytes=PLAN_BYTES)
     if mt <= best[0]:
         meta.update(pieces_per_rank=1, grown=False)
-        return Schedule("timed", topo.spec, n, n, multitree.owner, multitree.phase,
-                        multitree.step, multitree.src, multitree.dst, multitree.lo,
-                        multitree.hi, route=multitree.route, meta=meta)
+        return schedule_from_trees(edges, topo.spec, n, meta, algorithm="timed")
     _, k, (start, finish, src, dst, piece, alt) = best
     meta.update(pieces_per_rank=k, grown=True)
     m = len(start)
@@ -304,23 +301,17 @@ def plan_timed(topo, g, engine, multitree):
                     route=np.concatenate((alt, alt)), meta=meta, copy=False)
 
 
-def multitree_makespan(s, topo, g):
-    """The all-gather time of a one-chunk-per-rank schedule run step by step in the planner's
-    model: each step as long as its slowest transfer."""
-    from ._graph import route_ids
+def multitree_makespan(edges, topo, g):
+    """The all-gather time of MultiTree's ``edges`` (step, parent, child, tree, route) run step
+    by step in the planner's model: each step as long as its slowest transfer."""
+    from ._graph import lookup_routes
 
-    gat = s.phase == 1
-    q, rl_ptr, rl = route_ids(s, topo)
-    q = q[gat]
-    piece = PLAN_BYTES / s.nchunks
-    # per route id: latency sum + piece over slowest bandwidth
-    lat = np.add.reduceat(topo.latency[rl], rl_ptr[:-1]) if len(rl) else np.zeros(0)
-    bw = np.minimum.reduceat(topo.bandwidth[rl], rl_ptr[:-1]) if len(rl) else np.zeros(0)
-    empty = np.diff(rl_ptr) == 0
-    dur = np.where(empty, 0.0, lat + piece / bw)
-    d = dur[q]
-    st = s.step[gat]
-    if not len(st):
+    step, parent, child, _, alt = edges
+    if not len(step):
         return 0.0
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(st)) + 1))  # steps come sorted
+    q = lookup_routes(parent, child, alt, g.nbr_ptr, g.nbr, g.edge_route_ptr)
+    d = route_durations(g, topo, PLAN_BYTES / topo.nranks)[q]
+    order = np.argsort(step, kind="stable")
+    st, d = step[order], d[order]
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(st)) + 1))
     return float(np.maximum.reduceat(d, starts).sum())
