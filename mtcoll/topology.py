@@ -84,7 +84,8 @@ class Topology:
 
     ``spec`` (canonical spec string), ``kind`` (``hosts`` for ``per-host`` networks),
     ``dims``, ``nranks``, ``nvertices``, ``switched`` (bool), ``link_src``/``link_dst`` (vertex
-    ids per link), ``bandwidth`` and ``latency`` (per link), ``link_axis`` (per link, the grid
+    ids per link), ``bandwidth`` and ``latency`` (per link), ``link_rated`` (per link, True
+    where a rate option of the spec set its bandwidth), ``link_axis`` (per link, the grid
     axis it runs along, -1 if none), ``host_of`` (per vertex, its host, -1 if none),
     ``ports`` (per rank), ``diameter`` (in tree-edge hops), ``options`` (the spec's canonical
     ``/...`` suffix).
@@ -117,6 +118,7 @@ class Topology:
         self.host_of = np.array([-1 if host_of is None else host_of(v) for v in range(nvertices)],
                                 dtype=np.int32)
         self.options = ""  # the canonical "/..." suffix of the spec (see parse)
+        self.link_rated = np.zeros(len(links), bool)  # set by a rate option of the spec
         self._cycle = False  # not computed yet
         self._route_fn = route_fn
         self._tree_fn = tree_fn
@@ -436,6 +438,7 @@ def _apply_options(topo, spec, options, per_host):
     """``topo`` with the rate options applied, in order of precedence: the network rate, then
     per-axis rates, then shm, then single links; its spec gets the canonical options."""
     bw = np.array(topo.bandwidth, dtype=float)
+    before = bw.copy()
     inside = topo.link_in_host
     canon = [] if per_host is None else [f"per-host={per_host}"]
     if "rate" in options:
@@ -475,6 +478,17 @@ def _apply_options(topo, spec, options, per_host):
     t.__dict__.update(topo.__dict__)
     bw.setflags(write=False)
     t.bandwidth = bw
+    rated = bw != before
+    if "rate" in options:
+        rated |= ~inside
+    for axis in options["dims"]:
+        rated |= (topo.link_axis == axis) & ~inside
+    if "shm" in options:
+        rated |= inside
+    for a, b in links:
+        rated[topo.link(a, b)] = True
+    rated.setflags(write=False)
+    t.link_rated = rated
     t.options = "".join("/" + c for c in canon)
     t.spec = topo.spec + t.options
     return t

@@ -118,11 +118,18 @@ def _vertex_path(topo, route):
 
 
 def _namespace_of(topo):
-    if topo.kind != "hier":
-        return list(range(topo.nvertices))
-    nhost, r = topo.dims
-    n = topo.nranks
-    return [u // r for u in range(n)] + list(range(nhost)) + [nhost]
+    """Per vertex its namespace: one per host (its ranks and NIC share memory), first, then
+    one per vertex on no host (every vertex of a network without hosts, a hier switch)."""
+    hosts = [int(h) for h in topo.host_of]
+    ids = {h: k for k, h in enumerate(sorted({h for h in hosts if h >= 0}))}
+    out, k = [], len(ids)
+    for h in hosts:
+        if h >= 0:
+            out.append(ids[h])
+        else:
+            out.append(k)
+            k += 1
+    return out
 
 
 def layout(topo, prefix, rate, link_rates=None):
@@ -133,7 +140,9 @@ def layout(topo, prefix, rate, link_rates=None):
     topo : Topology
     prefix : str
     rate : float
-        Bytes/s of every directed veth link not in ``link_rates``.
+        Bytes/s of every directed veth link not in ``link_rates`` and not set by a rate option
+        of the spec (``torus:4x4/20mbit/0-1=5mbit`` shapes what it says: the testbed shapes
+        the network the planner planned for).
     link_rates : dict (a, b) -> bytes/s, optional
         Per-link overrides, by vertex ids; a key (a, b) sets the link a->b (give both orders
         for both ways).
@@ -150,9 +159,8 @@ def layout(topo, prefix, rate, link_rates=None):
     link_rates = dict(link_rates or {})
     vns = _namespace_of(topo)
     nns = max(vns) + 1
-    ns_vertex = list(range(nns))
-    if topo.kind == "hier":
-        ns_vertex = [topo.nranks + h for h in range(topo.dims[0])] + [topo.nvertices - 1]
+    # the vertex that stands for a namespace: a host's NIC (its last vertex), else the vertex
+    ns_vertex = [max(v for v in range(topo.nvertices) if vns[v] == k) for k in range(nns)]
     src = [int(x) for x in topo.link_src]
     dst = [int(x) for x in topo.link_dst]
     directed = set(zip(src, dst))
@@ -179,7 +187,7 @@ def layout(topo, prefix, rate, link_rates=None):
             continue
         if (na, nb) in seen:
             raise ValueError(f"{topo.spec}: two links join namespaces {na} and {nb}")
-        bw[i] = float(link_rates.get((a, b), rate))
+        bw[i] = float(link_rates.get((a, b), topo.bandwidth[i] if topo.link_rated[i] else rate))
         seen[(na, nb)] = i
         links.append((na, nb, float(bw[i])))
     shaped = object.__new__(type(topo))
