@@ -395,6 +395,9 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
             notes.append(f"{a} skipped on {topo.spec}: {e}")
     from ..plan._bound import allreduce_bound
 
+    if mode == "step" and "timed" in scheds:
+        notes.append("timed is not lock-step (a step per start time): step mode puts a barrier "
+                     "at each; its time is the executor's in --mode dataflow")
     records = []
     itemsize = params.get("itemsize", ITEMSIZE)
     for size in sizes:
