@@ -376,7 +376,10 @@ def test_cli_json(capsys):
     doc = json.loads(out)
     assert doc["meta"]["topologies"][0]["topology"] == "torus:4x4"
     res = doc["results"]
-    assert {r["algorithm"] for r in res} == {"multitree", "ring", "ring2d", "dbtree", "rhd"}
+    assert {r["algorithm"] for r in res} == {"multitree", "ring", "ring2d", "dbtree", "rhd",
+                                             "timed"}
+    # every figure has the network's bound beside it, and none beats it
+    assert all(r["bound_s"] > 0 and r["time_over_bound"] >= 1 for r in res)
     assert len(res) == 10
     for r in res:
         assert {"algorithm", "bytes", "time_s", "speedup_vs_ring", "busbw_GBps"} <= set(r)
