@@ -144,3 +144,19 @@ def test_bound_of_hosts_is_their_nic():
 def test_bound_rejects_a_negative_size():
     with pytest.raises(ValueError, match="nbytes"):
         allreduce_bound(parse("ring:4"), -1)
+
+
+def test_plan_cli_reports_the_bound_and_the_prediction_over_it(capsys):
+    import json
+
+    from mtcoll.plan.__main__ import main
+
+    assert main(["--topology", "torus:4x4/20mbit/0-1=5mbit", "--algorithm", "timed",
+                 "--bytes", "4M", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bound_bytes"] == 4 << 20 and out["bound_kind"] == "volume"
+    assert out["bound_s"] == pytest.approx(allreduce_bound(parse(out["topology"]),
+                                                           4 << 20).time)
+    assert 1 <= out["predicted_over_bound"] < 2
+    assert main(["--topology", "torus:4x4", "--bytes", "1M,2M"]) == 2
+    assert "--bytes takes one size" in capsys.readouterr().err
