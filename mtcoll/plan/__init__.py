@@ -25,6 +25,8 @@ ALGORITHMS = ("multitree", "ring", "ring2d", "dbtree", "rhd", "timed")
 
 # below this many ranks the pure-Python MultiTree is quicker than compiling the kernel
 NUMBA_FROM = 65
+# timed plans in Python up to this many (candidate edges x ranks): torus:8x8 is 16,384
+TIMED_PYTHON_WORK = 20_000
 
 
 def plan(topology, algorithm="multitree", ports=None, engine="auto"):
@@ -40,8 +42,9 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
         Per-rank port budget (transfers sent, and received, per step); default: the
         topology's (a rank's link count on direct networks, 1 on switched ones).
     engine : {"auto", "numba", "python"}
-        How MultiTree is grown: the numba kernel or its pure-Python twin (identical output);
-        ``auto`` takes Python below :data:`NUMBA_FROM` ranks.
+        How MultiTree and timed are grown: the numba kernels or their pure-Python twins
+        (identical output); ``auto`` takes Python below :data:`NUMBA_FROM` ranks (for timed,
+        only when candidate edges times ranks is at most :data:`TIMED_PYTHON_WORK`).
 
     Returns
     -------
@@ -58,9 +61,12 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if algorithm not in ("multitree", "timed"):
         return plan_baseline(topo, algorithm)
-    if engine == "auto":
-        engine = "python" if topo.nranks < NUMBA_FROM else "numba"
     g = flatten(topo)
+    if engine == "auto":
+        # timed's Python twin pays per candidate edge and rank: all-pairs networks of tens of
+        # ranks (hier:8x8, fattree:8x8) take it 15-20 s, the kernel under a second
+        big = algorithm == "timed" and len(g.nbr) * topo.nranks > TIMED_PYTHON_WORK
+        engine = "python" if topo.nranks < NUMBA_FROM and not big else "numba"
     if engine == "python":
         edges = grow_trees_py(g)
     elif engine == "numba":
