@@ -25,9 +25,31 @@ Spec strings
 ``auto``              needs a rank count: the most square 2-D torus that factors it (a ring
                       for primes), or ``hier`` when detected from a communicator spanning hosts.
 
+Options follow the base spec, each after a ``/`` (no spaces; ``/`` because ``,`` separates
+specs in the tools' lists). Rates take tc's units (``20mbit``, ``1gbit``, ``800kbit``: bits per
+second, powers of 1000) or ``bps`` for bytes per second (``10mbps``):
+
+``/RATE``             every network link (every link but those inside a host) at RATE.
+``/dimK=RATE``        the grid links along axis K (0: the first size; on ``torus:4x4``,
+                      ``dim1`` runs along a row) at RATE; on hosts, the host grid's axis K.
+``/shm=RATE``         the links inside a host (rank to rank, rank to NIC) at RATE.
+``/A-B=RATE``         the links A->B and B->A; ``/A>B=RATE`` only A->B. A and B are vertex ids:
+                      ranks ``0 .. N-1``, then switches or NICs (the testbed's ``--link-rate``).
+``/per-host=R``       each vertex of a direct network (torus, mesh, ring, full) is a host of R
+                      ranks: ranks ``h*R .. h*R+R-1`` and a NIC (vertex ``N + h``) share memory
+                      (fully connected, linked to the NIC); the NICs are linked as the hosts'
+                      network is, at the NIC default. A tree edge joins ranks of one host or of
+                      neighbouring hosts; a route from another host goes NIC to NIC.
+
+Later, more specific options win: the network rate, then axes, then ``shm``, then single links.
+A spec's canonical form (``Topology.spec``) lists its options in that order, so it parses back
+to the same network: ``torus:4x4/20mbit/0-1=5mbit``, ``hier:4x4/20mbit/shm=10gbit``,
+``torus:2x2/per-host=4/20mbit``. A spec without options means what it always meant.
+
 Defaults (overridable with the ``bandwidth``/``latency`` arguments of :func:`parse`): every link
 carries 16 GB/s per direction with 150 ns latency (the MultiTree paper's setup), except a
-``hier`` host's NIC link to the switch, 12.5 GB/s (100 Gb/s) with 1 us. Port budget: a rank's
+``hier`` host's NIC link to the switch and the NIC-to-NIC links of ``per-host`` networks,
+12.5 GB/s (100 Gb/s) with 1 us. Port budget: a rank's
 number of links on direct networks (torus, mesh, ring, full, and ``hier``, whose ranks link to
 their host peers and to the NIC), 1 on the switched ``fattree`` and ``bigraph``.
 """
@@ -41,7 +63,7 @@ import re
 import numpy as np
 
 __all__ = ["Topology", "parse", "auto_spec", "from_comm", "host_leaders", "hosts_spec",
-           "mpi_topology",
+           "mpi_topology", "parse_rate", "format_rate_spec",
            "SPEC_FORMS",
            "DEFAULT_BANDWIDTH", "DEFAULT_LATENCY"]
 
@@ -51,7 +73,8 @@ NIC_BANDWIDTH = 12.5e9
 NIC_LATENCY = 1e-6
 
 SPEC_FORMS = ("torus:AxB[xC...]", "mesh:AxB[xC...]", "ring:N", "full:N", "fattree:LxM",
-              "bigraph:MxS", "hier:HxR", "auto")
+              "bigraph:MxS", "hier:HxR", "auto", "any of them + /OPTION (RATE, A-B=RATE, "
+              "dimK=RATE, shm=RATE, per-host=R)")
 
 
 class Topology:
@@ -59,14 +82,18 @@ class Topology:
 
     Build one with :func:`parse`; the constructor takes the raw pieces. Attributes:
 
-    ``spec`` (canonical spec string), ``kind``, ``dims``, ``nranks``, ``nvertices``,
-    ``switched`` (bool), ``link_src``/``link_dst`` (vertex ids per link), ``bandwidth`` and
-    ``latency`` (per link), ``ports`` (per rank), ``diameter`` (in tree-edge hops).
+    ``spec`` (canonical spec string), ``kind`` (``hosts`` for ``per-host`` networks),
+    ``dims``, ``nranks``, ``nvertices``, ``switched`` (bool), ``link_src``/``link_dst`` (vertex
+    ids per link), ``bandwidth`` and ``latency`` (per link), ``link_rated`` (per link, True
+    where a rate option of the spec set its bandwidth), ``link_axis`` (per link, the grid
+    axis it runs along, -1 if none), ``host_of`` (per vertex, its host, -1 if none),
+    ``ports`` (per rank), ``diameter`` (in tree-edge hops), ``options`` (the spec's canonical
+    ``/...`` suffix).
     """
 
     def __init__(self, spec, kind, dims, nranks, nvertices, links, route_fn, tree_fn, switched,
                  diameter, ports=None, bandwidth=DEFAULT_BANDWIDTH, latency=DEFAULT_LATENCY,
-                 link_speed=None):
+                 link_speed=None, link_axis=None, host_of=None):
         self.spec = spec
         self.kind = kind
         self.dims = tuple(dims)
@@ -84,6 +111,14 @@ class Topology:
             if link_speed is not None and (sp := link_speed(*l)) is not None:
                 bw[i], lat[i] = sp
         self.bandwidth, self.latency = bw, lat
+        # the grid axis each link runs along (-1: none), and each vertex's host (-1: none, a
+        # switch; ranks of one host and its NIC share memory)
+        self.link_axis = np.array([-1 if link_axis is None else link_axis(*l) for l in links],
+                                  dtype=np.int32)
+        self.host_of = np.array([-1 if host_of is None else host_of(v) for v in range(nvertices)],
+                                dtype=np.int32)
+        self.options = ""  # the canonical "/..." suffix of the spec (see parse)
+        self.link_rated = np.zeros(len(links), bool)  # set by a rate option of the spec
         self._cycle = False  # not computed yet
         self._route_fn = route_fn
         self._tree_fn = tree_fn
@@ -93,12 +128,19 @@ class Topology:
         self.ports = np.broadcast_to(np.asarray(ports, dtype=np.int32), (nranks,)).copy()
         if nranks > 1 and (self.ports < 1).any():
             raise ValueError(f"port budget must be at least 1 per rank, got {ports!r}")
-        for a in (self.link_src, self.link_dst, self.bandwidth, self.latency, self.ports):
+        for a in (self.link_src, self.link_dst, self.bandwidth, self.latency, self.ports,
+                  self.link_axis, self.host_of):
             a.setflags(write=False)
 
     @property
     def nlinks(self):
         return len(self.link_src)
+
+    @property
+    def link_in_host(self):
+        """Per link, True when both ends are on one host (shared memory, not the network)."""
+        h = self.host_of
+        return (h[self.link_src] >= 0) & (h[self.link_src] == h[self.link_dst])
 
     def link(self, a, b):
         """Id of the directed link from vertex ``a`` to vertex ``b`` (KeyError if none)."""
@@ -266,19 +308,21 @@ def parse(spec, nranks=None, ports=None, bandwidth=DEFAULT_BANDWIDTH, latency=DE
     Parameters
     ----------
     spec : str or Topology
-        The spec; a Topology is returned as it is (with ``ports`` applied).
+        The spec, ``BASE[/OPTION...]``; a Topology is returned as it is (with ``ports``
+        applied).
     nranks : int, optional
         Needed for ``auto``; for any other spec, the size it must have (else ValueError
         giving both numbers).
     ports : int or array of int, optional
         Port budget per rank, overriding the default.
     bandwidth, latency : float
-        Per-link defaults in bytes/s and seconds.
+        Per-link defaults in bytes/s and seconds (a spec's rate options override them).
 
     Raises
     ------
     ValueError
-        A malformed spec (the message names it and lists the accepted forms), or a size that
+        A malformed spec (the message names it and lists the accepted forms), a bad rate or a
+        link the topology does not have (the message names the option), or a size that
         differs from ``nranks``.
     """
     if isinstance(spec, Topology):
@@ -286,11 +330,12 @@ def parse(spec, nranks=None, ports=None, bandwidth=DEFAULT_BANDWIDTH, latency=DE
     else:
         if not isinstance(spec, str):
             raise _bad(spec, "a spec must be a string")
-        text = spec.strip().lower()
+        text, *opts = [x.strip() for x in spec.strip().lower().split("/")]
         if text == "auto":
             if nranks is None:
                 raise ValueError("topology 'auto' needs the number of ranks")
             text = auto_spec(nranks)
+        options = _parse_options(spec, opts)
         kind, sep, rest = text.partition(":")
         if not sep or kind not in _BUILDERS:
             raise _bad(spec)
@@ -304,16 +349,154 @@ def parse(spec, nranks=None, ports=None, bandwidth=DEFAULT_BANDWIDTH, latency=DE
             raise _bad(spec, f"{kind} takes two sizes")
         if arity == 0 and len(dims) < 2:
             raise _bad(spec, f"{kind} takes two or more sizes")
-        topo = builder(dims, spec, ports=ports, bandwidth=bandwidth, latency=latency)
+        per_host = options.pop("per-host", None)
+        if per_host is not None:
+            if kind not in ("torus", "mesh", "ring", "full"):
+                raise _bad(spec, f"per-host needs a direct host network (torus, mesh, ring, "
+                                 f"full), not {kind}")
+            topo = _hosted(kind, dims, per_host, spec, ports=ports, bandwidth=bandwidth,
+                           latency=latency)
+        else:
+            topo = builder(dims, spec, ports=ports, bandwidth=bandwidth, latency=latency)
+        topo = _apply_options(topo, spec, options, per_host)
     if nranks is not None and topo.nranks != int(nranks):
         raise ValueError(f"topology {topo.spec!r} has {topo.nranks} ranks but the communicator "
                          f"has {int(nranks)}")
     return topo
 
 
+# -- spec options: hosts and link rates ------------------------------------------------------------
+
+_RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmg]?)(bit|bps)?$")
+_MULT = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+_LINK = re.compile(r"^([0-9]+)([->])([0-9]+)$")
+
+
+def parse_rate(text):
+    """A rate such as ``50mbit``, ``1gbit``, ``800kbit`` or ``10mbps`` (bytes) as bytes/s.
+
+    ``bit`` units are bits per second (tc's spelling, powers of 1000); ``bps`` bytes per
+    second; a bare number is bits per second. ValueError on anything else or on zero.
+    """
+    m = _RATE.match(str(text).strip().lower())
+    if not m:
+        raise ValueError(f"bad rate {text!r}: expected a number with a unit such as 50mbit, "
+                         f"1gbit, 800kbit or 10mbps (bytes/s)")
+    value = float(m.group(1)) * _MULT[m.group(2)]
+    value = value if m.group(3) == "bps" else value / 8
+    if not value > 0:
+        raise ValueError(f"rate {text!r} must be positive")
+    return value
+
+
+def format_rate_spec(bytes_per_s):
+    """Bytes/s in a spec's spelling: the largest of gbit, mbit, kbit, bit that is whole."""
+    bits = float(bytes_per_s) * 8
+    for unit, mult in (("g", 1e9), ("m", 1e6), ("k", 1e3)):
+        if bits >= mult and (bits / mult).is_integer():
+            return f"{int(bits / mult)}{unit}bit"
+    text = f"{bits:.6f}".rstrip("0").rstrip(".")
+    return f"{text}bit"
+
+
+def _parse_options(spec, opts):
+    """The options of a spec as a dict: ``rate``, ``shm``, ``per-host``, ``dims`` {axis: rate},
+    ``links`` {(a, b): rate} in the order given (later wins)."""
+    out = {"dims": {}, "links": {}}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        try:
+            if not eq:
+                if "rate" in out:
+                    raise _bad(spec, f"two network rates ({opt!r})")
+                out["rate"] = parse_rate(key)
+            elif key == "per-host":
+                if not re.fullmatch(r"[1-9][0-9]*", value):
+                    raise _bad(spec, f"per-host={value!r}: a positive number of ranks")
+                out["per-host"] = int(value)
+            elif key == "shm":
+                out["shm"] = parse_rate(value)
+            elif re.fullmatch(r"dim[0-9]+", key):
+                out["dims"][int(key[3:])] = parse_rate(value)
+            elif (m := _LINK.match(key)):
+                a, b = int(m.group(1)), int(m.group(3))
+                rate = parse_rate(value)
+                out["links"][(a, b)] = rate
+                if m.group(2) == "-":
+                    out["links"][(b, a)] = rate
+            else:
+                raise _bad(spec, f"unknown option {opt!r} (options: RATE, A-B=RATE, A>B=RATE, "
+                                 f"dimK=RATE, shm=RATE, per-host=R)")
+        except ValueError as e:
+            if str(e).startswith("bad topology spec"):
+                raise
+            raise _bad(spec, f"option {opt!r}: {e}") from None
+    return out
+
+
+def _apply_options(topo, spec, options, per_host):
+    """``topo`` with the rate options applied, in order of precedence: the network rate, then
+    per-axis rates, then shm, then single links; its spec gets the canonical options."""
+    bw = np.array(topo.bandwidth, dtype=float)
+    before = bw.copy()
+    inside = topo.link_in_host
+    canon = [] if per_host is None else [f"per-host={per_host}"]
+    if "rate" in options:
+        bw[~inside] = options["rate"]
+        canon.append(format_rate_spec(options["rate"]))
+    for axis, rate in sorted(options["dims"].items()):
+        hit = (topo.link_axis == axis) & ~inside
+        if not hit.any():
+            raise _bad(spec, f"option dim{axis}: {topo.spec} has no links along axis {axis}")
+        bw[hit] = rate
+        canon.append(f"dim{axis}={format_rate_spec(rate)}")
+    if "shm" in options:
+        if not inside.any():
+            raise _bad(spec, f"option shm: {topo.spec} has no hosts of several ranks")
+        bw[inside] = options["shm"]
+        canon.append(f"shm={format_rate_spec(options['shm'])}")
+    links = options["links"]
+    done = set()
+    for (a, b), rate in sorted(links.items()):
+        try:
+            bw[topo.link(a, b)] = rate
+        except KeyError:
+            raise _bad(spec, f"option {a}-{b}: {topo.spec} has no link from vertex {a} to "
+                             f"vertex {b} (vertices: ranks 0..{topo.nranks - 1}"
+                             + (f", then switches and NICs up to {topo.nvertices - 1}"
+                                if topo.nvertices > topo.nranks else "") + ")") from None
+        if (a, b) in done:
+            continue
+        if links.get((b, a)) == rate and a < b:
+            canon.append(f"{a}-{b}={format_rate_spec(rate)}")
+            done.add((b, a))
+        elif (b, a) not in done:
+            canon.append(f"{a}>{b}={format_rate_spec(rate)}")
+    if not canon:
+        return topo
+    t = object.__new__(Topology)
+    t.__dict__.update(topo.__dict__)
+    bw.setflags(write=False)
+    t.bandwidth = bw
+    rated = bw != before
+    if "rate" in options:
+        rated |= ~inside
+    for axis in options["dims"]:
+        rated |= (topo.link_axis == axis) & ~inside
+    if "shm" in options:
+        rated |= inside
+    for a, b in links:
+        rated[topo.link(a, b)] = True
+    rated.setflags(write=False)
+    t.link_rated = rated
+    t.options = "".join("/" + c for c in canon)
+    t.spec = topo.spec + t.options
+    return t
+
+
 # -- grids: torus, mesh, ring --------------------------------------------------------------------
 
-def _grid(dims, spec, periodic, kind=None, **kw):
+def _grid(dims, spec, periodic, kind=None, raw=False, **kw):
     dims = tuple(dims)
     n = math.prod(dims)
     strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
@@ -357,7 +540,15 @@ def _grid(dims, spec, periodic, kind=None, **kw):
     diam = sum(d // 2 if periodic else d - 1 for d in dims)
     kind = kind or ("torus" if periodic else "mesh")
     canon = f"{kind}:" + "x".join(map(str, dims))
-    return Topology(canon, kind, dims, n, n, links, route, neighbors, False, diam, **kw)
+    if raw:
+        return n, links, route, neighbors, diam, lambda u, v: _axis(coords(u), coords(v))
+    return Topology(canon, kind, dims, n, n, links, route, neighbors, False, diam,
+                    link_axis=lambda u, v: _axis(coords(u), coords(v)), **kw)
+
+
+def _axis(cu, cv):
+    diff = [i for i, (a, b) in enumerate(zip(cu, cv)) if a != b]
+    return diff[0] if len(diff) == 1 else -1
 
 
 def _ring(dims, spec, **kw):
@@ -457,7 +648,61 @@ def _hier(dims, spec, **kw):
 
     diam = 1 if n > 1 else 0
     return Topology(f"hier:{nhost}x{r}", "hier", dims, n, n + nhost + 1, links, route,
-                    neighbors, False, diam, link_speed=speed, **kw)
+                    neighbors, False, diam, link_speed=speed,
+                    host_of=lambda x: x // r if x < n else (x - n if x < switch else -1), **kw)
+
+
+def _hosted(kind, dims, r, spec, **kw):
+    """Hosts of ``r`` ranks each, joined by the direct network ``kind:dims`` (torus, mesh,
+    ring, full): vertex ``n + h`` is host ``h``'s NIC, which links to its host's ranks (shared
+    memory) and to the NICs of the host network's neighbours of ``h``; the ranks of a host are
+    fully connected. A tree edge joins two ranks of one host, or of neighbouring hosts."""
+    if kind == "full":
+        (nhost,) = dims
+        hlinks = [(a, b) for a in range(nhost) for b in range(nhost) if a != b]
+        hroute = lambda a, b: [[a, b]]  # noqa: E731
+        hnbrs = lambda a: [b for b in range(nhost) if b != a]  # noqa: E731
+        hdiam, haxis = (1 if nhost > 1 else 0), (lambda a, b: -1)
+    else:
+        nhost, hlinks, hroute, hnbrs, hdiam, haxis = _grid(dims, spec, kind != "mesh", raw=True)
+    n = nhost * r
+    nic = lambda h: n + h  # noqa: E731
+    links = []
+    for u in range(n):
+        h = u // r
+        links += [(u, v) for v in range(h * r, h * r + r) if v != u]
+        links += [(u, nic(h)), (nic(h), u)]
+    links += [(nic(a), nic(b)) for a, b in hlinks]
+
+    def route(u, v):
+        a, b = u // r, v // r
+        if a == b:
+            return [[u, v]]
+        if a < b:
+            path = hroute(a, b)[0]
+        else:  # the route functions answer a < b; the other way is the same path reversed
+            path = hroute(b, a)[0][::-1]
+        return [[u] + [nic(x) for x in path] + [v]]
+
+    near = [sorted(v for b in [h] + list(hnbrs(h)) for v in range(b * r, b * r + r))
+            for h in range(nhost)]
+
+    def neighbors(u):
+        return [v for v in near[u // r] if v != u]
+
+    def speed(a, b):
+        if a >= n and b >= n:
+            return NIC_BANDWIDTH, NIC_LATENCY
+        return None
+
+    def axis(a, b):
+        return haxis(a - n, b - n) if a >= n and b >= n else -1
+
+    diam = max(hdiam, 1 if r > 1 else 0)
+    canon = f"{kind}:" + "x".join(map(str, dims))
+    return Topology(canon, "hosts", dims, n, n + nhost, links, route, neighbors, False, diam,
+                    link_speed=speed, link_axis=axis,
+                    host_of=lambda x: x // r if x < n else x - n, **kw)
 
 
 _BUILDERS = {

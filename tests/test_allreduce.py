@@ -118,6 +118,30 @@ def test_algorithm_topology_grid(comm, algorithm, family):
                 assert_same_everywhere(comm, got)
 
 
+def _rated_specs(n):
+    """Networks with unequal links and hosts for ``n`` ranks (the timed planner's cases)."""
+    hosts = f"ring:2/per-host={n // 2}/20mbit" if n % 2 == 0 else f"full:1/per-host={n}/shm=1gbit"
+    return [f"ring:{n}/10mbit/0-1=1mbit", f"full:{n}/1gbit/0-1=10mbit", hosts]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("which", range(3))
+def test_timed_on_unequal_links_and_hosts(comm, which):
+    n = comm.Get_size()
+    if n < 2:
+        pytest.skip("one rank has no links")
+    spec = _rated_specs(n)[which]
+    with make_comm(comm, spec, "timed") as c:
+        for i, count in enumerate(counts_for(n) + [3 * n * 4 + 1]):
+            for dtype in ("int64", "float64"):
+                x = data("SUM", dtype, count, comm.Get_rank(), seed=i)
+                want = native(comm, x)
+                got = np.full_like(x, 77)
+                c.Allreduce(x, got)
+                assert np.array_equal(got, want), (spec, count, dtype)
+                assert_same_everywhere(comm, got)
+
+
 @pytest.mark.mpi
 @pytest.mark.mpi_short
 @pytest.mark.parametrize("op", _ops.OP_NAMES)

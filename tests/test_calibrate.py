@@ -386,7 +386,8 @@ def _testbed_cost(a, n):
     # MultiTree 0.376 s at 1 MiB and 1.29 s at 4 MiB, the library 1.17 s and 4.99 s; every call a
     # fixed cost plus bytes
     fixed, per_mib = {"native": (0.03, 1.24), "multitree": (0.07, 0.305), "rhd": (0.04, 2.0),
-                      "dbtree": (0.05, 1.5), "ring2d": (0.06, 0.42), "ring": (0.1, 1.0)}[a]
+                      "dbtree": (0.05, 1.5), "ring2d": (0.06, 0.42), "ring": (0.1, 1.0),
+                      "timed": (0.08, 0.32)}[a]
     return fixed + per_mib * n / 2**20
 
 
@@ -417,7 +418,8 @@ def _shared_memory_cost(a, n):
     # 8 ranks on 2 cores, roughly as measured here: the library wins below 4 MiB, ring is a
     # little behind it at 4 MiB; MultiTree's messages cost it at every size
     fixed, per_mib = {"native": (1e-4, 2.4e-3), "rhd": (6e-4, 3.0e-3), "multitree": (2e-3, 3.3e-3),
-                      "dbtree": (1e-3, 4e-3), "ring2d": (1.5e-3, 3e-3), "ring": (1.5e-3, 2.6e-3)}[a]
+                      "dbtree": (1e-3, 4e-3), "ring2d": (1.5e-3, 3e-3), "ring": (1.5e-3, 2.6e-3),
+                      "timed": (2.5e-3, 3.4e-3)}[a]
     return fixed + per_mib * n / 2**20
 
 

@@ -376,8 +376,11 @@ def test_cli_json(capsys):
     doc = json.loads(out)
     assert doc["meta"]["topologies"][0]["topology"] == "torus:4x4"
     res = doc["results"]
-    assert {r["algorithm"] for r in res} == {"multitree", "ring", "ring2d", "dbtree", "rhd"}
-    assert len(res) == 10
+    assert {r["algorithm"] for r in res} == {"multitree", "ring", "ring2d", "dbtree", "rhd",
+                                             "timed"}
+    # every figure has the network's bound beside it, and none beats it
+    assert all(r["bound_s"] > 0 and r["time_over_bound"] >= 1 for r in res)
+    assert len(res) == 12  # six algorithms at two sizes
     for r in res:
         assert {"algorithm", "bytes", "time_s", "speedup_vs_ring", "busbw_GBps"} <= set(r)
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 2 * 15 / 16)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from mtcoll.testbed import _net, address, layout, missing, parse_rate
@@ -107,6 +108,31 @@ def test_rates_and_overrides():
     assert topo.bandwidth[topo.link(0, 1)] != 5e5  # the caller's topology is left alone
     with pytest.raises(ValueError, match="no link from vertex 0 to vertex 2"):
         layout(topo, "p", 1e6, {(0, 2): 1e6})
+
+
+def test_the_spec_rates_are_the_shaped_rates():
+    # what the planner plans for is what the testbed shapes: the spec's rates win over --rate,
+    # --link-rate over both
+    topo = parse("torus:4x4/20mbit/0-1=5mbit")
+    lay = layout(topo, "p", 1e6)
+    rates = {(a, b): r for a, b, r in lay.links}
+    assert rates[(0, 1)] == rates[(1, 0)] == 5e6 / 8 and rates[(0, 4)] == 20e6 / 8
+    assert np.array_equal(lay.topology.bandwidth, topo.bandwidth)
+    half = layout(parse("torus:4x4/0-1=5mbit"), "p", 1e6)  # the rest at --rate
+    assert {r for a, b, r in half.links if (a, b) != (0, 1) and (a, b) != (1, 0)} == {1e6}
+    over = layout(topo, "p", 1e6, {(0, 1): 1e5})
+    assert {(a, b): r for a, b, r in over.links}[(0, 1)] == 1e5
+
+
+def test_hosts_on_a_torus_share_a_namespace_each():
+    topo = parse("torus:2x2/per-host=4/20mbit")
+    lay = layout(topo, "p", 1e6)
+    assert len(lay.namespaces) == 4 and lay.ranks_per_namespace == 4
+    assert lay.vertex_ns[:8] == [0, 0, 0, 0, 1, 1, 1, 1] and lay.ns_vertex == [16, 17, 18, 19]
+    # host 0 reaches host 3 (diagonal) through host 2, the first axis first, as the topology
+    # routes it
+    assert lay.hops[(0, 12)] == [0, 2, 3]
+    assert {r for _, _, r in lay.links} == {20e6 / 8}
 
 
 def test_addresses_stay_in_the_benchmarking_range():

@@ -174,3 +174,97 @@ def test_hier_detection_from_host_leaders(leaders, expect):
     assert hosts_spec(leaders) == expect
     if expect:
         assert parse(expect).nranks == len(leaders)
+
+
+# -- link rates and hosts in the spec ------------------------------------------------------------
+
+MBIT = 1e6 / 8
+
+
+def test_spec_network_rate_and_one_slow_link():
+    t = parse("torus:4x4/20mbit/0-1=5mbit")
+    assert t.spec == "torus:4x4/20mbit/0-1=5mbit"
+    slow = {(int(a), int(b)) for a, b, bw in zip(t.link_src, t.link_dst, t.bandwidth)
+            if bw == 5 * MBIT}
+    assert slow == {(0, 1), (1, 0)}
+    assert np.count_nonzero(t.bandwidth == 20 * MBIT) == t.nlinks - 2
+
+
+def test_spec_one_direction_only():
+    t = parse("ring:4/1mbit/2>3=2mbit")
+    assert t.bandwidth[t.link(2, 3)] == 2 * MBIT and t.bandwidth[t.link(3, 2)] == 1 * MBIT
+    assert t.spec == "ring:4/1mbit/2>3=2mbit"
+
+
+def test_spec_uneven_dimensions():
+    t = parse("torus:4x4/20mbit/dim1=40mbit")
+    rows = t.bandwidth[t.link(0, 1)]  # axis 1: along a row
+    cols = t.bandwidth[t.link(0, 4)]
+    assert rows == 40 * MBIT and cols == 20 * MBIT
+
+
+def test_spec_without_options_keeps_its_meaning():
+    for spec in FAMILIES:
+        t = parse(spec)
+        assert t.spec == spec and t.options == ""
+    assert (parse("torus:4x4").bandwidth == 16e9).all()
+    h = parse("hier:2x4")
+    assert sorted(set(h.bandwidth.tolist())) == [12.5e9, 16e9]
+
+
+def test_spec_canonical_form_parses_to_the_same_network():
+    for spec in ("torus:4x4/0-1=5mbit/20MBIT", "hier:4x4/shm=10gbit/20mbit",
+                 "mesh:2x3/dim0=1gbit/3-4=100mbit", "torus:2x2/per-host=4/20mbit"):
+        t = parse(spec)
+        u = parse(t.spec)
+        assert u.spec == t.spec and np.array_equal(u.bandwidth, t.bandwidth)
+
+
+def test_spec_hier_rates_apply_to_nics_and_shm():
+    t = parse("hier:2x4/20mbit/shm=8gbit")
+    inside = t.link_in_host
+    assert (t.bandwidth[inside] == 1e9).all() and (t.bandwidth[~inside] == 20 * MBIT).all()
+    assert inside.sum() == 2 * (4 * 3 + 2 * 4)
+
+
+def test_hosts_on_a_torus():
+    t = parse("torus:2x2/per-host=4/20mbit")
+    assert t.nranks == 16 and t.nvertices == 20 and t.kind == "hosts"
+    assert list(t.host_of[:8]) == [0, 0, 0, 0, 1, 1, 1, 1] and list(t.host_of[16:]) == [0, 1, 2, 3]
+    # host 0 and host 3 are diagonal on the 2x2 host torus: two host links apart
+    (r,) = t.routes(0, 12)
+    path = [int(t.link_src[r[0]])] + [int(t.link_dst[x]) for x in r]
+    assert path[0] == 0 and path[-1] == 12 and path[1] == 16 and len(path) == 5
+    assert (t.bandwidth[~t.link_in_host] == 20 * MBIT).all()
+    assert t.diameter == 2 and (t.ports == 4).all()
+    # a tree edge joins ranks of one host or of neighbouring hosts, never diagonal ones
+    assert 12 not in t.tree_neighbors(0) and 4 in t.tree_neighbors(0)
+
+
+def test_hosts_routes_reverse():
+    t = parse("torus:3x2/per-host=2")
+    for u in range(t.nranks):
+        for v in range(t.nranks):
+            if u != v:
+                fwd = t.routes(u, v)[0]
+                back = t.routes(v, u)[0]
+                pairs = [(int(t.link_src[x]), int(t.link_dst[x])) for x in fwd]
+                rpairs = [(int(t.link_dst[x]), int(t.link_src[x])) for x in back][::-1]
+                assert pairs == rpairs
+
+
+@pytest.mark.parametrize("spec, named", [
+    ("torus:4x4/0-9=5mbit", "0-9"),
+    ("torus:4x4/0-1=5mbt", "5mbt"),
+    ("torus:4x4/0-1=0mbit", "0mbit"),
+    ("torus:4x4/speed=1gbit", "speed=1gbit"),
+    ("torus:4x4/dim2=1gbit", "dim2"),
+    ("torus:4x4/shm=1gbit", "shm"),
+    ("torus:4x4/1gbit/2gbit", "2gbit"),
+    ("fattree:2x2/per-host=2", "per-host"),
+    ("torus:2x2/per-host=0", "per-host=0"),
+])
+def test_spec_errors_name_the_bad_option(spec, named):
+    with pytest.raises(ValueError) as e:
+        parse(spec)
+    assert named in str(e.value) and spec in str(e.value)

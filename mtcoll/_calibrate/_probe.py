@@ -33,8 +33,9 @@ REPEATS = 3
 #: batch's best is not timed again: it loses at this size by more than any noise
 DOMINATED = 2.0
 #: the mtcoll candidates in the order the probe reaches them: the fewest messages first (rhd:
-#: 2 log2 N per rank), MultiTree (the topology-aware one), then the rest
-ORDER = ("rhd", "multitree", "dbtree", "ring2d", "ring")
+#: 2 log2 N per rank), MultiTree (the topology-aware one), then the rest, timed (planned for
+#: the links' speeds) first among them
+ORDER = ("rhd", "multitree", "timed", "dbtree", "ring2d", "ring")
 
 
 def probe_sizes(nranks):

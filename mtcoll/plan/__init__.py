@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from ..topology import parse
 from ._baselines import plan_baseline, _ports_meta
+from ._bound import Bound, allreduce_bound
 from ._graph import flatten
 from ._multitree import grow_trees_py, schedule_from_trees
 from ._validate import Report, validate
 
-__all__ = ["plan", "validate", "Report", "ALGORITHMS", "tree_depth"]
+__all__ = ["plan", "validate", "Report", "ALGORITHMS", "tree_depth", "allreduce_bound",
+           "Bound"]
 
-ALGORITHMS = ("multitree", "ring", "ring2d", "dbtree", "rhd")
+ALGORITHMS = ("multitree", "ring", "ring2d", "dbtree", "rhd", "timed")
 
 # below this many ranks the pure-Python MultiTree is quicker than compiling the kernel
 NUMBA_FROM = 65
+# timed plans in Python up to this many (candidate edges x ranks): torus:8x8 is 16,384
+TIMED_PYTHON_WORK = 20_000
 
 
 def plan(topology, algorithm="multitree", ports=None, engine="auto"):
@@ -38,8 +42,9 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
         Per-rank port budget (transfers sent, and received, per step); default: the
         topology's (a rank's link count on direct networks, 1 on switched ones).
     engine : {"auto", "numba", "python"}
-        How MultiTree is grown: the numba kernel or its pure-Python twin (identical output);
-        ``auto`` takes Python below :data:`NUMBA_FROM` ranks.
+        How MultiTree and timed are grown: the numba kernels or their pure-Python twins
+        (identical output); ``auto`` takes Python below :data:`NUMBA_FROM` ranks (for timed,
+        only when candidate edges times ranks is at most :data:`TIMED_PYTHON_WORK`).
 
     Returns
     -------
@@ -54,11 +59,14 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
     topo = parse(topology, ports=ports)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if algorithm != "multitree":
+    if algorithm not in ("multitree", "timed"):
         return plan_baseline(topo, algorithm)
-    if engine == "auto":
-        engine = "python" if topo.nranks < NUMBA_FROM else "numba"
     g = flatten(topo)
+    if engine == "auto":
+        # timed's Python twin pays per candidate edge and rank: all-pairs networks of tens of
+        # ranks (hier:8x8, fattree:8x8) take it 15-20 s, the kernel under a second
+        big = algorithm == "timed" and len(g.nbr) * topo.nranks > TIMED_PYTHON_WORK
+        engine = "python" if topo.nranks < NUMBA_FROM and not big else "numba"
     if engine == "python":
         edges = grow_trees_py(g)
     elif engine == "numba":
@@ -73,8 +81,12 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
                              "MultiTree cannot span it")
     else:
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
-    return schedule_from_trees(edges, topo.spec, topo.nranks,
-                               {"ports": _ports_meta(topo), "engine": engine})
+    meta = {"ports": _ports_meta(topo), "engine": engine}
+    if algorithm == "timed":
+        from ._timed import plan_timed
+
+        return plan_timed(topo, g, engine, edges, meta)
+    return schedule_from_trees(edges, topo.spec, topo.nranks, meta)
 
 
 def tree_depth(schedule):

@@ -21,7 +21,7 @@ import argparse
 import time
 
 from .._cli import add_json_option, add_topology_options, entry, report, resolve_topology, say
-from . import ALGORITHMS, plan, tree_depth, validate
+from . import ALGORITHMS, allreduce_bound, plan, tree_depth, validate
 from ._draw import MAX_PANELS
 
 
@@ -34,7 +34,11 @@ def _parser():
     p.add_argument("--ports", type=int, default=None,
                    help="per-rank port budget (default: the topology's)")
     p.add_argument("--engine", default="auto", choices=("auto", "numba", "python"),
-                   help="MultiTree engine (default: %(default)s)")
+                   help="MultiTree and timed engine (default: %(default)s)")
+    p.add_argument("--bytes", default="16M", metavar="SIZE",
+                   help="allreduce size for the lower bound and the predicted time (simulator, "
+                        "dataflow mode, connection sharing); K/M/G suffixes "
+                        "(default: %(default)s)")
     add_json_option(p)
     p.add_argument("--save", metavar="FILE.npz", help="save the schedule (Schedule.load reads it)")
     d = p.add_argument_group("drawing (needs matplotlib, the 'plot' extra)")
@@ -66,14 +70,25 @@ def _int_list(text):
     return out
 
 
-def run(topology, algorithm="multitree", ports=None, engine="auto"):
+#: schedules of more transfers are not simulated by ``run`` (the prediction would take minutes)
+PREDICT_MAX_TRANSFERS = 200_000
+
+
+def run(topology, algorithm="multitree", ports=None, engine="auto", nbytes=16 << 20):
     """Plan and validate; the report as a dict (what ``--json`` prints)."""
     t0 = time.perf_counter()
     sched = plan(topology, algorithm, ports=ports, engine=engine)
     t1 = time.perf_counter()
-    report = validate(sched, topology if ports is None else _with_ports(topology, ports))
+    topo = _with_ports(topology, ports)
+    report = validate(sched, topo)
     t2 = time.perf_counter()
     n = sched.nranks
+    bound = allreduce_bound(topo, nbytes)
+    predicted = None
+    if sched.ntransfers <= PREDICT_MAX_TRANSFERS and report.valid:
+        from ..simulate import simulate
+
+        predicted = simulate(sched, topo, nbytes, "dataflow", sharing="connection").time
     return {
         "topology": report.topology,
         "algorithm": algorithm,
@@ -86,6 +101,9 @@ def run(topology, algorithm="multitree", ports=None, engine="auto"):
         "ring_steps_per_phase": max(n - 1, 0),
         "max_tree_depth": tree_depth(sched),
         "transfers": sched.ntransfers,
+        **bound.as_dict(),
+        "predicted_s": predicted,
+        "predicted_over_bound": predicted / bound.time if predicted and bound.time else None,
         "valid": report.valid,
         "errors": report.errors,
         # planning_seconds + validation_seconds; "plan_seconds" is the same figure under its
@@ -114,7 +132,13 @@ def main(argv=None):
 
             _matplotlib()  # fail before planning, not after
             check_size(args.topology)
-        out, sched = run(args.topology, args.algorithm, args.ports, args.engine)
+        from ..simulate import parse_sizes
+
+        (nbytes,) = parse_sizes(args.bytes) if "," not in args.bytes else (None,)
+        if nbytes is None:
+            raise ValueError(f"--bytes takes one size, not {args.bytes!r}")
+        out, sched = run(args.topology, args.algorithm, args.ports, args.engine,
+                         nbytes - nbytes % 4)
         if args.draw:
             from ._draw import draw
 
@@ -154,6 +178,11 @@ def _table(o):
         ("ring", f"{o['ring_steps_per_phase']} steps per phase"),
         ("max tree depth", o["max_tree_depth"]),
         ("transfers", o["transfers"]),
+        ("lower bound time", f"{o['bound_s']:.6g} s for {o['bound_bytes']} B  "
+                             f"({o['bound_kind']} {o['bound_where']})"),
+        ("predicted time", "not simulated" if o["predicted_s"] is None else
+         f"{o['predicted_s']:.6g} s, {o['predicted_over_bound']:.2f}x the bound  "
+         "(simulator: dataflow, connection sharing)"),
         ("valid", "yes" if o["valid"] else "NO"),
         ("plan + validate", f"{o['total_seconds']:.3f} s  (plan {o['planning_seconds']:.3f} s, "
                             f"validate {o['validation_seconds']:.3f} s)"),

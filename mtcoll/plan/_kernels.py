@@ -364,3 +364,26 @@ def _note(cerr, cfirst, c, kind, a, b, cc, d):
         cfirst[c, kind, 2] = cc
         cfirst[c, kind, 3] = d
     cerr[c, kind] += 1
+
+
+# -- the timed planner --------------------------------------------------------------------------
+
+def _timed_kernel():
+    from ._timed import grow_timed_py
+
+    inner = ("_earliest", "_take", "_push", "_pop")
+    from . import _timed
+
+    env = dict(_timed.__dict__)
+    for name in inner:
+        env[name] = njit(cache=True)(getattr(_timed, name))
+    import types
+
+    prop = types.FunctionType(_timed._propose.__code__, env, "_propose")
+    env["_propose"] = njit(cache=True)(prop)
+    grow = types.FunctionType(grow_timed_py.__code__, env, "grow_timed_py")
+    return njit(cache=True)(grow)
+
+
+#: the timed planner's growth (``mtcoll.plan._timed.grow_timed_py``), compiled
+grow_timed = _timed_kernel()

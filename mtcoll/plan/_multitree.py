@@ -90,7 +90,7 @@ def _find_edge_py(g, nbrs, t, joined, members, link_step, sent, recv):
     return None
 
 
-def schedule_from_trees(edges, topo_spec, nranks, meta):
+def schedule_from_trees(edges, topo_spec, nranks, meta, algorithm="multitree"):
     """The allreduce :class:`Schedule` of MultiTree edges (step, parent, child, tree, route):
     the gather phase sends chunk r down tree r in creation order, the reduce phase runs the same
     edges backwards in time."""
@@ -110,5 +110,5 @@ def schedule_from_trees(edges, topo_spec, nranks, meta):
                 np.concatenate((tree[rev] + 1, tree + 1)),
                 np.concatenate((route[rev], route)))
     *cols, route = cols
-    return Schedule("multitree", topo_spec, nranks, nranks, np.arange(nranks), *cols,
+    return Schedule(algorithm, topo_spec, nranks, nranks, np.arange(nranks), *cols,
                     route=route, meta=meta, copy=False)

@@ -11,7 +11,8 @@ Checks, in the order reported:
     before it holds it; every rank ends with every reduced chunk;
 (d) **step bound** -- each phase costs at least the topology's lower bound
     ``max(diameter, ceil((N-1)/ports))`` (``Schedule.step_cost``: steps weighted by their largest
-    transfer in units of 1/N of the buffer). A schedule below it is miscounted, not fast.
+    transfer in units of 1/N of the buffer); for a buffer cut into C != N chunks, the same bound
+    counted in chunks (:func:`cost_bound`). A schedule below it is miscounted, not fast.
 
 The fast path (numba, :func:`mtcoll.plan._kernels.check`) replays (c) on fingerprints: per
 (rank, chunk) the number of contributions and the wrapping 64-bit sum of a random weight per
@@ -86,7 +87,7 @@ def validate(schedule, topology, engine="auto", max_errors=MAX_ERRORS):
     q, rl_ptr, rl = route_ids(schedule, topo)
     fn = check_py if engine == "python" else _check_numba
     errs, counts = fn(schedule, topo, q, rl_ptr, rl, max_errors)
-    lb = topo.lower_bound()
+    lb = cost_bound(schedule, topo)
     cost = schedule.step_cost()
     for p, c in enumerate(cost):
         if c < lb - 1e-9 and schedule.nranks > 1:
@@ -95,6 +96,19 @@ def validate(schedule, topology, engine="auto", max_errors=MAX_ERRORS):
                         f"bound {lb} of {topo.spec} with these ports")
     return Report(schedule.algorithm, topo.spec, schedule.nranks, schedule.steps, cost, lb,
                   errs[:max_errors], counts)
+
+
+def cost_bound(schedule, topo):
+    """The least :meth:`Schedule.step_cost` of a phase on ``topo``: the topology's
+    ``max(diameter, ceil((N-1)/ports))`` for one chunk per rank; for ``C`` chunks, a step costs
+    at least ``N/C`` and rank ``r`` must move the ``C - own_r`` chunks it does not own, at most
+    its ports at a time, so ``max(diameter, max_r ceil((C - own_r)/ports_r)) * N/C``."""
+    n, c = schedule.nranks, schedule.nchunks
+    if c == n or n <= 1:
+        return topo.lower_bound()
+    own = np.bincount(schedule.owner, minlength=n)
+    per = int(np.max(-((own - c) // topo.ports)))  # ceil((c - own) / ports)
+    return max(topo.diameter, per) * n / c
 
 
 def _check_numba(s, topo, q, rl_ptr, rl, max_errors):

@@ -373,7 +373,9 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
 
     Returns ``(records, notes)``: one dict per (algorithm, size) with ``algorithm``, ``bytes``,
     ``time_s``, ``algbw_GBps``, ``busbw_GBps``, ``speedup_vs_ring`` (ring is always simulated
-    as the reference), the schedule's steps and ceiling, and a few model facts; ``notes`` says
+    as the reference), the schedule's steps and ceiling, the network's lower bound
+    (``bound_s``, :func:`mtcoll.plan.allreduce_bound`) and ``time_over_bound``, and a few model
+    facts; ``notes`` says
     which algorithms were skipped and why. With ``per_node``, each size is per rank and the
     buffer is ``size * nranks``.
     """
@@ -391,11 +393,17 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
             scheds[a] = (plan(topo, a), _time.process_time() - c0)
         except ValueError as e:
             notes.append(f"{a} skipped on {topo.spec}: {e}")
+    from ..plan._bound import allreduce_bound
+
+    if mode == "step" and "timed" in scheds:
+        notes.append("timed is not lock-step (a step per start time): step mode puts a barrier "
+                     "at each; its time is the executor's in --mode dataflow")
     records = []
     itemsize = params.get("itemsize", ITEMSIZE)
     for size in sizes:
         nbytes = int(size) * (n if per_node else 1)
         nbytes -= nbytes % itemsize
+        bound = allreduce_bound(topo, nbytes)
         ring_time = None
         rows = []
         for a, (s, plan_cpu) in scheds.items():
@@ -423,6 +431,7 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
                 "ceiling_vs_ring": ceiling(s) / ceiling(scheds["ring"][0]),
                 "slowed_transfers": r.slowed, "busiest_link_time_s": r.busiest_link_time,
                 "simulate_cpu_s": cpu, "plan_cpu_s": plan_cpu,
+                **bound.as_dict(), "time_over_bound": r.time / bound.time if bound.time else None,
             })
     return records, notes
 

@@ -179,7 +179,7 @@ def table(out, file=None):
             print(f"# multitree ceiling over ring, (N-1)/T: "
                   f"{steps['multitree']['ceiling_vs_ring']:.2f}", file=file)
         head = (f"{'size':>9} {'algorithm':<10} {'time(us)':>11} {'algbw(GB/s)':>12} "
-                f"{'busbw(GB/s)':>12} {'vs ring':>8}")
+                f"{'busbw(GB/s)':>12} {'vs ring':>8} {'bound(us)':>11} {'/bound':>7}")
         if sg:
             head += f" {'simgrid(us)':>12} {'sg vs ring':>10}"
         print(head, file=file)
@@ -189,11 +189,14 @@ def table(out, file=None):
                 size = _fmt_size(r["bytes_per_node"]) + "/n"
             line = (f"{size:>9} {r['algorithm']:<10} {r['time_s'] * 1e6:>11.2f} "
                     f"{r['algbw_GBps']:>12.3f} {r['busbw_GBps']:>12.3f} "
-                    f"{r['speedup_vs_ring']:>8.2f}")
+                    f"{r['speedup_vs_ring']:>8.2f} {r['bound_s'] * 1e6:>11.2f} "
+                    f"{r['time_over_bound']:>7.2f}")
             if sg:
                 line += (f" {r['simgrid_time_s'] * 1e6:>12.2f} "
                          f"{r['simgrid_speedup_vs_ring']:>10.2f}")
             print(line, file=file)
+        for b in dict.fromkeys((r["bytes"], r["bound_kind"], r["bound_where"]) for r in rows):
+            print(f"# bound at {_fmt_size(b[0])}: {b[1]} {b[2]}", file=file)
         print(file=file)
 
 
@@ -203,7 +206,7 @@ def plot(out, path):
     res = out["results"]
     algos = list(dict.fromkeys(r["algorithm"] for r in res))
     style = {"multitree": ("C3", "o"), "ring": ("C0", "s"), "ring2d": ("C2", "^"),
-             "dbtree": ("C1", "v"), "rhd": ("C4", "D")}
+             "dbtree": ("C1", "v"), "rhd": ("C4", "D"), "timed": ("C5", "P")}
     weak = len(m["topologies"]) > 1
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.5, 4.2))
     for a in algos:

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import collections
 import ipaddress
-import re
 from dataclasses import dataclass, field
+
+from ..topology import parse_rate  # the one rate syntax: specs and --link-rate
 
 __all__ = ["Layout", "layout", "address", "parse_rate", "format_rate", "ADDRESS_BASE",
            "RULE_PRIORITY", "TABLE_BASE"]
@@ -35,27 +36,6 @@ _LAST = ipaddress.IPv4Address("198.19.255.254")
 RULE_PRIORITY = 1000
 #: routing table id of source vertex s is TABLE_BASE + s
 TABLE_BASE = 1000
-
-_RATE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmg]?)(bit|bps)?$")
-_MULT = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
-
-
-def parse_rate(text):
-    """A rate such as ``50mbit``, ``1gbit``, ``800kbit`` or ``10mbps`` (bytes) as bytes/s.
-
-    ``bit`` units are bits per second (tc's spelling, powers of 1000); ``bps`` bytes per
-    second; a bare number is bits per second. ValueError on anything else or on zero.
-    """
-    m = _RATE.match(str(text).strip().lower())
-    if not m:
-        raise ValueError(f"bad rate {text!r}: expected a number with a unit such as 50mbit, "
-                         f"1gbit, 800kbit or 10mbps (bytes/s)")
-    value = float(m.group(1)) * _MULT[m.group(2)]
-    value = value if m.group(3) == "bps" else value / 8
-    if not value > 0:
-        raise ValueError(f"rate {text!r} must be positive")
-    return value
-
 
 def format_rate(bytes_per_s):
     """Bytes/s as tc's ``<integer>bit``."""
@@ -138,11 +118,18 @@ def _vertex_path(topo, route):
 
 
 def _namespace_of(topo):
-    if topo.kind != "hier":
-        return list(range(topo.nvertices))
-    nhost, r = topo.dims
-    n = topo.nranks
-    return [u // r for u in range(n)] + list(range(nhost)) + [nhost]
+    """Per vertex its namespace: one per host (its ranks and NIC share memory), first, then
+    one per vertex on no host (every vertex of a network without hosts, a hier switch)."""
+    hosts = [int(h) for h in topo.host_of]
+    ids = {h: k for k, h in enumerate(sorted({h for h in hosts if h >= 0}))}
+    out, k = [], len(ids)
+    for h in hosts:
+        if h >= 0:
+            out.append(ids[h])
+        else:
+            out.append(k)
+            k += 1
+    return out
 
 
 def layout(topo, prefix, rate, link_rates=None):
@@ -153,7 +140,9 @@ def layout(topo, prefix, rate, link_rates=None):
     topo : Topology
     prefix : str
     rate : float
-        Bytes/s of every directed veth link not in ``link_rates``.
+        Bytes/s of every directed veth link not in ``link_rates`` and not set by a rate option
+        of the spec (``torus:4x4/20mbit/0-1=5mbit`` shapes what it says: the testbed shapes
+        the network the planner planned for).
     link_rates : dict (a, b) -> bytes/s, optional
         Per-link overrides, by vertex ids; a key (a, b) sets the link a->b (give both orders
         for both ways).
@@ -170,9 +159,8 @@ def layout(topo, prefix, rate, link_rates=None):
     link_rates = dict(link_rates or {})
     vns = _namespace_of(topo)
     nns = max(vns) + 1
-    ns_vertex = list(range(nns))
-    if topo.kind == "hier":
-        ns_vertex = [topo.nranks + h for h in range(topo.dims[0])] + [topo.nvertices - 1]
+    # the vertex that stands for a namespace: a host's NIC (its last vertex), else the vertex
+    ns_vertex = [max(v for v in range(topo.nvertices) if vns[v] == k) for k in range(nns)]
     src = [int(x) for x in topo.link_src]
     dst = [int(x) for x in topo.link_dst]
     directed = set(zip(src, dst))
@@ -199,7 +187,7 @@ def layout(topo, prefix, rate, link_rates=None):
             continue
         if (na, nb) in seen:
             raise ValueError(f"{topo.spec}: two links join namespaces {na} and {nb}")
-        bw[i] = float(link_rates.get((a, b), rate))
+        bw[i] = float(link_rates.get((a, b), topo.bandwidth[i] if topo.link_rated[i] else rate))
         seen[(na, nb)] = i
         links.append((na, nb, float(bw[i])))
     shaped = object.__new__(type(topo))
