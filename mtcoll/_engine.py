@@ -188,15 +188,16 @@ _KERNEL = None
 _READY = False  # the kernel is loaded, its signature compiled or read from numba's cache
 _LOADER = None  # the thread loading it in the background (see preload), until it is done
 _LOAD_ERROR = None  # why the load failed, once it has
-_LOAD_START = 0.0  # when the background load began (time.monotonic())
+_LOADING_CALLS = 0  # calls that ran on the Python executor while the engine was loading
 #: How long interpreter exit waits for a background load still running (seconds): a thread
 #: inside LLVM while the process tears down could crash it.
 EXIT_WAIT = 60.0
-#: How long calls run on the Python executor while the compiled engine loads in the
-#: background, in seconds from the load's start; a call made later waits for the load to
-#: finish. Both threads need the interpreter (and, with more ranks than cores, the cores), so
-#: a load that overlaps a tight loop of calls slows both: this bounds how long.
-LOAD_PATIENCE = 0.25
+#: Calls that run on the Python executor while the compiled engine loads in the background
+#: (see :func:`preload`); the next call waits for the load to finish. A count of calls, the
+#: same on every rank, rather than a time: the ranks then wait at the same call, where a rank
+#: waiting alone would leave the others polling for its messages (with more ranks than cores,
+#: on the cores its load needs).
+LOAD_PATIENCE = 1
 #: Calls the compiled engine has run in this process (the tests check it served them).
 served = 0
 
@@ -211,17 +212,19 @@ def _abi():
 def available(wait=True):
     """None when the compiled engine can run here, else why not (one line).
 
-    ``wait=False``: do not wait for the kernel to load, for :data:`LOAD_PATIENCE` seconds
-    from the start of its load (:func:`preload`, started here if nothing started it): the
-    answer is then that it is loading, so the call goes to the Python executor meanwhile."""
+    ``wait=False`` (a call asking): for the first :data:`LOAD_PATIENCE` calls that ask while
+    the kernel loads (:func:`preload`, started here if nothing started it), do not wait: the
+    answer is then that it is loading, and the call goes to the Python executor."""
+    global _LOADING_CALLS
     abi = _abi()
     if abi.why:
         return abi.why
     if not _READY:
         preload()
-        if wait or time.monotonic() - _LOAD_START > LOAD_PATIENCE:
+        if wait or _LOADING_CALLS >= LOAD_PATIENCE:
             _load()
         elif not _READY:
+            _LOADING_CALLS += 1
             return _LOAD_ERROR or "the compiled engine is still loading (in the background)"
     return _LOAD_ERROR
 
@@ -240,10 +243,9 @@ def preload():
     loading or cannot run here; returns at once. Until it is done, calls run on the Python
     executor (the same messages and bits). The thread calls no MPI function: what the engine
     needs of the MPI library is read here, in the calling thread."""
-    global _LOADER, _LOAD_START
+    global _LOADER
     if _READY or _LOADER is not None or _LOAD_ERROR or _abi().why:
         return
-    _LOAD_START = time.monotonic()
     import atexit
     import threading
 
