@@ -225,7 +225,7 @@ def available(wait=True):
             _load()
         elif not _READY:
             _LOADING_CALLS += 1
-            return _LOAD_ERROR or "the compiled engine is still loading (in the background)"
+            return _LOAD_ERROR or "the compiled engine is still loading, in the background"
     return _LOAD_ERROR
 
 
