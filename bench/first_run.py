@@ -15,8 +15,8 @@ time the slowest rank's. The first algorithm's first call is the process's first
 (the planning and broadcast of its schedule, the executor's layout, and what the compiled
 engine's load costs it); the second algorithm's first call has the engine loaded. Printed: the
 first call's seconds against :data:`TARGET_FIRST_CALL` (the ratio; at most 1 meets it), the
-median of the last half of the calls, and the sum of the first ten (where a cost moved off the
-first call shows). Run from the project root with the venv's python; the MPI commands use the
+second call's, the median of the last half of the calls, the sum of the first ten (where a cost
+moved off the first call shows) and how many calls the compiled engine ran on rank 0. Run from the project root with the venv's python; the MPI commands use the
 ``mpiexec`` beside it. docs/performance.md has the figures.
 """
 
@@ -87,7 +87,7 @@ def worker(algorithms):
         compiled = _engine.served - served
         comm.Free()
         world.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)  # a call ends with its slowest rank
-        rows.append({"algorithm": name, "first_s": float(times[0]),
+        rows.append({"algorithm": name, "first_s": float(times[0]), "second_s": float(times[1]),
                      "later_median_s": float(np.median(times[CALLS // 2:])),
                      "first_ten_s": float(times[:10].sum()), "compiled_calls_rank0": compiled})
     if world.Get_rank() == 0:
@@ -103,7 +103,7 @@ def calls(ranks, repeats):
            ",".join(CALL_ALGORITHMS)]
     print(f"first calls at {ranks} ranks, {CALL_BYTES} B float32 in place, {CALLS} calls per "
           f"algorithm, target {TARGET_FIRST_CALL} s for the first:", flush=True)
-    print(f"{'repeat':>6} {'algorithm':<10} {'first (s)':>9} {'/target':>7} "
+    print(f"{'repeat':>6} {'algorithm':<10} {'first (s)':>9} {'/target':>7} {'second (s)':>10} "
           f"{'later (ms)':>10} {'first 10 (s)':>12} {'compiled':>8}", flush=True)
     rows = []
     for rep in range(repeats):
@@ -114,7 +114,7 @@ def calls(ranks, repeats):
             row["repeat"] = rep
             rows.append(row)
             print(f"{rep:>6} {row['algorithm']:<10} {row['first_s']:>9.3f} "
-                  f"{row['first_s'] / TARGET_FIRST_CALL:>7.2f} "
+                  f"{row['first_s'] / TARGET_FIRST_CALL:>7.2f} {row['second_s']:>10.3f} "
                   f"{row['later_median_s'] * 1e3:>10.2f} {row['first_ten_s']:>12.3f} "
                   f"{row['compiled_calls_rank0']:>8}", flush=True)
     first = [r["first_s"] for r in rows if r["algorithm"] == CALL_ALGORITHMS[0]]
