@@ -84,20 +84,20 @@ def main(argv=None):
     kind, target, rest = _parse(args)
     if kind == "path":
         _check_readable(target)
-    switch()
+    rank = switch().Get_rank()  # (the program may finalize MPI before it ends)
     from . import _dispatch
 
     before = _dispatch.shown
     try:
         _run(kind, target, rest)
     except (SystemExit, KeyboardInterrupt):
-        _summary(before)
+        _summary(rank, before)
         raise
     except BaseException as e:  # noqa: BLE001 -- as the interpreter reports it, then exit 1
         tb = _program_frames(e.__traceback__)
         sys.excepthook(type(e), e.with_traceback(tb), tb)
         sys.exit(1)
-    _summary(before)
+    _summary(rank, before)
 
 
 def _parse(args):
@@ -181,15 +181,11 @@ def _holders(plain):
     return found
 
 
-def _summary(before):
-    if not _debug():
+def _summary(rank, before):
+    if rank != 0 or not _debug():
         return
-    from mpi4py import MPI
-
     from . import _dispatch
 
-    if MPI.COMM_WORLD.Get_rank() != 0:
-        return
     n = _dispatch.shown - before
     if n:
         _say(f"mtcoll served {n} of the program's calls on rank 0")

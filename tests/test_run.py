@@ -246,3 +246,23 @@ def test_module_is_importable_without_running_anything():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False", out.stdout
+
+
+FINALIZES = """\
+from mpi4py import MPI
+import numpy as np
+x = np.ones(3)
+MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, x)
+assert np.all(x == MPI.COMM_WORLD.Get_size())
+MPI.Finalize()
+print("finalized")
+"""
+
+
+def test_program_that_finalizes_mpi_itself_ends_cleanly(tmp_path):
+    script = tmp_path / "finalizes.py"
+    script.write_text(FINALIZES)
+    out = zero_line(2, [str(script)], MTCOLL_DEBUG="1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("finalized") == 2, out.stdout
+    assert "run: mtcoll served 1 of the program's calls on rank 0" in out.stderr, out.stderr
