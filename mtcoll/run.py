@@ -168,10 +168,11 @@ def _ours(filename):
 
 def _holders(plain):
     # module globals that hold the world communicator as mpi4py made it (taken before the
-    # switch); mpi4py.MPI itself is where the switch put mtcoll's
+    # switch); mpi4py.MPI itself is where the switch put mtcoll's, and mtcoll's own modules
+    # keep the plain one on purpose (a Comm stands for it)
     found = []
     for name, module in list(sys.modules.items()):
-        if name == "mpi4py.MPI" or module is None:
+        if name in ("mpi4py.MPI", "mtcoll") or name.startswith("mtcoll.") or module is None:
             continue
         try:
             items = list(vars(module).items())

@@ -64,6 +64,7 @@ def test_plain_dropin_program_runs_its_allreduce_on_mtcoll(tmp_path, n):
     found = sorted(re.findall(r"rank (\d+): (\S+)", out.stdout))
     assert found == [(str(r), str(total)) for r in range(n)], out.stdout
     assert "run: MPI.COMM_WORLD is <mtcoll.Comm" in out.stderr, out.stderr
+    assert "as it was before the switch" not in out.stderr, out.stderr  # nothing took it
     served = debug_lines(out.stderr, count=1_000_000, dtype="float32")
     assert len(served) == 1, out.stderr
     if n > 1:  # 4 MB: the built-in rule's MultiTree, on the world's network
