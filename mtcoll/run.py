@@ -133,7 +133,14 @@ def _run(kind, target, rest):
         sys.argv[:] = [target, *rest]
         if not sys.flags.isolated:  # python script.py puts the script's directory first
             sys.path[0] = os.path.dirname(os.path.realpath(target))
-        runpy.run_path(target, run_name="__main__")
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):  # a directory or zip file with a __main__.py
+            runpy.run_path(target, run_name="__main__")
+            return
+        with open(path, "rb") as f:
+            source = f.read()
+        # as python script.py: __file__ absolute, sys.argv[0] as given
+        _run_in_main(compile(source, path, "exec", dont_inherit=True), __file__=path)
     elif kind == "module":
         sys.argv[:] = [target, *rest]  # (runpy puts the module's file in sys.argv[0])
         runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -141,16 +148,19 @@ def _run(kind, target, rest):
         sys.argv[:] = ["-c", *rest]
         if not sys.flags.isolated:
             sys.path[0] = ""
-        _run_command(target)
+        _run_in_main(compile(target, "<string>", "exec", dont_inherit=True))
 
 
-def _run_command(code):
+def _run_in_main(code, **names):
+    # the program's code in a new __main__ module, as the interpreter runs a script or -c
+    # (dont_inherit above: this module's __future__ imports are not the program's)
     main = types.ModuleType("__main__")
     main.__builtins__ = builtins
+    main.__dict__.update(names)
     saved = sys.modules.get("__main__")
     sys.modules["__main__"] = main
     try:
-        exec(compile(code, "<string>", "exec"), main.__dict__)  # noqa: S102 -- python -c
+        exec(code, main.__dict__)  # noqa: S102 -- what python script.py does
     finally:
         sys.modules["__main__"] = saved
 

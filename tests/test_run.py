@@ -118,6 +118,13 @@ assert sys.argv == [{path!r}, "a", "--flag"], sys.argv
 assert sys.path[0] == os.path.dirname(os.path.realpath({path!r})), sys.path[0]
 assert isinstance(MPI.COMM_WORLD, mtcoll.Comm), type(MPI.COMM_WORLD)
 assert isinstance(MPI.COMM_WORLD.Dup(), mtcoll.Comm)
+assert __file__ == {path!r}, __file__
+def f(x: int): pass
+assert f.__annotations__["x"] is int, "mtcoll.run's __future__ imports leaked"
+class Kept:  # classes of __main__ pickle (the script is sys.modules["__main__"])
+    pass
+import pickle
+assert isinstance(pickle.loads(pickle.dumps(Kept())), Kept)
 print("argv ok", MPI.COMM_WORLD.Get_rank())
 sys.exit(3)
 """
