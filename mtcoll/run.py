@@ -118,7 +118,10 @@ def _usage_error(message):
 
 
 def _check_readable(path):
-    # as the interpreter says it, before any collective (every rank finds the same)
+    # as the interpreter says it, before any collective (every rank finds the same); a
+    # directory is runpy's to judge (it runs one with a __main__.py)
+    if os.path.isdir(path):
+        return
     try:
         with open(path, "rb"):
             pass

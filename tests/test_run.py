@@ -189,7 +189,7 @@ print("module ok", sys.argv[1:])
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_module_and_command_forms_run_on_mtcoll(tmp_path, n):
+def test_module_command_and_directory_forms_run_on_mtcoll(tmp_path, n):
     (tmp_path / "zl_module.py").write_text(MODULE)
     out = zero_line(n, ["-m", "zl_module", "x", "y"],
                     PYTHONPATH=f"{tmp_path}:{ROOT}")
@@ -200,6 +200,12 @@ def test_module_and_command_forms_run_on_mtcoll(tmp_path, n):
     out = zero_line(n, ["-c", code, "z"])
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("command ok ['-c', 'z']") == n, out.stdout
+    app = tmp_path / "app"  # a directory with a __main__.py, as python app/ runs it
+    app.mkdir()
+    (app / "__main__.py").write_text(MODULE.replace("module ok", "directory ok"))
+    out = zero_line(n, [str(app), "w"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("directory ok ['w']") == n, out.stdout
 
 
 def test_bad_command_lines_say_so_and_exit_2(tmp_path):
