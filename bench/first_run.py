@@ -16,8 +16,10 @@ time the slowest rank's. The first algorithm's first call is the process's first
 engine's load costs it); the second algorithm's first call has the engine loaded. Printed: the
 first call's seconds against :data:`TARGET_FIRST_CALL` (the ratio; at most 1 meets it), the
 second call's, the median of the last half of the calls, the sum of the first ten (where a cost
-moved off the first call shows) and how many calls the compiled engine ran on rank 0. Run from the project root with the venv's python; the MPI commands use the
-``mpiexec`` beside it. docs/performance.md has the figures.
+moved off the first call shows) and how many calls the compiled engine ran on rank 0.
+
+Run from the project root with the venv's python; the MPI commands use the ``mpiexec`` beside
+it. docs/performance.md has the figures.
 """
 
 from __future__ import annotations
