@@ -16,7 +16,9 @@ time the slowest rank's. The first algorithm's first call is the process's first
 engine's load costs it); the second algorithm's first call has the engine loaded. Printed: the
 first call's seconds against :data:`TARGET_FIRST_CALL` (the ratio; at most 1 meets it), the
 second call's, the median of the last half of the calls, the sum of the first ten (where a cost
-moved off the first call shows) and how many calls the compiled engine ran on rank 0.
+moved off the first call shows) and how many calls the compiled engine ran on rank 0. With
+``--gap S`` each Comm's first call is followed by ``S`` seconds of work (:func:`compute`), as
+a program's own step between two calls.
 
 Run from the project root with the venv's python; the MPI commands use the ``mpiexec`` beside
 it. docs/performance.md has the figures.
@@ -66,7 +68,18 @@ def timed(cmd, env):
     return time.perf_counter() - t
 
 
-def worker(algorithms):
+def compute(seconds):
+    """Work for ``seconds`` between two calls, as a program's own step would: numpy on 8 MiB
+    arrays in a Python loop (the interpreter and a core busy)."""
+    import numpy as np
+
+    y = np.zeros(1 << 20)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        y += 1.0
+
+
+def worker(algorithms, gap=0.0):
     """One process of the calls' measurement (under mpiexec): rank 0 prints one JSON line."""
     import numpy as np
     from mpi4py import MPI
@@ -86,6 +99,8 @@ def worker(algorithms):
             t = time.perf_counter()
             comm.Allreduce(MPI.IN_PLACE, x)
             times[i] = time.perf_counter() - t
+            if i == 0 and gap:
+                compute(gap)
         compiled = _engine.served - served
         comm.Free()
         world.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)  # a call ends with its slowest rank
@@ -96,15 +111,16 @@ def worker(algorithms):
         print(json.dumps(rows), flush=True)
 
 
-def calls(ranks, repeats):
+def calls(ranks, repeats, gap=0.0):
     """The calls' measurement: ``repeats`` new processes of ``ranks`` ranks; their rows."""
     env = dict(os.environ, MTCOLL_TUNING="off", MTCOLL_CALIBRATE="off")
     for var in ("MTCOLL_ALGO", "MTCOLL_DEBUG", "MTCOLL_CHECK", "MTCOLL_TIMEOUT", "MTCOLL_ENGINE"):
         env.pop(var, None)
     cmd = [MPIEXEC, "-n", str(ranks), PY, os.path.abspath(__file__), "--worker",
-           ",".join(CALL_ALGORITHMS)]
+           ",".join(CALL_ALGORITHMS), "--gap", str(gap)]
     print(f"first calls at {ranks} ranks, {CALL_BYTES} B float32 in place, {CALLS} calls per "
-          f"algorithm, target {TARGET_FIRST_CALL} s for the first:", flush=True)
+          f"algorithm" + (f", {gap:g} s of work after the first" if gap else "")
+          + f", target {TARGET_FIRST_CALL} s for the first:", flush=True)
     print(f"{'repeat':>6} {'algorithm':<10} {'first (s)':>9} {'/target':>7} {'second (s)':>10} "
           f"{'later (ms)':>10} {'first 10 (s)':>12} {'compiled':>8}", flush=True)
     rows = []
@@ -151,20 +167,23 @@ def main():
     p.add_argument("--ranks", type=int, default=4, help="ranks of the calls (default 4)")
     p.add_argument("--repeats", type=int, default=3,
                    help="new processes for the calls (default 3)")
+    p.add_argument("--gap", type=float, default=0.0, metavar="SECONDS",
+                   help="work (numpy in a Python loop) between each Comm's first and second "
+                        "call (default 0: a tight loop of calls)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     p.add_argument("--worker", metavar="ALGORITHMS", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args.worker.split(","))
-    if args.ranks < 1 or args.repeats < 1:
-        p.error("--ranks and --repeats must be at least 1")
+        return worker(args.worker.split(","), args.gap)
+    if args.ranks < 1 or args.repeats < 1 or not args.gap >= 0:
+        p.error("--ranks and --repeats must be at least 1, --gap at least 0")
     result = {"cpus": os.cpu_count()}
     if args.only in (None, "tools"):
         result["rows"] = tools()
     if args.only in (None, "calls"):
         result["calls"] = {"ranks": args.ranks, "bytes": CALL_BYTES, "calls": CALLS,
-                           "target_first_s": TARGET_FIRST_CALL,
-                           "rows": calls(args.ranks, args.repeats)}
+                           "gap_s": args.gap, "target_first_s": TARGET_FIRST_CALL,
+                           "rows": calls(args.ranks, args.repeats, args.gap)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
