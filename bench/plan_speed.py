@@ -8,7 +8,7 @@ Each size runs in a fresh Python process, so its peak resident memory (ru_maxrss
 the numba kernels are compiled (or loaded from the on-disk cache) before the clock starts, in
 that process, and the load time is reported apart. Wall-clock seconds ("total s") are the
 target's measure; CPU seconds (user + system, summed over the validator's two threads) are
-printed beside them because a shared machine stretches wall time. Targets (issue 2): 1024 ranks in at most 1 s,
+printed beside them because a shared machine stretches wall time. Targets: 1024 ranks in at most 1 s,
 4096 ranks in at most 15 s and 2 GiB.
 """
 

@@ -1,4 +1,4 @@
-"""Soak: many nonblocking allreduces in flight at once, every result checked (issue 8).
+"""Soak: many nonblocking allreduces in flight at once, every result checked.
 
     mpiexec -n 8 python bench/soak.py [--calls 10000] [--inflight 8] [--seed S]
                                       [--max-bytes 4194304] [--json FILE]

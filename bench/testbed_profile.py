@@ -152,6 +152,9 @@ def summary(rate, paths):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if argv[:1] == ["trace"] and len(argv) in (5, 7):
         order = int(argv[6]) if len(argv) == 7 and argv[5] == "--order" else 0
         trace(*argv[1:5], order=order)

@@ -382,17 +382,18 @@ def _fake_probe(monkeypatch, cost, nranks=16, spec="torus:4x4"):
 
 
 def _testbed_cost(a, n):
-    # torus:4x4 at 20 Mbit/s as measured (docs/performance.md): MultiTree 0.376 s at 1 MiB and
-    # 1.29 s at 4 MiB, the library 1.17 s and 4.99 s; every call a fixed cost plus bytes
+    # torus:4x4 at 20 Mbit/s as measured (docs/performance.md, "auto on the emulated cluster"):
+    # MultiTree 0.376 s at 1 MiB and 1.29 s at 4 MiB, the library 1.17 s and 4.99 s; every call a
+    # fixed cost plus bytes
     fixed, per_mib = {"native": (0.03, 1.24), "multitree": (0.07, 0.305), "rhd": (0.04, 2.0),
                       "dbtree": (0.05, 1.5), "ring2d": (0.06, 0.42), "ring": (0.1, 1.0)}[a]
     return fixed + per_mib * n / 2**20
 
 
 def test_the_probe_on_links_gets_multitree_right_at_1_and_4_mib(monkeypatch):
-    """Issue 15 on the emulated cluster: auto picked MultiTree at 4 MiB but the library at
-    1 MiB, where MultiTree was 3.1x faster, because the probe measured MultiTree at 4 MiB
-    alone. Now each candidate is measured at two sizes and predicted from its own points."""
+    """On the emulated cluster a probe that measured MultiTree at 4 MiB alone picked it at
+    4 MiB but the library at 1 MiB, where MultiTree was 3.1x faster; each candidate is measured
+    at two sizes and predicted from its own points."""
     comm, cal = _fake_probe(monkeypatch, _testbed_cost)
     small, _, large = _calibrate.probe_sizes(16)
     for a in ("native", "rhd", "multitree"):

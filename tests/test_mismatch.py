@@ -1,4 +1,4 @@
-"""Mismatched calls: ranks that disagree on a call, or do not make it (issue #8).
+"""Mismatched calls: ranks that disagree on a call, or do not make it.
 
 With ``MTCOLL_CHECK=1`` every rank raises, naming the odd ranks; with ``MTCOLL_TIMEOUT`` a rank
 that never calls is named instead of waited for, and a stalled data path ends in
@@ -400,7 +400,7 @@ def test_guard_zones_untouched(comm, fresh, need_size, monkeypatch, what, algori
         # native call
         pytest.skip("Open MPI's Iallreduce writes past the buffers when the sizes differ")
     if what == "datatype" and MPI.Get_library_version().startswith("Open MPI"):
-        # NOT RESOLVED (issue 15, make test-openmpi): under Open MPI 5.0.11 a float32 rank
+        # NOT RESOLVED (found by make test-openmpi): under Open MPI 5.0.11 a float32 rank
         # among float64 ones crashes the job (abort/segfault) with the MPI library's own call,
         # the Python executor and the compiled engine alike; under MPICH it passes
         pytest.skip("a datatype mismatch crashes the job under Open MPI (open finding)")
