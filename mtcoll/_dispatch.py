@@ -34,6 +34,9 @@ def fast_key(c):
     return (_FAST_KIND[c.kind], c.recv.flat.nbytes, c.dtype.num,
             0 if c.op is None else c.op.handle)
 _COMPLETE = Request()  # what a blocking call the library ran returns: nothing to wait for
+#: Calls rank 0 has printed a debug line for (``MTCOLL_DEBUG``: every call the user made on an
+#: mtcoll communicator of this process; ``python -m mtcoll.run`` reports it at the end).
+shown = 0
 
 
 class Dispatch:
@@ -129,13 +132,15 @@ class Dispatch:
                             f"wait={self.wait} "
                             f"messages={lay.nmessages}"
                             + (f" ({c.why})" if c.why else "")))
-                    return self._run_schedule(c, ex, phases, blocking)
+                    return self._run_schedule(c, ex, phases, blocking, debug)
         if debug and self._rank == 0:
             self._debug(c, f"algorithm=native ({c.why})")
         self._alive()  # planning a schedule above advanced the running calls: one may have failed
         return self._native(c, blocking and self._threaded and timeout is None)
 
     def _debug(self, c, how):
+        global shown
+        shown += 1
         op = _ops.op_name(c.op) or "user-defined" if c.op is not None else "-"
         print(f"mtcoll[rank 0]: {c.kind} count={c.count} "
               f"dtype={getattr(c.dtype, 'name', 'derived')} op={op} bytes={c.nbytes} "
@@ -194,7 +199,7 @@ class Dispatch:
             req = comm.Iallreduce(sendspec, recvspec, c.op)
         return Request(native=req, on_done=done, keep=(c.raw, sendspec, recvspec))
 
-    def _run_schedule(self, c, ex, phases, blocking):
+    def _run_schedule(self, c, ex, phases, blocking, debug=False):
         self._alive()  # planning on first use advances the running calls: one may have failed
         self._seq += 1
         size, rank = self._size, self._rank
@@ -236,6 +241,7 @@ class Dispatch:
                 if acc is not recv.flat or c.send is not None:
                     acc[mine * k:(mine + 1) * k] = own
         done.append(recv.copy_back)
-        execution = ex.start(acc, c.ufunc, self._seq, phases, src, blocking=blocking)
+        execution = ex.start(acc, c.ufunc, self._seq, phases, src, blocking=blocking,
+                             debug=debug)
         return Request(execution=execution, on_done=done, keep=(c.raw, c.send, recv, acc, src),
                        seq=self._seq)

@@ -57,7 +57,7 @@ from mpi4py import MPI
 from . import execute
 from .schedule import RECV, SEND
 
-__all__ = ["start", "available", "engine_setting", "CompiledExecution"]
+__all__ = ["start", "available", "preload", "warm", "engine_setting", "CompiledExecution"]
 
 # the kernel's op codes, by the ufunc mtcoll._ops maps each MPI op to
 _OPS = {np.add: 1, np.multiply: 2, np.minimum: 3, np.maximum: 4, np.logical_and: 5,
@@ -185,6 +185,19 @@ class _Abi:
 
 _ABI = None
 _KERNEL = None
+_READY = False  # the kernel is loaded, its signature compiled or read from numba's cache
+_LOADER = None  # the thread loading it in the background (see preload), until it is done
+_LOAD_ERROR = None  # why the load failed, once it has
+_LOADING_CALLS = 0  # calls that ran on the Python executor while the engine was loading
+#: How long interpreter exit waits for a background load still running (seconds): a thread
+#: inside LLVM while the process tears down could crash it.
+EXIT_WAIT = 60.0
+#: Calls that run on the Python executor while the compiled engine loads in the background
+#: (see :func:`preload`); the next call waits for the load to finish. A count of calls, the
+#: same on every rank, rather than a time: the ranks then wait at the same call, where a rank
+#: waiting alone would leave the others polling for its messages (with more ranks than cores,
+#: on the cores its load needs).
+LOAD_PATIENCE = 1
 #: Calls the compiled engine has run in this process (the tests check it served them).
 served = 0
 
@@ -196,16 +209,24 @@ def _abi():
     return _ABI
 
 
-def available():
-    """None when the compiled engine can run here, else why not (one line)."""
+def available(wait=True):
+    """None when the compiled engine can run here, else why not (one line).
+
+    ``wait=False`` (a call asking): for the first :data:`LOAD_PATIENCE` calls that ask while
+    the kernel loads (:func:`preload`, started here if nothing started it), do not wait: the
+    answer is then that it is loading, and the call goes to the Python executor."""
+    global _LOADING_CALLS
     abi = _abi()
     if abi.why:
         return abi.why
-    try:
-        _kernel()
-    except Exception as e:
-        return f"the numba kernel failed to load ({type(e).__name__}: {e})"
-    return None
+    if not _READY:
+        preload()
+        if wait or _LOADING_CALLS >= LOAD_PATIENCE:
+            _load()
+        elif not _READY:
+            _LOADING_CALLS += 1
+            return _LOAD_ERROR or "the compiled engine is still loading, in the background"
+    return _LOAD_ERROR
 
 
 def _kernel():
@@ -216,14 +237,54 @@ def _kernel():
     return _KERNEL
 
 
-def warm():
-    """Compile the kernel for this MPI library's ABI (or load it from numba's cache): one call
-    of no messages through the path every call takes. Returns None, or why the engine cannot
-    run here. ``python -m mtcoll._engine`` runs it (``make`` does, after installing)."""
-    why = available()
-    if why:
-        return why
+def preload():
+    """Start loading the compiled engine in a background thread (numba's import and the
+    cached kernel's load: a few tenths of a second of CPU per process), unless it is loaded,
+    loading or cannot run here; returns at once. Until it is done, calls run on the Python
+    executor (the same messages and bits). The thread calls no MPI function: what the engine
+    needs of the MPI library is read here, in the calling thread."""
+    global _LOADER
+    if _READY or _LOADER is not None or _LOAD_ERROR or _abi().why:
+        return
+    import atexit
+    import threading
 
+    _LOADER = threading.Thread(target=_run_load, name="mtcoll-engine-load", daemon=True)
+    _LOADER.start()
+    atexit.register(_LOADER.join, EXIT_WAIT)
+
+
+def _run_load():
+    global _READY, _LOAD_ERROR
+    try:
+        _kernel()
+        _stub_call()
+    except Exception as e:  # noqa: BLE001 -- said by available(), per call
+        _LOAD_ERROR = f"the numba kernel failed to load ({type(e).__name__}: {e})"
+    else:
+        _READY = True
+
+
+def _load():
+    # the load, waited for: join the background one, or run it here
+    if _LOADER is not None:
+        _LOADER.join()
+    elif not _READY and not _LOAD_ERROR:
+        _run_load()
+
+
+def warm():
+    """Compile the kernel for this MPI library's ABI (or load it from numba's cache), and wait
+    for it: one call of no messages through the path every call takes. Returns None, or why the
+    engine cannot run here. ``python -m mtcoll._engine`` runs it (``make`` does, after
+    installing), and the calibration probe before its points."""
+    return available(wait=True)
+
+
+def _stub_call():
+    # One call of no messages (no MPI function is called: nothing to post or test): what
+    # makes numba compile the kernel or load it from its cache, for the one signature of
+    # every call.
     class _Stub:
         npieces = scratch_size = 0
         kind = phase = peer = a = b = tagnum = scratch = src_read = npending = ()
@@ -232,16 +293,17 @@ def warm():
 
     acc = np.zeros(1)
     CompiledExecution(_Stub(), _Stub(), acc, np.add, 0)._step(False, _ONE_TEST)
-    return None
 
 
 # -- selection ---------------------------------------------------------------------------------
 
-def start(executor, layout, acc, ufunc, slot, src, blocking):
+def start(executor, layout, acc, ufunc, slot, src, blocking, debug=False):
     """A :class:`CompiledExecution` of this call, or None (the caller runs the Python executor)
-    when the compiled engine cannot serve it; with ``MTCOLL_DEBUG``, rank 0 says which."""
+    when the compiled engine cannot serve it (or is still loading: the first call starts its
+    load in the background, see :func:`preload`); with ``debug`` (the caller's
+    ``MTCOLL_DEBUG``, off for calls the user did not make), rank 0 says which."""
     why = _why_not(executor, layout, acc, ufunc, blocking)
-    if _debug() and executor.rank == 0:
+    if debug and executor.rank == 0:
         print(f"mtcoll[rank 0]: engine=" + (f"python ({why})" if why else "compiled"),
               file=sys.stderr, flush=True)
     if why:
@@ -249,11 +311,6 @@ def start(executor, layout, acc, ufunc, slot, src, blocking):
     global served
     served += 1
     return CompiledExecution(executor, layout, acc, ufunc, slot, src)
-
-
-def _debug():
-    return os.environ.get("MTCOLL_DEBUG", "").strip().lower() not in ("", "0", "off", "no",
-                                                                      "false")
 
 
 def _why_not(executor, layout, acc, ufunc, blocking):
@@ -273,7 +330,7 @@ def _why_not(executor, layout, acc, ufunc, blocking):
         return "complex PROD (numpy's complex multiply rounds as the kernel cannot match)"
     if MPI._typedict.get(acc.dtype.char) is None:
         return f"no MPI datatype for dtype {acc.dtype}"
-    return available()
+    return None if _READY else available(wait=False)
 
 
 # -- the flat tables of a layout ---------------------------------------------------------------

@@ -357,7 +357,8 @@ class Executor:
         """Whether every tag of ``layout`` stays within the communicator's ``MPI.TAG_UB``."""
         return layout.max_stream * TAG_SLOTS - 1 <= self.tag_ub
 
-    def start(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None, blocking=False):
+    def start(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None, blocking=False,
+              debug=False):
         """Start this rank's part of the schedule on ``acc``; returns an :class:`Execution`
         (or, for a ``blocking`` call the compiled engine serves, its
         :class:`mtcoll._engine.CompiledExecution`).
@@ -384,6 +385,9 @@ class Executor:
             The caller waits for the execution right away, advancing nothing else meanwhile:
             the compiled engine (:mod:`mtcoll._engine`, see ``MTCOLL_ENGINE``) may run it.
             Nonblocking executions always run here, advanced by :func:`progress`.
+        debug : bool
+            Rank 0 prints which engine runs the call (``MTCOLL_DEBUG`` of a call the user
+            made; :class:`mtcoll.Comm` passes False for its own calls, such as the probe's).
 
         Every rank of the communicator must start the same schedule with the same count,
         dtype, phases and seq. Raises RuntimeError if the layout needs tags beyond
@@ -402,7 +406,7 @@ class Executor:
             raise ValueError("src must be 1-D, C-contiguous and of acc's dtype and size")
         slot = int(seq) % TAG_SLOTS
         from . import _engine  # the compiled engine, if it serves this call
-        compiled = _engine.start(self, lay, acc, ufunc, slot, src, blocking)
+        compiled = _engine.start(self, lay, acc, ufunc, slot, src, blocking, debug)
         if compiled is not None:
             return compiled
         return Execution(self, lay, acc, ufunc, slot, src)

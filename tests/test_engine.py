@@ -5,6 +5,7 @@ same errors. Each test checks that the engine it means to exercise ran (``_engin
 from __future__ import annotations
 
 import ctypes
+import re
 import sys
 import time
 
@@ -255,3 +256,59 @@ def test_one_kernel_signature(engine_ok):
     _engine.warm()
     sigs = _engine._kernel().run.signatures
     assert len(sigs) == 1, sigs
+
+
+LOADING = """\
+from mpi4py import MPI
+import numpy as np
+import mtcoll
+c = mtcoll.Comm(MPI.COMM_WORLD, algorithm="ring")
+x = np.ones(1000)
+for i in range(3):
+    c.Allreduce(MPI.IN_PLACE, x)
+assert np.all(x == c.Get_size() ** 3), x[:3]
+print("loading ok", c.Get_rank())
+"""
+
+
+def test_first_call_runs_while_the_engine_loads_and_the_next_waits(tmp_path, engine_ok):
+    # a new process: its first schedule call does not wait for the compiled engine (the
+    # Python executor runs it), the second waits for the load and is compiled, as is the third
+    import _mpirun
+
+    script = tmp_path / "loading.py"
+    script.write_text(LOADING)
+    out = _mpirun.run(2, ["-m", "mpi4py", str(script)], timeout=180, MTCOLL_DEBUG="1",
+                      MTCOLL_TUNING="off", MTCOLL_CALIBRATE="off")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("loading ok") == 2, out.stdout
+    engines = re.findall(r"mtcoll\[rank 0\]: engine=(.*)", out.stderr)
+    assert engines == ["python (the compiled engine is still loading, in the background)",
+                       "compiled", "compiled"], out.stderr
+
+
+CART_PROBE = """\
+from mpi4py import MPI
+import numpy as np
+import mtcoll
+grid = mtcoll.Comm(MPI.COMM_WORLD).Create_cart([2], periods=[True])
+grid.Allreduce(MPI.IN_PLACE, np.ones(1 << 16))
+"""
+
+
+def test_calibration_probe_prints_no_engine_lines(tmp_path, engine_ok):
+    # a new network calibrates (its probe makes dozens of schedule calls): under MTCOLL_DEBUG
+    # only the user's call prints, its call line and its engine line
+    import _mpirun
+
+    script = tmp_path / "cart_probe.py"
+    script.write_text(CART_PROBE)
+    out = _mpirun.run(2, ["-m", "mpi4py", str(script)], timeout=180, MTCOLL_DEBUG="1",
+                      MTCOLL_TUNING="off", MTCOLL_ENGINE="compiled",
+                      MTCOLL_CACHE_DIR=str(tmp_path / "cache"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "calibration source probe" in out.stderr, out.stderr  # the probe ran
+    calls = re.findall(r"mtcoll\[rank 0\]: Allreduce count=65536 .*", out.stderr)
+    engines = re.findall(r"mtcoll\[rank 0\]: engine=.*", out.stderr)
+    assert len(calls) == 1, out.stderr
+    assert len(engines) == (0 if "algorithm=native" in calls[0] else 1), out.stderr

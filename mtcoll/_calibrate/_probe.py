@@ -149,7 +149,7 @@ def budget():
 
 def _warm_engine():
     # the compiled engine's one-time load (numba and its cached kernel: seconds of CPU per
-    # process, paid by a process's first schedule call), outside the points' timing
+    # process, which a process's second schedule call would wait for), outside the points' timing
     from .. import _engine
 
     try:
