@@ -125,8 +125,7 @@ def _allreduce_bytes(comm, export, inplace):
     return out.tobytes()
 
 
-@pytest.fixture(params=("auto",) + tuple(ALGORITHMS))
-def mt(request, comm):
+def _comm(request, comm):
     c = mtcoll.Comm(comm, algorithm="auto")
     if request.param != "auto":
         try:
@@ -135,6 +134,21 @@ def mt(request, comm):
             c.Free()
             pytest.skip(f"{request.param} does not fit {c.network.spec}")
         c.algorithm = request.param
+    return c
+
+
+@pytest.fixture(params=("auto",) + tuple(ALGORITHMS))
+def mt(request, comm):
+    """An mtcoll Comm with each algorithm in turn (skipped where it does not fit)."""
+    c = _comm(request, comm)
+    yield c
+    c.Free()
+
+
+@pytest.fixture(params=("auto", "multitree"))
+def mt_library(request, comm):
+    """For the exports only the MPI library takes: the algorithm does not matter, two do."""
+    c = _comm(request, comm)
     yield c
     c.Free()
 
@@ -167,7 +181,7 @@ def test_float32_export_allgather_in_place(comm, mt):
 @pytest.mark.mpi
 @pytest.mark.parametrize("kind", sorted(UNREADABLE))
 @pytest.mark.parametrize("call", ["Allreduce", "Reduce_scatter_block", "Allgather"])
-def test_unreadable_element_type_behaves_as_mpi4py(comm, mt, kind, call):
+def test_unreadable_element_type_behaves_as_mpi4py(comm, mt_library, kind, call):
     """An element type numpy cannot import: mtcoll hands the call to mpi4py, so the outcome
     (result or exception type) is mpi4py's own, and the process survives."""
     code, bits, mem = UNREADABLE[kind]
@@ -188,13 +202,13 @@ def test_unreadable_element_type_behaves_as_mpi4py(comm, mt, kind, call):
         return recv.array.tobytes()
 
     want = _outcome(lambda: run(comm))
-    got = _outcome(lambda: run(mt))
+    got = _outcome(lambda: run(mt_library))
     assert got == want
     comm.Barrier()  # every rank still here, none crashed
 
 
 @pytest.mark.mpi
-def test_read_only_export_is_refused_as_by_mpi4py(comm, mt):
+def test_read_only_export_is_refused_as_by_mpi4py(comm, mt_library):
     """A versioned export flagged read-only as the receive buffer: mpi4py's BufferError,
     raised by mtcoll too, and the exporter's memory untouched."""
     size = comm.Get_size()
@@ -209,7 +223,7 @@ def test_read_only_export_is_refused_as_by_mpi4py(comm, mt):
         return data.tobytes()
 
     want = _outcome(lambda: run(comm))
-    got = _outcome(lambda: run(mt))
+    got = _outcome(lambda: run(mt_library))
     assert got == want
     assert want[0] is not None and "Buffer" in want[0]  # mpi4py refuses it
     comm.Barrier()
@@ -217,7 +231,7 @@ def test_read_only_export_is_refused_as_by_mpi4py(comm, mt):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("side", ["sendbuf", "recvbuf"])
-def test_failing_exporter_raises_on_every_rank(comm, mt, side):
+def test_failing_exporter_raises_on_every_rank(comm, mt_library, side):
     """An exporter whose ``__dlpack__`` raises: the same exception as with mpi4py, on every
     rank, and the communicator works afterwards."""
     size = comm.Get_size()
@@ -230,8 +244,8 @@ def test_failing_exporter_raises_on_every_rank(comm, mt, side):
         return b""
 
     want = _outcome(lambda: run(comm))
-    got = _outcome(lambda: run(mt))
+    got = _outcome(lambda: run(mt_library))
     assert got == want and want[0] is not None
     x = np.ones(3)
-    mt.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
+    mt_library.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
     assert np.all(x == size)
