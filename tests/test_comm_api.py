@@ -206,8 +206,11 @@ def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, seco
     Comm), or every rank hangs -- the per-test timeout then fails the run."""
     monkeypatch.setenv("MTCOLL_CHECK", check)
     r, n = comm.Get_rank(), 1 << 16
-    with mtcoll.Comm(comm, algorithm="multitree") as first, \
-            mtcoll.Comm(comm, algorithm="native" if "native" in second else "ring") as other:
+    # communicators of their own: mtcoll.Comm(c) of a communicator that already has a Comm
+    # with these options is that Comm, already set up (and already planned)
+    base, fresh = comm.Dup(), comm.Dup()
+    with mtcoll.Comm(base, algorithm="multitree") as first, \
+            mtcoll.Comm(base, algorithm="native" if "native" in second else "ring") as other:
         if second == "first use":
             assert "ring" not in other._schedules  # its first call plans, collectively
         a, b = np.zeros(n), np.zeros(n)
@@ -215,7 +218,7 @@ def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, seco
 
         def start_second():
             if second == "new Comm":  # constructing a Comm is a collective too
-                made.append(mtcoll.Comm(comm, algorithm="multitree"))
+                made.append(mtcoll.Comm(fresh, algorithm="multitree"))
                 return made[-1].Iallreduce(np.full(n, float(r)), b)
             if second == "mpi request":
                 return comm.Ibarrier()
@@ -244,6 +247,8 @@ def test_ranks_complete_calls_in_different_orders(comm, monkeypatch, check, seco
                 mtcoll.waitall([rb])
         for c in made:
             c.Free()
+    base.Free()
+    fresh.Free()
     assert np.array_equal(a, ranks_sum(comm, n))
     if second != "mpi request":
         assert np.array_equal(b, ranks_sum(comm, n))
