@@ -22,7 +22,7 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from . import _calibrate, _errors, _tuning
+from . import _calibrate, _errors, _learn, _tuning
 from ._buffers import prepare
 from ._derived import Derived
 from ._dispatch import Dispatch
@@ -253,19 +253,19 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
         self._leaders = leaders
         self._probing = False  # the calibration probe's calls print no debug lines
         self.calibration = None
+        self._learner = None  # auto's learning on the calls (mtcoll._learn), or None
         if algorithm == "auto" and self.tuning is None and self._size > 1:
             try:
-                if _calibrate.mode() != "off":
-                    self._probing = True
-                    self.calibration = _calibrate.calibrate(self, env_flag("MTCOLL_DEBUG"))
+                if _calibrate.mode() != "off":  # the cached calibration: a prior, no probe
+                    self._learner = _learn.Learner(
+                        self, _calibrate.prior(self, env_flag("MTCOLL_DEBUG")))
+                    self.calibration = self._learner.calibration
             except BaseException:  # (as above: what mtcoll made; the caller frees the rest)
                 self.virtual_topology.Free()
                 self._chk.Free()
                 self._dup.Free()
                 self._dup = self._chk = self.virtual_topology = None
                 raise
-            finally:
-                self._probing = False
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -440,6 +440,9 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
                 return
             except (BufferError, ValueError, TypeError):
                 pass  # not as mpi4py takes it (non-contiguous...): the slow path says why
+        if self._learner is not None:  # auto learning: the call may be timed
+            _learn.call(self, "Allreduce", sendbuf, recvbuf, op, True)
+            return
         self._start("Allreduce", sendbuf, recvbuf, op, blocking=True).Wait()
 
     def Iallreduce(self, sendbuf, recvbuf, op=MPI.SUM):
@@ -469,6 +472,8 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
                 if len(reqs) > 64:  # what _retire does, now and then
                     self._requests = deque(r for r in reqs if not r._done())
                 return req
+        if self._learner is not None:  # auto learning: the call may be timed
+            return _learn.call(self, "Iallreduce", sendbuf, recvbuf, op, False)
         return self._start("Iallreduce", sendbuf, recvbuf, op, blocking=False)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
@@ -507,6 +512,8 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm):
             if self.tuning:
                 c.algorithm = choose(c.nbytes, size, self.network, tuning=self.tuning)
                 how = "tuning table"
+            elif self._learner is not None and c.kind in ("Allreduce", "Iallreduce"):
+                c.algorithm, how = self._learner.choose(c)  # mtcoll._learn
             elif self.calibration is not None:
                 c.algorithm = choose(c.nbytes, size, self.network, calibration=self.calibration)
                 how = self.calibration.choose(c.nbytes)[1]
