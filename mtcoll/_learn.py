@@ -201,7 +201,7 @@ class Learner:
             parts.append(f"observed {cl.observed * 1e3:.3g}ms")
         parts.append(f"decided by {cl.decided_by} calls" if cl.decided_by else
                      "the only candidate")
-        return ", ".join(parts)
+        return ", ".join(parts) + (self._prior_note(cl) if cl.predicted else "")
 
     # -- measuring ------------------------------------------------------------------------------
 
