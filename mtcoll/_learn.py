@@ -226,8 +226,15 @@ class Learner:
     def _sum(self, values):
         # every rank's values, added up, in integer nanoseconds: the same on every rank
         comm = self.comm
-        for r in list(comm._requests):  # a rank in MPI_Allreduce advances none of them
-            r.Wait()
+        from ._requests import LOCK
+
+        # a rank in MPI_Allreduce advances none of its schedules in flight, which a peer may
+        # need finished first: finish them (completed, not freed: the caller's Wait or
+        # MPI.Request.Waitall frees them; the library's requests progress inside MPI)
+        for r in list(comm._requests):
+            if r._exec is not None and not r._complete:
+                with LOCK:
+                    r._wait_execution()
         mine = np.array([round(v * 1e9) for v in values], dtype=np.int64)
         total = np.empty_like(mine)
         comm._dup.Allreduce(mine, total, MPI.SUM)
@@ -331,4 +338,20 @@ def call(comm, kind, sendbuf, recvbuf, op, blocking):
         # the library ran a trial call: not the fast path's yet (the class is not settled)
         comm._fast.discard(p[3])
     lrn.record(p, dt)
-    return req
+    return req if blocking else _completed(comm, req)
+
+
+def _completed(comm, req):
+    # What a waited-for Iallreduce returns: a request that is complete and that MPI frees when
+    # it is waited for, a generalized request completed at once (not the null request a
+    # waited-for request becomes: MPICH 5.0's MPI_Waitall asserts on a null request beside a
+    # pending generalized one, as in a gradient step's MPI.Request.Waitall of every layer's)
+    from ._requests import Request, _cancel, _free, _query
+
+    handle = MPI.Grequest.Start(_query, _free, _cancel)
+    out = MPI.Request.__new__(Request, handle)
+    out.__dict__.update(_greq=handle, _exec=None, _native=None, _on_done=[], _keep=None,
+                        seq=None, _comm=comm, _timeout=None, _kind=req._kind,
+                        _threaded=req._threaded, _number=req._number, _complete=True)
+    handle.Complete()
+    return out
