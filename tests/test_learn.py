@@ -143,6 +143,7 @@ def test_a_prior_that_overpredicts_the_library_is_caught_on_the_calls(comm, lear
     assert rep["calls"] == 4 * len(rep["candidates"])
     assert rep["predicted"] == pytest.approx(c.calibration.predict(N * 4)["native"])
     assert rep["measured"] == pytest.approx(1e-3)
+    comm.Barrier()  # (rank 0 wrote it)
     with open(path) as fh:  # what the next run starts from
         learned = json.load(fh)["learned"][f"{N * 4}B:float32:SUM"]
     assert learned["algorithm"] == "native" and learned["calls"] == rep["calls"]
@@ -197,6 +198,7 @@ def test_off_is_the_built_in_rule_and_refresh_ignores_the_prior(comm, learning, 
         assert c._learner.learned == {}  # the file's entry is not read
         _calls(c, comm, 12)
         assert c._learner.report()[f"{N * 4}B:float32:SUM"]["choice"] == "rhd"
+    comm.Barrier()  # (rank 0 wrote it)
     with open(path) as fh:  # and rewritten
         assert json.load(fh)["learned"][f"{N * 4}B:float32:SUM"]["algorithm"] == "rhd"
 
