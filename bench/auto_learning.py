@@ -75,7 +75,7 @@ def _steps(world, make_step, nsteps):
 
 
 def mlp(comm, is_mtcoll):
-    bufs = [np.ones(n, np.float32) for n in LAYERS]
+    bufs = [np.zeros(n, np.float32) for n in LAYERS]  # (in place: zeros stay finite)
 
     def step():
         reqs = [comm.Iallreduce(MPI.IN_PLACE, b, MPI.SUM) for b in bufs]
