@@ -11,11 +11,16 @@ How a class is decided
     the library alone is settled at once. Otherwise its first ``(1 + ROUNDS) * len(candidates)``
     calls run the candidates in turn, round after round (a change in the machine's load falls
     on all of them alike); the first round is not timed (first-use costs: planning, layouts).
-    A trial call is waited for where it starts (an ``Iallreduce`` returns a completed request),
-    so that its time is its own.
+    A blocking trial call is timed as it runs. A timed ``Iallreduce`` is timed from its start to
+    its completion as it runs among the program's other calls (the progress thread or a
+    ``Wait`` stamps it; the library's request is handed back wrapped in one of mtcoll's so that
+    its completion is seen): waited for alone, the library's call would be priced as a lone
+    blocking wait, while a gradient step's requests progress together inside one ``Waitall``.
+    (Without the progress thread it is waited for where it starts and a completed request
+    returned.)
 
-    At the last trial call, which every rank reaches at the same call, the ranks add up their
-    times (one ``Allreduce`` of integer nanoseconds on mtcoll's private communicator, after
+    At the last trial call, which every rank reaches at the same call, the timed calls still
+    running are finished (not freed) and the ranks add up their times (one ``Allreduce`` of integer nanoseconds on mtcoll's private communicator, after
     the calls in flight are finished): a trial call's time is the mean over the ranks, a
     candidate's the median of its calls. The fastest wins; an mtcoll algorithm must beat the
     library by :data:`MARGIN`. The same integers on every rank give the same choice on every
@@ -24,8 +29,8 @@ How a class is decided
 
 Once settled
     A class settled on the library goes to the fast path (``Comm._fast``): not observed, no
-    cost. A class settled on an mtcoll algorithm times every :data:`SAMPLE`-th call (waited
-    for where it starts, like a trial call); every :data:`WINDOW` samples the ranks add them up
+    cost. A class settled on an mtcoll algorithm times every :data:`SAMPLE`-th call (like a
+    trial call); every :data:`WINDOW` samples the ranks add them up
     as above (the same call on every rank), and when their median is outside
     ``[settled / DRIFT, settled * DRIFT]`` the class is measured again on the next calls.
 
@@ -79,7 +84,7 @@ def class_name(key):
 class _Class:
     __slots__ = ("cands", "calls", "times", "state", "choice", "settled", "predicted",
                  "decided_by", "samples", "observed", "since", "cpu0", "wall0", "relearned",
-                 "medians")
+                 "medians", "inflight")
 
     def __init__(self, cands, predicted):
         self.cands = cands
@@ -96,6 +101,7 @@ class _Class:
         self.settled = None
         self.decided_by = 0
         self.samples = []
+        self.inflight = []  # (algorithm, t0, request, stamp) of timed Iallreduce calls running
         self.since = 0
         self.medians = {}
         self.cpu0 = self.wall0 = None
@@ -210,18 +216,57 @@ class Learner:
         at the same call on every rank)."""
         key, algo, timed, fast = pending
         cl = self.classes[key]
-        if timing is not None:
-            seconds = float(timing(self.comm._rank, algo, fast[0], seconds))
-        if cl.state == "trial":
-            if timed:
-                cl.times[algo].append(seconds)
-            if cl.calls == (1 + ROUNDS) * len(cl.cands):
-                self._settle(key, cl)
-            return
         if timed:
-            cl.samples.append(seconds)
-            if len(cl.samples) == WINDOW:
-                self._compare(key, cl)
+            seconds = self._timed(algo, fast[0], seconds)
+            (cl.times[algo] if cl.state == "trial" else cl.samples).append(seconds)
+        self._due(key, cl)
+
+    def started(self, pending, t0, request, stamp):
+        """A timed ``Iallreduce`` of ``pending`` started at ``t0`` runs; ``stamp[0]`` will be
+        the time it completed. Decide when due."""
+        key, algo, timed, fast = pending
+        cl = self.classes[key]
+        cl.inflight.append((algo, fast[0], t0, request, stamp))
+        self._due(key, cl)
+
+    def _timed(self, algo, nbytes, seconds):
+        return seconds if timing is None else float(timing(self.comm._rank, algo, nbytes,
+                                                           seconds))
+
+    def _due(self, key, cl):
+        # the same decision on every rank: the counts are the same
+        if cl.state == "trial":
+            if cl.calls == (1 + ROUNDS) * len(cl.cands):
+                self._collect(cl)
+                self._settle(key, cl)
+        elif len(cl.samples) + len(cl.inflight) >= WINDOW:
+            self._collect(cl)
+            self._compare(key, cl)
+
+    def _collect(self, cl):
+        # the running timed calls, finished (not freed: the caller's Wait or Waitall frees
+        # them) and their times taken, start to completion
+        from ._requests import LOCK, _unwatch, poll
+
+        def test(r):
+            # under the lock, as the progress thread tests it (a Wait outside the lock on the
+            # library's request would race the thread's Test, which frees it)
+            with LOCK:
+                if not r._complete and r._native.Test():
+                    _unwatch(r)
+                    r._finish()
+                return r._complete
+
+        for algo, nbytes, t0, r, stamp in cl.inflight:
+            if not r._complete:
+                if r._exec is not None:
+                    with LOCK:
+                        r._wait_execution()
+                else:
+                    poll(lambda: test(r), sleep=self.comm.wait == "sleep")
+            t = self._timed(algo, nbytes, stamp[0] - t0)
+            (cl.times[algo] if cl.state == "trial" else cl.samples).append(t)
+        cl.inflight = []
 
     def _sum(self, values):
         # every rank's values, added up, in integer nanoseconds: the same on every rank
@@ -332,13 +377,52 @@ def call(comm, kind, sendbuf, recvbuf, op, blocking):
             req.Wait()
         return req
     lrn.pending = None
-    req.Wait()
-    dt = time.perf_counter() - t0
     if lrn.classes[p[0]].state == "trial":
         # the library ran a trial call: not the fast path's yet (the class is not settled)
         comm._fast.discard(p[3])
+    if not blocking and comm._threaded:
+        # timed as it runs among the program's other calls, from its start to its completion
+        # (a lone waited-for Iallreduce prices the library's call as a lone blocking wait,
+        # while a gradient step's requests progress together inside one Waitall)
+        if not p[2]:
+            return req
+        out, stamp = _stamped(comm, req)
+        lrn.started(p, t0, out, stamp)
+        return out
+    req.Wait()
+    dt = time.perf_counter() - t0
     lrn.record(p, dt)
     return req if blocking else _completed(comm, req)
+
+
+def _stamped(comm, req):
+    # ``(request, stamp)``: the request to hand back and a cell that gets the time it
+    # completes, whoever completes it (the progress thread, a Wait). The library's own
+    # request is wrapped in one of mtcoll's, which the progress thread completes
+    from ._requests import LOCK, Request, wake
+
+    stamp = [None]
+
+    def done():
+        stamp[0] = time.perf_counter()
+
+    with LOCK:
+        if req._done():
+            done()
+            return req, stamp
+        if req._greq is None:
+            out = Request(native=MPI.Request(req), on_done=[done], keep=req._keep)
+            out._comm, out._timeout, out._kind = comm, req._timeout, req._kind
+            out._threaded, out._number = req._threaded, req._number
+            reqs = comm._requests
+            if reqs and reqs[-1] is req:
+                reqs.pop()
+            reqs.append(out)
+        else:
+            req._on_done.append(done)
+            out = req
+    wake()
+    return out, stamp
 
 
 def _completed(comm, req):
