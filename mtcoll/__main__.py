@@ -3,10 +3,12 @@
 Prints the versions of mtcoll, mpi4py, the MPI library, numba and numpy; the topology
 ``auto`` chooses for the communicator it runs on (so run it under ``mpiexec -n N`` to see
 what N ranks get); where the tuning table and numba's compiled-kernel cache live; the
-calibration ``algorithm="auto"`` chooses by (:mod:`mtcoll._calibrate`: where it is cached, what
-its probe measured, and what auto picks per size), read from the cache or, on a cold cache,
-measured by constructing a ``Comm`` (collective: the probe). Only rank 0 prints. ``--json``
-follows the tools' convention.
+prior ``algorithm="auto"`` starts from (:mod:`mtcoll._calibrate`: where it is cached, what a
+probe measured and under which load, what auto would pick per size from it) and what auto
+learned on earlier runs' calls (:mod:`mtcoll._learn`: per class its choice, the prior's
+prediction, the time observed and how many calls decided it), read from the cache by
+constructing a ``Comm`` (collective; no probe). ``--calibrate`` runs the full probe first and
+caches it. Only rank 0 prints. ``--json`` follows the tools' convention.
 """
 
 from __future__ import annotations
@@ -76,29 +78,67 @@ def _calibration(comm, _calibrate):
         return out
     from .comm import Comm
 
-    with Comm(comm) as c:  # reads the cache, or probes (collective)
-        cal = c.calibration
-        if cal is None:
+    with Comm(comm) as c:  # reads the cache (collective; no probe)
+        lrn = c._learner
+        if lrn is None:
             out["calibration_source"] = "tuning table" if c.tuning else "none (algorithm set)"
             return out
-        out["calibration_source"] = cal.source
-        out["calibration_file"] = cal.path
-        out["calibration_probe_s"] = round(cal.data["probe_seconds"], 3)
-        out["calibration_model"] = cal.describe()[2:]
-        sizes = [8] + [4 ** k for k in range(5, 14)]
-        out["auto_choices"] = [f"{b} B: {cal.choose(b)[0]}" for b in sizes]
+        out["auto_prior"] = lrn.source + (f", {lrn.path}" if lrn.path else "")
+        cal = c.calibration
+        if cal is not None:
+            out["calibration_source"] = cal.source
+            out["calibration_file"] = cal.path
+            out["calibration_probe_s"] = round(cal.data["probe_seconds"], 3)
+            out["calibration_load"] = _load(cal.data.get("load"))
+            out["calibration_model"] = cal.describe()[2:]
+            sizes = [8] + [4 ** k for k in range(5, 14)]
+            out["auto_choices"] = [f"{b} B: {cal.choose(b)[0]}" for b in sizes]
+        out["auto_classes"] = [_learned_line(name, e, cal) for name, e in
+                               sorted(lrn.learned.items(), key=lambda x: int(x[0].split("B")[0]))]
     return out
+
+
+def _load(load):
+    if not load:
+        return "not recorded"
+    avg = load.get("loadavg")
+    return (f"load average {' '.join(f'{x:.2f}' for x in avg) if avg else '?'}, "
+            f"ranks' CPU share {load.get('cpu_share', 0):.0%}")
+
+
+def _learned_line(name, e, cal):
+    # one class auto learned: its choice, the prior's prediction, what was observed, the calls
+    nbytes = int(name.split("B")[0])
+    pred = cal.predict(nbytes).get(e["algorithm"]) if cal is not None else None
+    return (f"{name}: {e['algorithm']}, predicted "
+            + ("-" if pred is None else f"{pred * 1e3:.3g} ms")
+            + f", observed {e['seconds'] * 1e3:.3g} ms, decided by {e['calls']} calls ("
+            + ", ".join(f"{a} {t * 1e3:.3g} ms" for a, t in e.get("candidates", {}).items())
+            + f"), {_load({'loadavg': e.get('loadavg'), 'cpu_share': e.get('cpu_share', 0)})}"
+            + f", {e.get('created', '?')}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mtcoll", description=__doc__.splitlines()[0])
     p.add_argument("--info", action="store_true", help="print versions, topology and paths")
+    p.add_argument("--calibrate", action="store_true",
+                   help="run the full calibration probe (collective) and cache it as auto's "
+                        "prior, then print --info")
     add_json_option(p)
     args = p.parse_args(argv)
-    if not args.info:
+    if not (args.info or args.calibrate):
         p.print_help()
         return 0
     from mpi4py import MPI
+
+    if args.calibrate:
+        from . import _calibrate
+        from ._errors import env_flag
+        from .comm import Comm
+
+        with Comm(MPI.COMM_WORLD) as c:
+            if c._size > 1:
+                _calibrate.calibrate(c, env_flag("MTCOLL_DEBUG"), force=True)
 
     facts = info()
     if MPI.COMM_WORLD.Get_rank() == 0:

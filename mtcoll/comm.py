@@ -22,7 +22,7 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from . import _calibrate, _errors, _registry, _tuning
+from . import _calibrate, _errors, _learn, _registry, _tuning
 from ._buffers import prepare
 from ._derived import Derived, cart_spec
 from ._dispatch import FAST_KINDS, Dispatch
@@ -225,6 +225,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
     _broken = None
     _fast = frozenset()
     _last_kind = _last_dtype = _last_op = _last_nbytes = None
+    _learner = None
 
     def __new__(cls, comm=None, *args, **kwargs):
         # Allocation only (``Comm(...)`` itself is _Constructor.__call__). With a communicator
@@ -381,19 +382,19 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         self._leaders = leaders
         self._probing = False  # the calibration probe's calls print no debug lines
         self.calibration = None
+        self._learner = None  # auto's learning on the calls (mtcoll._learn), or None
         if algorithm == "auto" and self.tuning is None and self._size > 1:
             try:
-                if _calibrate.mode() != "off":
-                    self._probing = True
-                    self.calibration = _calibrate.calibrate(self, env_flag("MTCOLL_DEBUG"))
+                if _calibrate.mode() != "off":  # the cached calibration: a prior, no probe
+                    self._learner = _learn.Learner(
+                        self, _calibrate.prior(self, env_flag("MTCOLL_DEBUG")))
+                    self.calibration = self._learner.calibration
             except BaseException:  # (as above: what mtcoll made; the caller frees the rest)
                 self.virtual_topology.Free()
                 self._chk.Free()
                 self._dup.Free()
                 self._dup = self._chk = self.virtual_topology = None
                 raise
-            finally:
-                self._probing = False
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -609,6 +610,9 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
                 return
             except (BufferError, ValueError, TypeError):
                 pass  # not as mpi4py takes it (non-contiguous...): the slow path says why
+        if self._learner is not None:  # auto learning: the call may be timed
+            _learn.call(self, "Allreduce", sendbuf, recvbuf, op, True)
+            return
         self._start("Allreduce", sendbuf, recvbuf, op, blocking=True).Wait()
 
     def Iallreduce(self, sendbuf, recvbuf, op=MPI.SUM):
@@ -638,6 +642,8 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
                 if len(reqs) > 64:  # what _retire does, now and then
                     self._requests = deque(r for r in reqs if not r._done())
                 return req
+        if self._learner is not None:  # auto learning: the call may be timed
+            return _learn.call(self, "Iallreduce", sendbuf, recvbuf, op, False)
         return self._start("Iallreduce", sendbuf, recvbuf, op, blocking=False)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
@@ -698,6 +704,8 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         if self.tuning:
             c.algorithm = choose(c.nbytes, size, self.network, tuning=self.tuning)
             how = "tuning table"
+        elif self._learner is not None and c.kind in ("Allreduce", "Iallreduce"):
+            c.algorithm, how = self._learner.choose(c)  # mtcoll._learn
         elif self.calibration is not None:
             c.algorithm = choose(c.nbytes, size, self.network, calibration=self.calibration)
             how = self.calibration.choose(c.nbytes)[1]

@@ -1,11 +1,12 @@
 """The calibrated ``auto`` (mtcoll._calibrate): the model, the probe, its cache and its key.
 
-Serial tests check the model on made-up measurements; the MPI tests probe for real (small
-sizes, no time budget beyond the minimum points, so that they stay cheap) and check what
-holds whatever the timings: every rank gets the same calibration and choices, a second Comm
-reads the cache, a changed key probes again, a tuning table overrides, a cache directory that
-cannot be written costs nothing but the cache, and every choice gives the right sum. No test
-depends on which algorithm is faster.
+Serial tests check the model on made-up measurements; the MPI tests probe for real, when
+asked (:func:`mtcoll._calibrate.calibrate`: a Comm itself never probes; small sizes, no time
+budget beyond the minimum points, so that they stay cheap) and check what holds whatever the
+timings: every rank gets the same calibration and choices, a new Comm reads the cache as its
+prior, a changed key probes again, a tuning table overrides, a cache directory that cannot be
+written costs nothing but the cache, and every choice gives the right sum. No test depends on
+which algorithm is faster.
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ def test_probe_then_cache_and_every_rank_chooses_the_same(comm, probing):
     if comm.size < 2:
         pytest.skip("a single rank has nothing to calibrate")
     with mtcoll.Comm(comm) as c:
-        cal = c.calibration
+        assert c.calibration is None  # a cold cache: no probe at construction
+        cal = _calibrate.calibrate(c)
         assert cal is not None and cal.source == "probe"
         assert cal.candidates[0] == "native" and "multitree" in cal.candidates
         for a in ("native", "rhd", "multitree"):  # the minimum: each at two sizes
@@ -178,20 +180,24 @@ def test_a_changed_key_or_refresh_probes_again(comm, probing, monkeypatch):
     if comm.size < 2:
         pytest.skip("a single rank has nothing to calibrate")
     with mtcoll.Comm(comm) as c:
-        first = c.calibration.data
+        first = _calibrate.calibrate(c).data
     monkeypatch.setattr(_calibrate, "engine_id", lambda: "a-faster-engine")
     with mtcoll.Comm(comm) as c:
-        assert c.calibration.source == "probe"
-        assert c.calibration.data["key"]["engine"] == "a-faster-engine"
-        assert c.calibration.data["key"] != first["key"]
+        assert c.calibration is None  # the new key has no file yet
+        cal = _calibrate.calibrate(c)
+        assert cal.source == "probe"
+        assert cal.data["key"]["engine"] == "a-faster-engine"
+        assert cal.data["key"] != first["key"]
     if comm.rank == 0:
         assert len([f for f in os.listdir(probing) if f.endswith(".json")]) == 2
     monkeypatch.setenv("MTCOLL_CALIBRATE", "refresh")
     with mtcoll.Comm(comm) as c:
-        assert c.calibration.source == "probe"
+        assert c.calibration is None  # refresh: the cached prior is not read
+        assert _calibrate.calibrate(c).source == "probe"
     monkeypatch.setenv("MTCOLL_CALIBRATE", "on")
     with mtcoll.Comm(comm) as c:
         assert c.calibration.source == "cache"
+        assert _calibrate.calibrate(c).source == "cache"
     # a damaged file: probed again and rewritten
     if comm.rank == 0:
         for f in os.listdir(probing):
@@ -199,7 +205,8 @@ def test_a_changed_key_or_refresh_probes_again(comm, probing, monkeypatch):
                 fh.write("{not json")
     comm.Barrier()
     with mtcoll.Comm(comm) as c:
-        assert c.calibration.source == "probe"
+        assert c.calibration is None  # not readable: no prior
+        assert _calibrate.calibrate(c).source == "probe"
         _check_sums(c, comm)
 
 
@@ -213,9 +220,10 @@ def test_an_unwritable_cache_costs_only_the_cache(comm, probing, monkeypatch):
     comm.Barrier()
     monkeypatch.setenv("MTCOLL_CACHE_DIR", os.path.join(blocker, "sub"))  # not a directory
     with mtcoll.Comm(comm) as c:
-        assert c.calibration.source.startswith("probe (not cached:")
-        assert c.calibration.path is None
-        _same_everywhere(comm, [c.calibration.choose(b)[0] for b in SIZES])
+        cal = _calibrate.calibrate(c)
+        assert cal.source.startswith("probe (not cached:")
+        assert cal.path is None
+        _same_everywhere(comm, [cal.choose(b)[0] for b in SIZES])
         _check_sums(c, comm)
 
 
@@ -253,16 +261,19 @@ def test_debug_prints_every_candidates_prediction(comm, probing, monkeypatch, ca
         pytest.skip("a single rank has nothing to calibrate")
     monkeypatch.setenv("MTCOLL_DEBUG", "1")
     with mtcoll.Comm(comm) as c:
+        _calibrate.calibrate(c, debug=True)
+    with mtcoll.Comm(comm) as c:  # the probe's file is this one's prior
         x = np.ones(1 << 16, np.float32)
         c.Allreduce(x, np.empty_like(x), MPI.SUM)
         cands = c.calibration.candidates
     err = capfd.readouterr().err
     if comm.rank == 0:
         assert "calibration source probe" in err and "calibration measured native" in err
+        assert "auto prior from cache" in err
         lines = [ln for ln in err.splitlines() if "bytes=262144" in ln]
-        assert len(lines) == 1 and "chosen by auto, calibrated: " in lines[0]
-        for a in cands:
-            assert f"{a} " in lines[0].split("calibrated: ")[1]
+        assert len(lines) == 1 and "chosen by auto, " in lines[0]
+        for a in cands:  # the prior's prediction of every candidate
+            assert f"{a} " in lines[0].split("(prior: ")[1]
         # the probe's own calls print nothing
         assert not [ln for ln in err.splitlines() if "bytes=1024 " in ln]
     else:
@@ -336,6 +347,9 @@ class _FakeDup:
         recv[...] = send
 
     def bcast(self, obj, root=0):
+        return obj
+
+    def allreduce(self, obj, op=None):
         return obj
 
 

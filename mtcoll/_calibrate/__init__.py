@@ -46,8 +46,14 @@ the same on every rank. Three files:
     anew), the network spec, the wait mode and segmenting, the machine (CPU count and
     architecture of rank 0's host), and the file's format. A missing, unreadable or read-only
     cache directory costs a probe per Comm, never an error (``MTCOLL_DEBUG`` says why).
-    ``MTCOLL_CALIBRATE=off`` turns calibration off (``auto`` then follows the built-in rule of
-    :func:`mtcoll.comm.choose`); ``refresh`` probes again and rewrites the cache.
+    The file is also where ``auto`` records what it learned on the real calls
+    (:mod:`mtcoll._learn`, its ``learned`` entries). ``MTCOLL_CALIBRATE=off`` turns
+    calibration and learning off (``auto`` then follows the built-in rule of
+    :func:`mtcoll.comm.choose`); ``refresh`` ignores the cached prior, learns anew and rewrites
+    the file.
+
+A ``Comm`` never probes: it reads the file as the **prior** of its learning (:func:`prior`).
+The probe runs when asked for, by :func:`calibrate` (``python -m mtcoll --calibrate``).
 """
 
 from __future__ import annotations
@@ -62,17 +68,27 @@ from ._probe import (BUDGET, DOMINATED, MIN_BATCHES, ORDER, REPEATS, dominated, 
                      probe_sizes, time_batch)
 from . import _probe
 
-__all__ = ["Calibration", "cache_dir", "cache_path", "engine_id", "key", "calibrate",
+__all__ = ["Calibration", "Prior", "prior", "cache_dir", "cache_path", "engine_id", "key", "calibrate",
            "probe_batches", "probe_sizes", "ORDER", "mode", "BUDGET", "MIN_BATCHES", "FORMAT",
            "MARGIN", "REACH", "REPEATS", "DOMINATED", "dominated", "features", "link_terms",
            "host_layout", "segmenting", "time_batch"]
 
 
-def calibrate(comm, debug=False):
-    """The :class:`Calibration` of an mtcoll ``Comm`` (collective): from the cache when it
-    holds this key, else by probing (and caching what was measured). Rank 0 decides; every
-    rank gets the same."""
-    comm._gate()  # every rank is here: what follows is the calibration's own time
+class Prior:
+    """What ``auto`` starts from (:func:`prior`): ``calibration`` (a :class:`Calibration`, or
+    None), ``learned`` (``{class name: entry}`` that earlier runs learned), ``path`` (the cache
+    file, or None), ``data`` (rank 0: the file's contents, to add to and rewrite; else None),
+    ``source`` (``"cache"``, ``"none"`` or ``"none (why)"``), ``seconds`` (the read's time)."""
+
+    def __init__(self, calibration, learned, path, data, source, seconds):
+        self.calibration, self.learned, self.path = calibration, learned, path
+        self.data, self.source, self.seconds = data, source, seconds
+
+
+def prior(comm, debug=False):
+    """The :class:`Prior` of an mtcoll ``Comm`` (collective, no probe): rank 0 reads the cache
+    file of this key (not with ``MTCOLL_CALIBRATE=refresh``) and broadcasts it."""
+    comm._gate()
     start = time.perf_counter()
     rank = comm._dup.Get_rank()
     payload = None
@@ -87,10 +103,56 @@ def calibrate(comm, debug=False):
         raise ValueError(f"mtcoll calibration (rank 0, for rank {rank}): {payload[1]}")
     if payload[0] == "cached":
         _, data, path = payload
+        cal = None
+        if data.get("measured") and data.get("features"):
+            cal = Calibration(data, path, "cache")
+        pri = Prior(cal, dict(data.get("learned", {})), path, data if rank == 0 else None,
+                    "cache", 0.0)
+    else:
+        _, k, _, path, why = payload
+        pri = Prior(None, {}, path, {"key": k, "learned": {}} if rank == 0 else None,
+                    "none" if why is None else f"none ({why})", 0.0)
+    pri.seconds = time.perf_counter() - start
+    if debug and rank == 0:
+        print(f"mtcoll[rank 0]: auto prior from {pri.source}"
+              + (f", {pri.path}" if pri.path else "")
+              + f": calibration {'yes' if pri.calibration else 'no'}, "
+              f"{len(pri.learned)} learned classes ({pri.seconds:.3f} s)",
+              file=sys.stderr, flush=True)
+    return pri
+
+
+def calibrate(comm, debug=False, force=False):
+    """The :class:`Calibration` of an mtcoll ``Comm`` by the full probe (collective): from the
+    cache when it holds this key (not with ``force``), else by probing (and caching what was
+    measured). Rank 0 decides; every rank gets the same. A ``Comm`` does not call it (its
+    ``auto`` learns on the calls, :mod:`mtcoll._learn`); ``python -m mtcoll --calibrate``
+    does."""
+    comm._gate()  # every rank is here: what follows is the calibration's own time
+    start = time.perf_counter()
+    rank = comm._dup.Get_rank()
+    payload = None
+    if rank == 0:
+        try:
+            payload = lookup(comm)
+            if force and payload[0] == "cached":
+                payload = ("probe", payload[1]["key"], None, payload[2], None)
+        except Exception as e:  # noqa: BLE001 -- every rank must hear of it
+            payload = ("error", f"{type(e).__name__}: {e}")
+    comm._gate()
+    payload = comm._dup.bcast(payload, root=0)
+    if payload[0] == "error":
+        raise ValueError(f"mtcoll calibration (rank 0, for rank {rank}): {payload[1]}")
+    if payload[0] == "cached":
+        _, data, path = payload
         cal = Calibration(data, path, "cache")
     else:
         _, k, _, path, why = payload
-        data = _probe.run(comm, k)
+        probing, comm._probing = comm._probing, True  # (its calls print no debug lines)
+        try:
+            data = _probe.run(comm, k)
+        finally:
+            comm._probing = probing
         cal = None
         if rank == 0:
             saved, why = store(path, data) if path is not None else (False, why)

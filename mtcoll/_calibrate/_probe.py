@@ -168,6 +168,7 @@ def run(comm, k):
     from ._cache import segmenting
 
     start = time.perf_counter()
+    cpu = time.process_time()
     rank = comm._dup.Get_rank()
     net, seg = comm.network, segmenting(comm)
     _warm_engine()
@@ -207,11 +208,19 @@ def run(comm, k):
         go = done < MIN_BATCHES or time.perf_counter() - counted < allowed
         if not comm._dup.bcast(go, root=0):
             break
+    # how loaded the machine was: a probe under load is marked as such in the cache
+    share = comm._dup.allreduce((time.process_time() - cpu)
+                                / max(time.perf_counter() - start, 1e-9)) / comm._size
     data = None
     if rank == 0:
         total = time.perf_counter() - start
+        try:
+            loadavg = list(os.getloadavg())
+        except OSError:
+            loadavg = None
         data = {"key": k, "features": {a: feats[a] for a in ["native", *ORDER] if a in feats},
                 "measured": measured, "probe_seconds": total,
                 "phases": {**phases, "points": total - sum(phases.values())},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "load": {"loadavg": loadavg, "cpu_share": share}}
     return data
