@@ -108,14 +108,20 @@ def test_every_rank_runs_the_same_algorithm_when_their_timings_differ(comm, lear
     assert {a for _, _, a in ran[12:]} == {rep[name]["choice"]}
 
 
-def _poisoned_file(c, path, factor=15.0):
+def _plan_candidates(c):
+    # collective (the first use of an algorithm plans on rank 0 and broadcasts): every rank,
+    # before rank 0 alone writes the file from the schedules
+    return {a: c.schedule(a) for a in ("rhd", "multitree")}
+
+
+def _poisoned_file(c, path, schedules, factor=15.0):
     # a calibration whose library times are `factor` times what the calls take
     seg = segmenting(c)
     k = key(c._size, host_layout(c._leaders), c.network.spec, c.wait, seg)
     feats = {"native": {"native": True, "links": [0.0, 0.0]}}
     measured = {"native": [[1024, 1e-4 * factor], [65536, 1e-3 * factor]]}
     for a, f in (("rhd", 1.5), ("multitree", 1.8)):
-        feats[a] = features(c.schedule(a), c.network, seg)
+        feats[a] = features(schedules[a], c.network, seg)
         measured[a] = [[1024, 1e-4 * f], [65536, 1e-3 * f]]
     data = {"key": k, "features": feats, "measured": measured, "probe_seconds": 0.1,
             "phases": {}, "created": "made by a test",
@@ -130,8 +136,9 @@ def test_a_prior_that_overpredicts_the_library_is_caught_on_the_calls(comm, lear
     with mtcoll.Comm(comm) as c:
         path = c._learner.path
         assert c.calibration is None and path is not None  # a cold cache: no probe
+        schedules = _plan_candidates(c)
         if comm.rank == 0:
-            _poisoned_file(c, path)
+            _poisoned_file(c, path, schedules)
         comm.Barrier()
     truth = {"native": 1e-3, "rhd": 1.4e-3, "multitree": 1.6e-3}
     _inject(monkeypatch, lambda rank: truth)
@@ -209,8 +216,9 @@ def test_info_shows_each_learned_class(comm, learning, monkeypatch):
 
     _inject(monkeypatch, lambda rank: {"native": 1e-3, "rhd": 5e-4, "multitree": 2e-3})
     with mtcoll.Comm(comm) as c:
+        schedules = _plan_candidates(c)
         if comm.rank == 0:
-            _poisoned_file(c, c._learner.path)
+            _poisoned_file(c, c._learner.path, schedules)
         comm.Barrier()
     with mtcoll.Comm(comm) as c:
         _calls(c, comm, 12)

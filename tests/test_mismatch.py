@@ -39,17 +39,22 @@ def _settle(comm):
 
 @pytest.fixture
 def fresh(comm):
-    """``fresh(**options)``: a new Comm on COMM_WORLD, freed after the test (broken or not)."""
+    """``fresh(**options)``: a new Comm on a duplicate of COMM_WORLD (so that it is constructed
+    on every rank, whatever Comms of COMM_WORLD earlier tests left), freed after the test
+    (broken or not)."""
     made = []
 
     def make(**options):
-        c = mtcoll.Comm(comm, **options)
-        made.append(c)
+        base = comm.Dup()
+        c = mtcoll.Comm(base, **options)
+        made.append((c, base))
         return c
 
     yield make
-    for c in made:
+    for c, base in made:
         c.Free()
+        if c._broken is None:  # (a broken Comm keeps its communicators, see Comm.Free)
+            base.Free()
 
 
 _TRUNCATION = {}
