@@ -23,6 +23,9 @@ import sys
 
 CHILD = r"""
 import json, resource, sys, time
+cap = int(sys.argv[3])
+if cap:  # address-space cap: a run that would exceed it fails instead of swapping
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -41,12 +44,22 @@ c3 = cpu()
 r = validate(s, spec, engine="numba")
 t4 = time.perf_counter()
 c4 = cpu()
-print(json.dumps({"topology": spec, "algorithm": algo, "nodes": s.nranks, "steps_per_phase": list(s.steps),
+print(json.dumps({"topology": spec, "algorithm": algo, "nodes": s.nranks,
+                  "transfers": s.ntransfers, "validate_cpu_s": c4 - c3, "steps_per_phase": list(s.steps),
                   "lower_bound": r.lower_bound, "valid": r.valid,
                   "plan_s": t3 - t2, "plan_cpu_s": c3 - c2, "validate_s": t4 - t3, "plan_validate_s": t4 - t2, "plan_validate_cpu_s": c4 - c2,
                   "numba_load_s": t1 - t0,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+
+
+# peak bytes per (rank count)^2, measured on torus:64x64 (4096 ranks: 3.46 GB); the schedule
+# holds N^2 transfers, so a size whose estimate exceeds the cap is not started
+PEAK_PER_N2 = 3.46e9 / 4096**2
+
+
+def _estimated_peak(n):
+    return PEAK_PER_N2 * n * n
 
 
 def main(argv=None):
@@ -56,17 +69,29 @@ def main(argv=None):
     p.add_argument("--algorithm", default="multitree", help="default: %(default)s")
     p.add_argument("--options", default="", metavar="/OPT...",
                    help="spec options appended to every torus, e.g. /20mbit/0-1=5mbit")
+    p.add_argument("--cap-gib", type=float, default=6.0,
+                   help="address-space cap of each run; a size whose estimated peak (the "
+                        "schedule's transfers grow as N^2) exceeds it is skipped "
+                        "(default: %(default)s; 0: no cap)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE")
     args = p.parse_args(argv)
     rows = []
-    hdr = f"{'topology':<12} {'nodes':>6} {'steps':>6} {'bound':>6} {'valid':>5} " \
-          f"{'plan s':>8} {'plan cpu':>8} {'valid. s':>8} {'total s':>8} {'cpu s':>8} {'peak MiB':>9} " \
-          f"{'numba load s':>12}"
+    hdr = f"{'topology':<14} {'nodes':>6} {'steps':>6} {'bound':>6} {'valid':>5} " \
+          f"{'transfers':>10} {'plan s':>8} {'plan cpu':>8} {'valid. s':>8} {'val. cpu':>8} " \
+          f"{'total s':>8} {'cpu s':>8} {'peak MiB':>9} {'numba load s':>12}"
     if args.json != "-":
         print(hdr)
     for side in args.sides:
         spec = f"torus:{side}x{side}{args.options}"
-        out = subprocess.run([sys.executable, "-c", CHILD, spec, args.algorithm],
+        cap = int(args.cap_gib * 2**30)
+        if cap and _estimated_peak(side**2) > cap:
+            rows.append({"topology": spec, "skipped": f"estimated peak "
+                         f"{_estimated_peak(side**2) / 2**30:.1f} GiB > cap {args.cap_gib} GiB"})
+            if args.json != "-":
+                print(f"{spec:<14} skipped: {rows[-1]['skipped']}", flush=True)
+            continue
+        out = subprocess.run([sys.executable, "-c", CHILD, spec, args.algorithm,
+                              str(cap + 2**31 if cap else 0)],  # + numba's address space
                              capture_output=True, text=True)
         if out.returncode:
             print(out.stderr, file=sys.stderr)
@@ -74,9 +99,9 @@ def main(argv=None):
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         if args.json != "-":
-            print(f"{spec:<12} {r['nodes']:>6} {r['steps_per_phase'][0]:>6} {r['lower_bound']:>6} "
-                  f"{str(r['valid']):>5} {r['plan_s']:>8.3f} {r['plan_cpu_s']:>8.3f} "
-                  f"{r['validate_s']:>8.3f} "
+            print(f"{spec:<14} {r['nodes']:>6} {r['steps_per_phase'][0]:>6} {r['lower_bound']:>6} "
+                  f"{str(r['valid']):>5} {r['transfers']:>10} {r['plan_s']:>8.3f} "
+                  f"{r['plan_cpu_s']:>8.3f} {r['validate_s']:>8.3f} {r['validate_cpu_s']:>8.3f} "
                   f"{r['plan_validate_s']:>8.3f} {r['plan_validate_cpu_s']:>8.3f} "
                   f"{r['peak_rss_mib']:>9.0f} "
                   f"{r['numba_load_s']:>12.2f}", flush=True)
