@@ -241,6 +241,14 @@ _DTYPES = dict(phase=np.int8, step=np.int32, src=np.int32, dst=np.int32, lo=np.i
 _MAGIC = b"MTRS1"
 
 
+def _narrow(a):
+    for t in (np.int8, np.int16):
+        if a.dtype.itemsize > np.dtype(t).itemsize and (
+                not a.size or np.iinfo(t).min <= a.min() and a.max() <= np.iinfo(t).max):
+            return a.astype(t)
+    return a
+
+
 def _stream_summary(s):
     """What every rank must know of the whole schedule to agree on message counts: per phase
     set, the (transfers, widest range) of each rank pair, as the pairs on the upper-right front
@@ -358,12 +366,15 @@ class RankSchedule:
         """A compact serialisation (a JSON header, then the raw arrays); see :meth:`from_bytes`."""
         identity = bool(np.array_equal(self.owner, np.arange(self.nchunks)))
         arrays = [] if identity else [self.owner]
-        arrays += [getattr(self, f) for f in _FIELDS] + [self.pair_front, self.width_counts]
+        # each field in the narrowest integer type its values fit (int16 up to 32,767 ranks)
+        fields = [_narrow(getattr(self, f)) for f in _FIELDS]
+        arrays += fields + [self.pair_front, self.width_counts]
         head = json.dumps(dict(algorithm=self.algorithm, topology=self.topology,
                                nranks=self.nranks, nchunks=self.nchunks, rank=self.rank,
                                steps=self.steps, meta=self.meta, identity=identity,
                                n=self.ntransfers, front=len(self.pair_front),
-                               widths=len(self.width_counts))).encode()
+                               widths=len(self.width_counts),
+                               dtypes=[a.dtype.str for a in fields])).encode()
         return b"".join([_MAGIC, len(head).to_bytes(4, "little"), head]
                         + [np.ascontiguousarray(a).tobytes() for a in arrays])
 
@@ -386,7 +397,7 @@ class RankSchedule:
 
         owner = np.arange(head["nchunks"]) if head["identity"] else take(np.int32,
                                                                          head["nchunks"])
-        transfers = {f: take(_DTYPES[f], head["n"]) for f in _FIELDS}
+        transfers = {f: take(np.dtype(t), head["n"]) for f, t in zip(_FIELDS, head["dtypes"])}
         front = take(np.int64, 3 * head["front"])
         widths = take(np.int64, 3 * head["widths"])
         return cls(head["algorithm"], head["topology"], head["nranks"], head["nchunks"],
