@@ -261,9 +261,11 @@ def _stream_summary(s):
         if not sel.any():
             continue
         pair = s.src[sel].astype(np.int64) * s.nranks + s.dst[sel]
-        uniq, inv, cnt = np.unique(pair, return_inverse=True, return_counts=True)
-        wmax = np.zeros(len(uniq), np.int64)
-        np.maximum.at(wmax, inv, width[sel])
+        order = np.argsort(pair, kind="stable")  # one sort (ufunc.at is slow on millions)
+        pair = pair[order]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(pair)) + 1))
+        cnt = np.diff(np.append(starts, len(pair)))
+        wmax = np.maximum.reduceat(width[sel][order], starts)
         for n, w in set(zip(cnt.tolist(), wmax.tolist())):
             if not ((cnt >= n) & (wmax >= w) & ((cnt > n) | (wmax > w))).any():
                 fronts.append((code, n, w))
