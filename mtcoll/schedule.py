@@ -317,11 +317,11 @@ class RankSchedule:
         when the caller cuts many parts)."""
         s = schedule
         idx = np.flatnonzero((s.src == rank) | (s.dst == rank))
-        return cls._cut(s, rank, idx, summary or _stream_summary(s))
+        return cls._cut(s, rank, idx, summary or _stream_summary(s), s.steps)
 
     @classmethod
-    def _cut(cls, s, rank, idx, summary):
-        return cls(s.algorithm, s.topology, s.nranks, s.nchunks, rank, s.owner, s.steps,
+    def _cut(cls, s, rank, idx, summary, steps):
+        return cls(s.algorithm, s.topology, s.nranks, s.nchunks, rank, s.owner, steps,
                    {f: getattr(s, f)[idx] for f in _FIELDS}, *summary, meta=s.meta)
 
     @classmethod
@@ -329,6 +329,7 @@ class RankSchedule:
         """The parts of every rank, in rank order (one pass over the schedule: O(transfers))."""
         s = schedule
         summary = _stream_summary(s)
+        steps = s.steps  # a property that scans every transfer: once, not once per part
         n = s.nranks
         by_src = np.argsort(s.src, kind="stable")
         by_dst = np.argsort(s.dst, kind="stable")
@@ -336,7 +337,7 @@ class RankSchedule:
         pd = np.concatenate(([0], np.cumsum(np.bincount(s.dst, minlength=n))))
         for r in range(n):
             idx = np.sort(np.concatenate((by_src[ps[r]:ps[r + 1]], by_dst[pd[r]:pd[r + 1]])))
-            yield cls._cut(s, r, idx, summary)
+            yield cls._cut(s, r, idx, summary, steps)
 
     @property
     def ntransfers(self):
