@@ -320,9 +320,12 @@ class RankSchedule:
         return cls._cut(s, rank, idx, summary or _stream_summary(s), s.steps)
 
     @classmethod
-    def _cut(cls, s, rank, idx, summary, steps):
+    def _cut(cls, s, rank, idx, summary, steps, table=None):
+        # table: the fields as one record per transfer, so that a part's scattered rows are
+        # fetched once each rather than once per field
+        rows = {f: getattr(s, f)[idx] for f in _FIELDS} if table is None else table[idx]
         return cls(s.algorithm, s.topology, s.nranks, s.nchunks, rank, s.owner, steps,
-                   {f: getattr(s, f)[idx] for f in _FIELDS}, *summary, meta=s.meta)
+                   {f: rows[f] for f in _FIELDS}, *summary, meta=s.meta)
 
     @classmethod
     def split(cls, schedule):
@@ -335,9 +338,12 @@ class RankSchedule:
         by_dst = np.argsort(s.dst, kind="stable")
         ps = np.concatenate(([0], np.cumsum(np.bincount(s.src, minlength=n))))
         pd = np.concatenate(([0], np.cumsum(np.bincount(s.dst, minlength=n))))
+        table = np.empty(s.ntransfers, np.dtype([(f, _DTYPES[f]) for f in _FIELDS]))
+        for f in _FIELDS:
+            table[f] = getattr(s, f)
         for r in range(n):
             idx = np.sort(np.concatenate((by_src[ps[r]:ps[r + 1]], by_dst[pd[r]:pd[r + 1]])))
-            yield cls._cut(s, r, idx, summary, steps)
+            yield cls._cut(s, r, idx, summary, steps, table)
 
     @property
     def ntransfers(self):
