@@ -139,14 +139,15 @@ class Planning:
                 f"a new one, or end the job", None, timeout, [])
 
     def _scatter_within(self, parts, timeout, what):
-        # Scatterv of one bytes object per rank from rank 0 (``parts``; None elsewhere),
-        # polled like _bcast_within; returns this rank's
+        # Scatterv from rank 0 of ``parts`` = (the ranks' bytes one after another, each
+        # rank's length; None elsewhere), polled like _bcast_within; returns this rank's
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         size = np.zeros(1, np.int64)
         if self._rank == 0:
-            counts = np.array([len(p) for p in parts], np.int64)
+            blob, lengths = parts
+            counts = np.array(lengths, np.int64)
             displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
-            whole = np.frombuffer(b"".join(parts), np.uint8)
+            whole = np.frombuffer(blob, np.uint8)
         else:
             counts = displs = whole = None
         req = self._dup.Iscatter([counts, MPI.INT64_T] if self._rank == 0 else None,
@@ -273,10 +274,15 @@ class Planning:
                     if sched.nranks != self._size:
                         raise ValueError(f"the schedule is for {sched.nranks} ranks, not "
                                          f"{self._size}")
-                    cut = [p.to_bytes() for p in RankSchedule.split(sched)]
+                    blob, lengths = bytearray(), []  # one buffer: no list of parts to join
+                    for part in RankSchedule.split(sched):
+                        data = part.to_bytes()
+                        lengths.append(len(data))
+                        blob += data
                     del sched
-                    if sum(map(len, cut)) > 2**31 - 1:  # Scatterv's int displacements
+                    if len(blob) > 2**31 - 1:  # Scatterv's int displacements
                         raise ValueError("its parts exceed 2 GiB in total")
+                    cut = (blob, lengths)
                     status = ("ok",)
                 except Exception as e:  # every rank must raise, not only rank 0
                     status = ("error", type(e).__name__, str(e))
