@@ -300,8 +300,11 @@ class Executor:
     ----------
     comm : MPI.Intracomm
         A communicator of ``schedule.nranks`` ranks reserved for mtcoll (its tags are ours).
-    schedule : Schedule
-        Any valid schedule; ``rank_view(comm.Get_rank())`` is this rank's part.
+    schedule : Schedule or RankSchedule
+        Any valid schedule, or this rank's part of one (what :class:`mtcoll.Comm` passes);
+        ``rank_view(comm.Get_rank())`` is this rank's part. A part bounds the messages between
+        two ranks from its stream summary (:meth:`RankSchedule.stream_bounds`), so
+        :meth:`fits_tags` may refuse a layout the whole schedule would just fit.
     segment_bytes, max_segments : int, optional
         Pipelining: target bytes per message and most pieces per transfer (defaults
         :data:`SEGMENT_BYTES`, :data:`MAX_SEGMENTS`, or :data:`SLEEP_SEGMENT_BYTES`,
