@@ -108,7 +108,7 @@ class Dispatch:
             return self._trivial(c)
         if c.algorithm != "native" and kind in ("Allreduce", "Iallreduce"):
             try:
-                self.schedule(c.algorithm)
+                self._rank_schedule(c.algorithm)
             except ValueError as e:
                 if c.algorithm != self._env_algorithm:
                     raise
@@ -152,7 +152,7 @@ class Dispatch:
         """An executor whose schedule has one chunk per rank, each owned by another rank."""
         for cand in dict.fromkeys((name, "multitree", "ring")):
             try:
-                sched = self.schedule(cand)
+                sched = self._rank_schedule(cand)
             except ValueError:
                 continue
             if sched.nchunks == self._size and \

@@ -4,6 +4,12 @@ on its first use -- computed on rank 0 (or agreed) and broadcast, polled so that
 in flight advance meanwhile and ``MTCOLL_TIMEOUT`` can give up -- and the executors built on
 the schedules.
 
+An executor runs on its rank's part of a schedule (:class:`~mtcoll.schedule.RankSchedule`):
+rank 0 plans, cuts the schedule into one part per rank and scatters them, so a rank holds
+O(its own transfers) and rank 0 sends O(all transfers) in total, where broadcasting the whole
+schedule sent it to every rank. :meth:`Planning.schedule` still gives the whole schedule, by a
+broadcast of its own, to the callers who ask for it.
+
 :class:`Planning` is a mixin of :class:`mtcoll.Comm`.
 """
 
@@ -21,7 +27,7 @@ from mpi4py import MPI
 from . import _tuning, execute
 from ._errors import ABANDONED, StallError, env_timeout
 from ._requests import poll
-from .schedule import Schedule
+from .schedule import RankSchedule, Schedule
 
 _SPECIAL_ALGORITHMS = ("auto", "native")  # algorithm names that are no schedule
 
@@ -102,7 +108,6 @@ class Planning:
         # must not hold the other ranks for ever in a blocking broadcast when a rank never
         # makes the call, or makes a different one.
         deadline = math.inf if timeout is None else time.monotonic() + timeout
-        sleep = self.wait == "sleep"
         data = pickle.dumps(payload) if self._rank == 0 else b""
         size = np.array([len(data)], dtype=np.int64)
         for step in (0, 1):
@@ -111,22 +116,49 @@ class Planning:
                 req = self._dup.Ibcast(data, root=0)
             else:
                 req = self._dup.Ibcast(size, root=0)
-            try:
-                done = poll(req.Test, deadline, sleep)
-            except BaseException:  # e.g. another call's error, raised by the progress made
-                ABANDONED.append((req, data, size))  # MPI may still write or read them
-                self._break(f"{what} interrupted on rank {self._rank}")
-                raise
-            if not done:
-                ABANDONED.append((req, data, size))
-                self._break(f"{what} timed out on rank {self._rank}")
-                raise StallError(
-                    f"{what} on rank {self._rank}: not every rank took part within "
-                    f"MTCOLL_TIMEOUT={timeout:g} s (the first call with an algorithm plans its "
-                    f"schedule on rank 0 and broadcasts it; a rank may not have made this "
-                    f"call, or made a different one). The Comm is now broken: free it and make "
-                    f"a new one, or end the job", None, timeout, [])
+            self._await(req, (req, data, size), deadline, timeout, what)
         return pickle.loads(data) if self._rank else payload
+
+    def _await(self, req, keep, deadline, timeout, what):
+        # a set-up collective's request, polled (see _bcast_within); ``keep``: what MPI may
+        # still read or write if this rank gives up
+        try:
+            done = poll(req.Test, deadline, self.wait == "sleep")
+        except BaseException:  # e.g. another call's error, raised by the progress made
+            ABANDONED.append(keep)
+            self._break(f"{what} interrupted on rank {self._rank}")
+            raise
+        if not done:
+            ABANDONED.append(keep)
+            self._break(f"{what} timed out on rank {self._rank}")
+            raise StallError(
+                f"{what} on rank {self._rank}: not every rank took part within "
+                f"MTCOLL_TIMEOUT={timeout:g} s (the first call with an algorithm plans its "
+                f"schedule on rank 0 and broadcasts it; a rank may not have made this "
+                f"call, or made a different one). The Comm is now broken: free it and make "
+                f"a new one, or end the job", None, timeout, [])
+
+    def _scatter_within(self, parts, timeout, what):
+        # Scatterv from rank 0 of ``parts`` = (the ranks' bytes one after another, each
+        # rank's length; None elsewhere), polled like _bcast_within; returns this rank's
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        size = np.zeros(1, np.int64)
+        if self._rank == 0:
+            blob, lengths = parts
+            counts = np.array(lengths, np.int64)
+            displs = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            whole = np.frombuffer(blob, np.uint8)
+        else:
+            counts = displs = whole = None
+        req = self._dup.Iscatter([counts, MPI.INT64_T] if self._rank == 0 else None,
+                                 [size, MPI.INT64_T], root=0)
+        self._await(req, (req, counts, size), deadline, timeout, what)
+        mine = bytearray(int(size[0]))
+        send = [whole, (counts.astype(np.int32), displs.astype(np.int32)), MPI.BYTE] \
+            if self._rank == 0 else None
+        req = self._dup.Iscatterv(send, [mine, MPI.BYTE], root=0)
+        self._await(req, (req, send, mine), deadline, timeout, what)
+        return mine
 
     def _wait_mode(self, wait, ranks_here, threaded):
         # "sleep" when a host runs more ranks than it has cores: a rank waiting for a message
@@ -221,10 +253,56 @@ class Planning:
             raise cls(f"planning {name!r} on {self.network.spec!r}: {message}")
         return got
 
+    def _rank_schedule(self, name):
+        """This rank's :class:`~mtcoll.schedule.RankSchedule` of ``name`` (collective on first
+        use: rank 0 plans and scatters the parts). Raises like :meth:`schedule`."""
+        self._alive()
+        name = name.strip().lower()
+        parts = self._rank_schedules
+        got = parts.get(name)
+        if got is None and isinstance(self._schedules.get(name), Schedule):
+            got = RankSchedule.of(self._schedules[name], self._rank)
+        if got is None:
+            if name in _SPECIAL_ALGORITHMS:
+                raise ValueError(f"{name!r} names no schedule; pass an algorithm such as "
+                                 f"'multitree'")
+            cut = status = None
+            if self._rank == 0:
+                try:
+                    from .plan import plan
+                    sched = plan(self.network, name)
+                    if sched.nranks != self._size:
+                        raise ValueError(f"the schedule is for {sched.nranks} ranks, not "
+                                         f"{self._size}")
+                    blob, lengths = bytearray(), []  # one buffer: no list of parts to join
+                    for part in RankSchedule.split(sched):
+                        data = part.to_bytes()
+                        lengths.append(len(data))
+                        blob += data
+                    del sched
+                    if len(blob) > 2**31 - 1:  # Scatterv's int displacements
+                        raise ValueError("its parts exceed 2 GiB in total")
+                    cut = (blob, lengths)
+                    status = ("ok",)
+                except Exception as e:  # every rank must raise, not only rank 0
+                    status = ("error", type(e).__name__, str(e))
+            what = f"planning {name!r} on first use"
+            status = self._bcast_within(status, env_timeout(), what)
+            if status[0] == "ok":
+                got = RankSchedule.from_bytes(self._scatter_within(cut, env_timeout(), what))
+            else:
+                got = status[1:]
+            parts[name] = got
+        if isinstance(got, tuple):
+            kind, message = got
+            cls = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
+            raise cls(f"planning {name!r} on {self.network.spec!r}: {message}")
+        return got
+
     def _executor(self, name):
         ex = self._executors.get(name)
         if ex is None:
             ex = self._executors[name] = execute.Executor(
-                self._dup, self.schedule(name), self.segment_bytes, self.max_segments,
+                self._dup, self._rank_schedule(name), self.segment_bytes, self.max_segments,
                 self.wait)
         return ex

@@ -291,7 +291,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
             # the inherited algorithm where it fits the new network, else auto's choice (the
             # planner's verdict is broadcast: every rank falls back alike)
             try:
-                self.schedule()
+                self._rank_schedule(self.algorithm)
             except ValueError:
                 self.algorithm = "auto"
         # a communicator mtcoll (or mpi4py) made is this Comm's own; COMM_WORLD's (unpickled)
@@ -366,6 +366,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         self._rank = self._dup.Get_rank()
         self._size = self._dup.Get_size()
         self._schedules = {}  # algorithm -> Schedule, or (exception type, message)
+        self._rank_schedules = {}  # algorithm -> this rank's RankSchedule, or the same tuple
         self._executors = {}
         self._seq = 0
         self._requests = deque()  # in flight, oldest first
@@ -484,6 +485,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
             self._dup = self._chk = None
             self._requests.clear()
             self._schedules.clear()
+            self._rank_schedules.clear()
             self._executors.clear()
             self._forget_fast()
 

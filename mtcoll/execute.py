@@ -127,6 +127,17 @@ def _npieces(sizes, itemsize, segment_bytes, max_segments, max_elements):
     return np.where(sizes > 0, k, 0)
 
 
+def _streams(s, bounds, phases, itemsize, segment_bytes, max_segments, max_elements):
+    # the longest stream of pieces between two ranks, and all pieces, of a whole schedule
+    sel = np.isin(s.phase, phases)
+    k_all = _npieces(bounds[s.hi[sel]] - bounds[s.lo[sel]], itemsize, segment_bytes,
+                     max_segments, max_elements)
+    if not k_all.size:
+        return 0, 0
+    pair = s.src[sel].astype(np.int64) * s.nranks + s.dst[sel]
+    return int(np.bincount(pair, weights=k_all).max()), int(k_all.sum())
+
+
 class Layout:
     """The pieces of one rank's part of a schedule for one buffer shape, and their dependencies.
 
@@ -147,15 +158,13 @@ class Layout:
         self.bounds = bounds
 
         # Across the whole schedule: the longest stream of pieces between two ranks (tags).
-        sel = np.isin(s.phase, self.phases)
-        k_all = _npieces(bounds[s.hi[sel]] - bounds[s.lo[sel]], itemsize, segment_bytes,
-                         max_segments, max_elements)
-        if k_all.size:
-            pair = s.src[sel].astype(np.int64) * s.nranks + s.dst[sel]
-            self.max_stream = int(np.bincount(pair, weights=k_all).max())
+        if hasattr(s, "stream_bounds"):  # a RankSchedule: the bound every rank derives alike
+            self.max_stream, self.nmessages = s.stream_bounds(self.phases, lambda w: _npieces(
+                bounds[w] - bounds[0], itemsize, segment_bytes, max_segments, max_elements))
         else:
-            self.max_stream = 0
-        self.nmessages = int(k_all.sum())  # over all ranks
+            self.max_stream, self.nmessages = _streams(s, bounds, self.phases, itemsize,
+                                                       segment_bytes, max_segments,
+                                                       max_elements)
 
         view = s.rank_view(rank)
         ops = np.flatnonzero(np.isin(view.phase, self.phases))
@@ -291,8 +300,11 @@ class Executor:
     ----------
     comm : MPI.Intracomm
         A communicator of ``schedule.nranks`` ranks reserved for mtcoll (its tags are ours).
-    schedule : Schedule
-        Any valid schedule; ``rank_view(comm.Get_rank())`` is this rank's part.
+    schedule : Schedule or RankSchedule
+        Any valid schedule, or this rank's part of one (what :class:`mtcoll.Comm` passes);
+        ``rank_view(comm.Get_rank())`` is this rank's part. A part bounds the messages between
+        two ranks from its stream summary (:meth:`RankSchedule.stream_bounds`), so
+        :meth:`fits_tags` may refuse a layout the whole schedule would just fit.
     segment_bytes, max_segments : int, optional
         Pipelining: target bytes per message and most pieces per transfer (defaults
         :data:`SEGMENT_BYTES`, :data:`MAX_SEGMENTS`, or :data:`SLEEP_SEGMENT_BYTES`,

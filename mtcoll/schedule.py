@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Schedule", "RankView", "REDUCE", "GATHER", "SEND", "RECV"]
+__all__ = ["Schedule", "RankSchedule", "RankView", "REDUCE", "GATHER", "SEND", "RECV"]
 
 REDUCE = 0  #: phase 0: the receiver reduces what it receives into its partial result
 GATHER = 1  #: phase 1: the receiver stores what it receives
@@ -232,6 +232,204 @@ class Schedule:
         r, g = self.steps
         return (f"Schedule({self.algorithm!r} on {self.topology!r}: {self.nranks} ranks, "
                 f"{self.nchunks} chunks, {self.ntransfers} transfers, steps {r}+{g})")
+
+
+# the phase sets an executor runs: allreduce, reduce-scatter alone, all-gather alone
+_PHASE_SETS = ((REDUCE, GATHER), (REDUCE,), (GATHER,))
+_DTYPES = dict(phase=np.int8, step=np.int32, src=np.int32, dst=np.int32, lo=np.int32,
+               hi=np.int32, route=np.int8)
+_MAGIC = b"MTRS1"
+
+
+def _narrow(a):
+    for t in (np.int8, np.int16):
+        if a.dtype.itemsize > np.dtype(t).itemsize and (
+                not a.size or np.iinfo(t).min <= a.min() and a.max() <= np.iinfo(t).max):
+            return a.astype(t)
+    return a
+
+
+def _stream_summary(s):
+    """What every rank must know of the whole schedule to agree on message counts: per phase
+    set, the (transfers, widest range) of each rank pair, as the pairs on the upper-right front
+    (no other pair has both more transfers and a wider range); per phase, the transfers of each
+    range width. Small: a handful of rows."""
+    width = (s.hi - s.lo).astype(np.int64)
+    fronts = []
+    for code, phases in enumerate(_PHASE_SETS):
+        sel = np.isin(s.phase, phases)
+        if not sel.any():
+            continue
+        pair = s.src[sel].astype(np.int64) * s.nranks + s.dst[sel]
+        order = np.argsort(pair, kind="stable")  # one sort (ufunc.at is slow on millions)
+        pair = pair[order]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(pair)) + 1))
+        cnt = np.diff(np.append(starts, len(pair)))
+        wmax = np.maximum.reduceat(width[sel][order], starts)
+        for n, w in set(zip(cnt.tolist(), wmax.tolist())):
+            if not ((cnt >= n) & (wmax >= w) & ((cnt > n) | (wmax > w))).any():
+                fronts.append((code, n, w))
+    hist = []
+    for p in (REDUCE, GATHER):
+        w, c = np.unique(width[s.phase == p], return_counts=True)
+        hist += [(p, int(a), int(b)) for a, b in zip(w, c)]
+    return (np.array(sorted(fronts), np.int64).reshape(-1, 3),
+            np.array(hist, np.int64).reshape(-1, 3))
+
+
+class RankSchedule:
+    """One rank's part of a :class:`Schedule`: what an executor of that rank needs, and no more.
+
+    It holds the transfers the rank sends or receives (the same fields as a Schedule, in the
+    whole schedule's order), the chunk owners, the step counts, and a summary of the whole
+    schedule's streams (:attr:`pair_front`, :attr:`width_counts`) from which every rank derives
+    the same bound on the messages between two ranks. Its size is O(the rank's transfers +
+    nchunks), against O(all transfers) for the whole schedule: at 4,096 ranks of MultiTree, a
+    few hundred kB instead of hundreds of MB.
+
+    Made by :meth:`of` (from the whole schedule, on the rank that planned it) or
+    :meth:`from_bytes` (from :meth:`to_bytes`, as rank 0 scatters it). :meth:`rank_view` of its
+    own rank equals the whole schedule's; other ranks' views it cannot give.
+    """
+
+    def __init__(self, algorithm, topology, nranks, nchunks, rank, owner, steps, transfers,
+                 pair_front, width_counts, meta=None):
+        self.algorithm = str(algorithm)
+        self.topology = str(topology)
+        self.nranks = int(nranks)
+        self.nchunks = int(nchunks)
+        self.rank = int(rank)
+        self.meta = dict(meta or {})
+        self.owner = _frozen(owner, np.int32)
+        self.steps = tuple(int(x) for x in steps)
+        for f in _FIELDS:
+            setattr(self, f, _frozen(transfers[f], _DTYPES[f]))
+        mine = (self.src == self.rank) | (self.dst == self.rank)
+        if not mine.all():
+            raise ValueError(f"a part of rank {self.rank} holds transfers of other ranks")
+        self.pair_front = _frozen(pair_front, np.int64).reshape(-1, 3)
+        self.width_counts = _frozen(width_counts, np.int64).reshape(-1, 3)
+        self._view = None
+
+    @classmethod
+    def of(cls, schedule, rank, summary=None):
+        """The part of ``rank`` in ``schedule`` (``summary``: :func:`_stream_summary` of it,
+        when the caller cuts many parts)."""
+        s = schedule
+        idx = np.flatnonzero((s.src == rank) | (s.dst == rank))
+        return cls._cut(s, rank, idx, summary or _stream_summary(s), s.steps)
+
+    @classmethod
+    def _cut(cls, s, rank, idx, summary, steps, table=None):
+        # table: the fields as one record per transfer, so that a part's scattered rows are
+        # fetched once each rather than once per field
+        rows = {f: getattr(s, f)[idx] for f in _FIELDS} if table is None else table[idx]
+        return cls(s.algorithm, s.topology, s.nranks, s.nchunks, rank, s.owner, steps,
+                   {f: rows[f] for f in _FIELDS}, *summary, meta=s.meta)
+
+    @classmethod
+    def split(cls, schedule):
+        """The parts of every rank, in rank order (one pass over the schedule: O(transfers))."""
+        s = schedule
+        summary = _stream_summary(s)
+        steps = s.steps  # a property that scans every transfer: once, not once per part
+        n = s.nranks
+        by_src = np.argsort(s.src, kind="stable")
+        by_dst = np.argsort(s.dst, kind="stable")
+        ps = np.concatenate(([0], np.cumsum(np.bincount(s.src, minlength=n))))
+        pd = np.concatenate(([0], np.cumsum(np.bincount(s.dst, minlength=n))))
+        table = np.empty(s.ntransfers, np.dtype([(f, _DTYPES[f]) for f in _FIELDS]))
+        for f in _FIELDS:
+            table[f] = getattr(s, f)
+        for r in range(n):
+            idx = np.sort(np.concatenate((by_src[ps[r]:ps[r + 1]], by_dst[pd[r]:pd[r + 1]])))
+            yield cls._cut(s, r, idx, summary, steps, table)
+
+    @property
+    def ntransfers(self):
+        return len(self.step)
+
+    chunk_bounds = Schedule.chunk_bounds
+
+    def rank_view(self, rank):
+        """The transfers of this part's rank, in program order (see :class:`RankView`)."""
+        if int(rank) != self.rank:
+            raise ValueError(f"this is the part of rank {self.rank}, not of rank {rank}")
+        if self._view is None:
+            self._view = RankView._of(self, self.rank)
+        return self._view
+
+    def stream_bounds(self, phases, pieces):
+        """``(max_stream, nmessages)`` over the whole schedule for the phases run, where
+        ``pieces(w)`` is the messages of the widest range of ``w`` chunks: the most pieces
+        between two ranks, and all pieces, bounded from above by taking every range of width w
+        as the widest (exact when chunks are of one size). Every rank gets the same numbers."""
+        code = _PHASE_SETS.index(tuple(phases))
+        front = self.pair_front[self.pair_front[:, 0] == code]
+        most = max((int(n) * int(pieces(int(w))) for _, n, w in front), default=0)
+        sel = np.isin(self.width_counts[:, 0], phases)
+        total = sum(int(c) * int(pieces(int(w))) for _, w, c in self.width_counts[sel])
+        return most, total
+
+    def to_bytes(self):
+        """A compact serialisation (a JSON header, then the raw arrays); see :meth:`from_bytes`."""
+        identity = bool(np.array_equal(self.owner, np.arange(self.nchunks)))
+        arrays = [] if identity else [self.owner]
+        # each field in the narrowest integer type its values fit (int16 up to 32,767 ranks)
+        fields = [_narrow(getattr(self, f)) for f in _FIELDS]
+        arrays += fields + [self.pair_front, self.width_counts]
+        head = json.dumps(dict(algorithm=self.algorithm, topology=self.topology,
+                               nranks=self.nranks, nchunks=self.nchunks, rank=self.rank,
+                               steps=self.steps, meta=self.meta, identity=identity,
+                               n=self.ntransfers, front=len(self.pair_front),
+                               widths=len(self.width_counts),
+                               dtypes=[a.dtype.str for a in fields])).encode()
+        return b"".join([_MAGIC, len(head).to_bytes(4, "little"), head]
+                        + [np.ascontiguousarray(a).tobytes() for a in arrays])
+
+    @classmethod
+    def from_bytes(cls, data):
+        """Rebuild a part from :meth:`to_bytes`."""
+        data = memoryview(data)
+        if bytes(data[:len(_MAGIC)]) != _MAGIC:
+            raise ValueError("not a serialised RankSchedule")
+        at = len(_MAGIC) + 4
+        end = at + int.from_bytes(data[len(_MAGIC):at], "little")
+        head = json.loads(bytes(data[at:end]))
+        at = end
+
+        def take(dtype, count):
+            nonlocal at
+            a = np.frombuffer(data, dtype, count, at).copy()
+            at += a.nbytes
+            return a
+
+        owner = np.arange(head["nchunks"]) if head["identity"] else take(np.int32,
+                                                                         head["nchunks"])
+        transfers = {f: take(np.dtype(t), head["n"]) for f, t in zip(_FIELDS, head["dtypes"])}
+        front = take(np.int64, 3 * head["front"])
+        widths = take(np.int64, 3 * head["widths"])
+        return cls(head["algorithm"], head["topology"], head["nranks"], head["nchunks"],
+                   head["rank"], owner, head["steps"], transfers, front, widths,
+                   meta=head["meta"])
+
+    def __eq__(self, other):
+        if not isinstance(other, RankSchedule):
+            return NotImplemented
+        return (self.rank == other.rank and self.nranks == other.nranks
+                and self.nchunks == other.nchunks and self.steps == other.steps
+                and self.ntransfers == other.ntransfers
+                and np.array_equal(self.owner, other.owner)
+                and np.array_equal(self.pair_front, other.pair_front)
+                and np.array_equal(self.width_counts, other.width_counts)
+                and all(np.array_equal(getattr(self, f), getattr(other, f)) for f in _FIELDS))
+
+    __hash__ = None
+
+    def __repr__(self):
+        r, g = self.steps
+        return (f"RankSchedule({self.algorithm!r} on {self.topology!r}: rank {self.rank} of "
+                f"{self.nranks}, {self.ntransfers} transfers, steps {r}+{g})")
 
 
 @dataclass(frozen=True)

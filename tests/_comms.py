@@ -16,10 +16,11 @@ def native(comm, x, op=MPI.SUM):
 
 
 def planned_or_skip(c, algorithm, spec):
-    """``c`` once its schedule is planned; where ``algorithm`` does not fit the network, ``c``
-    freed and the test skipped (the same on every rank: the planner's verdict is broadcast)."""
+    """``c`` once its schedule is planned and each rank holds its part (the path calls take);
+    where ``algorithm`` does not fit the network, ``c`` freed and the test skipped (the same on
+    every rank: the planner's verdict is broadcast)."""
     try:
-        c.schedule()
+        c._rank_schedule(c.algorithm)
     except ValueError as e:
         c.Free()
         pytest.skip(f"{algorithm} on {spec}: {e}")

@@ -158,9 +158,14 @@ def _lookup_routes_loop(src, dst, alt, nbr_ptr, nbr, edge_route_ptr):
     return out
 
 
+@pytest.mark.parametrize("slice_", [None, 7])
 @pytest.mark.parametrize("spec", ["torus:4x4", "mesh:3x5", "ring:2", "ring:7", "full:5",
                                   "fattree:2x3", "bigraph:2x4", "hier:2x3"])
-def test_route_lookup_equals_its_loop_twin(spec):
+def test_route_lookup_equals_its_loop_twin(spec, slice_, monkeypatch):
+    """The vectorised route lookup equals its loop twin, also when it looks up a few
+    transfers at a time (as it does millions)."""
+    if slice_:
+        monkeypatch.setattr("mtcoll.plan._graph._SLICE", slice_)
     from mtcoll.plan import ALGORITHMS
     from mtcoll.plan._graph import flatten, lookup_routes
 

@@ -19,7 +19,7 @@ from ._multitree import grow_trees_py, schedule_from_trees
 from ._validate import Report, validate
 
 __all__ = ["plan", "validate", "Report", "ALGORITHMS", "tree_depth", "allreduce_bound",
-           "Bound"]
+           "Bound", "translate"]
 
 ALGORITHMS = ("multitree", "ring", "ring2d", "dbtree", "rhd", "timed")
 
@@ -41,10 +41,12 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
     ports : int, optional
         Per-rank port budget (transfers sent, and received, per step); default: the
         topology's (a rank's link count on direct networks, 1 on switched ones).
-    engine : {"auto", "numba", "python"}
+    engine : {"auto", "numba", "python", "translate"}
         How MultiTree and timed are grown: the numba kernels or their pure-Python twins
         (identical output); ``auto`` takes Python below :data:`NUMBA_FROM` ranks (for timed,
         only when candidate edges times ranks is at most :data:`TIMED_PYTHON_WORK`).
+        ``translate`` (MultiTree on a plain 2-D torus only, see :func:`translate`): every tree
+        a translate of one, a different schedule of about the same steps.
 
     Returns
     -------
@@ -61,6 +63,10 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if algorithm not in ("multitree", "timed"):
         return plan_baseline(topo, algorithm)
+    if engine == "translate":
+        if algorithm != "multitree":
+            raise ValueError(f"engine 'translate' plans multitree, not {algorithm!r}")
+        return translate(topo).schedule()
     g = flatten(topo)
     if engine == "auto":
         # timed's Python twin pays per candidate edge and rank: all-pairs networks of tens of
@@ -87,6 +93,20 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
 
         return plan_timed(topo, g, engine, edges, meta)
     return schedule_from_trees(edges, topo.spec, topo.nranks, meta)
+
+
+def translate(topology):
+    """MultiTree on a 2-D torus (sides of 3 or more, default ports, no link options) in its
+    compact form: tree 0, every other tree its translate (:class:`~mtcoll.plan._translated.
+    Translated`: ``check()`` validates it, ``rank_part(r)`` is rank r's part, ``schedule()``
+    the whole schedule). Raises ValueError on any other network."""
+    from ._translated import Translated, fits
+
+    topo = parse(topology)
+    if not fits(topo):
+        raise ValueError(f"translation plans plain 2-D tori with sides of 3 or more, not "
+                         f"{topo.spec!r}")
+    return Translated(topo.dims, topo.spec, {"ports": _ports_meta(topo), "engine": "translate"})
 
 
 def tree_depth(schedule):
