@@ -291,14 +291,16 @@ CART_PROBE = """\
 from mpi4py import MPI
 import numpy as np
 import mtcoll
+from mtcoll import _calibrate
 grid = mtcoll.Comm(MPI.COMM_WORLD).Create_cart([2], periods=[True])
+_calibrate.calibrate(grid, debug=True)  # the full probe (python -m mtcoll --calibrate's)
 grid.Allreduce(MPI.IN_PLACE, np.ones(1 << 16))
 """
 
 
 def test_calibration_probe_prints_no_engine_lines(tmp_path, engine_ok):
-    # a new network calibrates (its probe makes dozens of schedule calls): under MTCOLL_DEBUG
-    # only the user's call prints, its call line and its engine line
+    # the full probe of a new network (dozens of schedule calls): under MTCOLL_DEBUG only the
+    # user's call prints, its call line and its engine line
     import _mpirun
 
     script = tmp_path / "cart_probe.py"
