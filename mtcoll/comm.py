@@ -711,6 +711,10 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         elif self.calibration is not None:
             c.algorithm = choose(c.nbytes, size, self.network, calibration=self.calibration)
             how = self.calibration.choose(c.nbytes)[1]
+        elif self._learner is not None:
+            # Reduce_scatter_block and Allgather are not learned yet, and with no prior the
+            # built-in rule's MultiTree from 64 KiB can be many times the library's call
+            c.algorithm, how = "native", "the MPI library (no prior; auto learns Allreduce)"
         else:
             c.algorithm = choose(c.nbytes, size, self.network)
             how = "built-in rule"

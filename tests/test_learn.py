@@ -229,3 +229,23 @@ def test_info_shows_each_learned_class(comm, learning, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith(f"{N * 4}B:float32:SUM: rhd, predicted ")
     assert "observed 0.5 ms, decided by 12 calls" in lines[0]
     assert "native 1 ms" in lines[0] and "ranks' CPU share" in lines[0]
+
+
+@pytest.mark.mpi
+def test_block_calls_without_a_prior_go_to_the_library(comm, learning):
+    """Reduce_scatter_block and Allgather are not learned: with no prior auto hands them to
+    the MPI library at every size (the built-in rule's MultiTree from 64 KiB can be many times
+    slower on shared memory), and their results are the library's."""
+    size = comm.Get_size()
+    with mtcoll.Comm(comm) as c:
+        assert c.calibration is None
+        for k in (1, 1 << 14):
+            send, recv = np.ones(k * size, np.float32), np.zeros(k * size, np.float32)
+            call = c._prepare("Allgather", send[:k], recv, None)
+            assert call.algorithm == "native" and "learns Allreduce" in call.why
+            call = c._prepare("Reduce_scatter_block", send, recv[:k], MPI.SUM)
+            assert call.algorithm == "native"
+            c.Allgather(send[:k], recv)
+            assert np.all(recv == 1)
+            c.Reduce_scatter_block(send, recv[:k], op=MPI.SUM)
+            assert np.all(recv[:k] == size)
