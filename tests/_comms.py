@@ -25,3 +25,20 @@ def planned_or_skip(c, algorithm, spec):
         c.Free()
         pytest.skip(f"{algorithm} on {spec}: {e}")
     return c
+
+
+def with_algorithm(comm, algorithm):
+    """An mtcoll Comm of ``comm`` running ``algorithm`` ("auto", "native" or a planner name);
+    where a planner's algorithm does not fit the network, freed and the test skipped (on every
+    rank alike)."""
+    import mtcoll
+
+    c = mtcoll.Comm(comm, algorithm="auto")
+    if algorithm not in ("auto", "native"):
+        try:
+            c.schedule(algorithm)
+        except ValueError:
+            c.Free()
+            pytest.skip(f"{algorithm} does not fit {c.network.spec}")
+    c.algorithm = algorithm
+    return c

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-import mtcoll
+from _comms import with_algorithm
 from mtcoll.plan import ALGORITHMS
 
 
@@ -125,22 +125,10 @@ def _allreduce_bytes(comm, export, inplace):
     return out.tobytes()
 
 
-def _comm(request, comm):
-    c = mtcoll.Comm(comm, algorithm="auto")
-    if request.param != "auto":
-        try:
-            c.schedule(request.param)
-        except ValueError:
-            c.Free()
-            pytest.skip(f"{request.param} does not fit {c.network.spec}")
-        c.algorithm = request.param
-    return c
-
-
 @pytest.fixture(params=("auto",) + tuple(ALGORITHMS))
 def mt(request, comm):
     """An mtcoll Comm with each algorithm in turn (skipped where it does not fit)."""
-    c = _comm(request, comm)
+    c = with_algorithm(comm, request.param)
     yield c
     c.Free()
 
@@ -148,7 +136,7 @@ def mt(request, comm):
 @pytest.fixture(params=("auto", "multitree"))
 def mt_library(request, comm):
     """For the exports only the MPI library takes: the algorithm does not matter, two do."""
-    c = _comm(request, comm)
+    c = with_algorithm(comm, request.param)
     yield c
     c.Free()
 

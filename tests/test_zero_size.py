@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-import mtcoll
+from _comms import with_algorithm
 from mtcoll.plan import ALGORITHMS
 
 SPECS = {"none-datatype": lambda: [None, MPI.INT],
@@ -17,14 +17,7 @@ SPECS = {"none-datatype": lambda: [None, MPI.INT],
 
 @pytest.fixture(params=("auto", "native") + tuple(ALGORITHMS))
 def mt(request, comm):
-    c = mtcoll.Comm(comm, algorithm="auto")
-    if request.param not in ("auto", "native"):
-        try:
-            c.schedule(request.param)
-        except ValueError:
-            c.Free()
-            pytest.skip(f"{request.param} does not fit {c.network.spec}")
-    c.algorithm = request.param
+    c = with_algorithm(comm, request.param)
     yield c
     c.Free()
 
