@@ -36,7 +36,8 @@ def run(n, argv, timeout=240, merged=False, **env_extra):
     """``mpiexec -n n python *argv`` in a clean environment; the CompletedProcess.
 
     Skips (the same on every rank) when the test itself runs under mpiexec, or there is no
-    mpiexec. The environment drops an enclosing launch's PMI/hydra variables and every
+    mpiexec. The environment drops an enclosing launch's PMI/hydra/Open MPI variables (but
+    Open MPI's permission to run as root) and every
     ``MTCOLL_*`` override, puts the source tree first on PYTHONPATH, keeps BLAS to one thread
     (ranks share two cores), and drops PYTHONUNBUFFERED (unbuffered print writes text and
     newline apart, and the launcher interleaves ranks' lines). ``merged``: stderr into the
@@ -44,7 +45,8 @@ def run(n, argv, timeout=240, merged=False, **env_extra):
     """
     launcher = require()
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "HYDRA_", "MPIR_CVAR_", "MTCOLL_", "OMPI_"))}
+           if not k.startswith(("PMI_", "HYDRA_", "MPIR_CVAR_", "MTCOLL_", "OMPI_"))
+           or k.startswith("OMPI_ALLOW_RUN_AS_ROOT")}  # (Open MPI's launcher, as root)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = "1"
     env.pop("PYTHONUNBUFFERED", None)
