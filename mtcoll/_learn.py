@@ -153,7 +153,8 @@ class Learner:
                 cands.append(a)
                 continue
             try:
-                comm.schedule(a)  # collective; the same answer on every rank
+                comm._rank_schedule(a)  # collective, the same verdict everywhere; the part
+                # the trial calls then run (the whole Schedule would be a second plan)
             except ValueError:
                 continue
             cands.append(a)

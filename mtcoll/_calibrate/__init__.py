@@ -85,22 +85,31 @@ class Prior:
         self.data, self.source, self.seconds = data, source, seconds
 
 
-def prior(comm, debug=False):
-    """The :class:`Prior` of an mtcoll ``Comm`` (collective, no probe): rank 0 reads the cache
-    file of this key (not with ``MTCOLL_CALIBRATE=refresh``) and broadcasts it."""
-    comm._gate()
-    start = time.perf_counter()
+def _looked_up(comm, force):
+    """``(rank, payload)``: rank 0's look-up of this Comm's cache file (as if missing with
+    ``force``), broadcast; a failure raises on every rank. Collective."""
+    comm._gate()  # every rank is here: what follows is the calibration's own time
     rank = comm._dup.Get_rank()
     payload = None
     if rank == 0:
         try:
             payload = lookup(comm)
+            if force and payload[0] == "cached":
+                payload = ("probe", payload[1]["key"], None, payload[2], None)
         except Exception as e:  # noqa: BLE001 -- every rank must hear of it
             payload = ("error", f"{type(e).__name__}: {e}")
     comm._gate()
     payload = comm._dup.bcast(payload, root=0)
     if payload[0] == "error":
         raise ValueError(f"mtcoll calibration (rank 0, for rank {rank}): {payload[1]}")
+    return rank, payload
+
+
+def prior(comm, debug=False):
+    """The :class:`Prior` of an mtcoll ``Comm`` (collective, no probe): rank 0 reads the cache
+    file of this key (not with ``MTCOLL_CALIBRATE=refresh``) and broadcasts it."""
+    start = time.perf_counter()
+    rank, payload = _looked_up(comm, force=False)
     if payload[0] == "cached":
         _, data, path = payload
         cal = None
@@ -128,21 +137,8 @@ def calibrate(comm, debug=False, force=False):
     measured). Rank 0 decides; every rank gets the same. A ``Comm`` does not call it (its
     ``auto`` learns on the calls, :mod:`mtcoll._learn`); ``python -m mtcoll --calibrate``
     does."""
-    comm._gate()  # every rank is here: what follows is the calibration's own time
     start = time.perf_counter()
-    rank = comm._dup.Get_rank()
-    payload = None
-    if rank == 0:
-        try:
-            payload = lookup(comm)
-            if force and payload[0] == "cached":
-                payload = ("probe", payload[1]["key"], None, payload[2], None)
-        except Exception as e:  # noqa: BLE001 -- every rank must hear of it
-            payload = ("error", f"{type(e).__name__}: {e}")
-    comm._gate()
-    payload = comm._dup.bcast(payload, root=0)
-    if payload[0] == "error":
-        raise ValueError(f"mtcoll calibration (rank 0, for rank {rank}): {payload[1]}")
+    rank, payload = _looked_up(comm, force)
     if payload[0] == "cached":
         _, data, path = payload
         cal = Calibration(data, path, "cache")
