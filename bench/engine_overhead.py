@@ -38,7 +38,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mtcoll import execute
-from mtcoll._planning import auto_wait
+from mtcoll.comm._planning import auto_wait
 from mtcoll.plan import plan
 from mtcoll.schedule import GATHER, RECV, REDUCE, SEND
 from mtcoll.topology import host_leaders, parse
@@ -98,7 +98,7 @@ def main():
         wait = "sleep" if comm.allreduce(mine, op=MPI.LOR) else "busy"
     ex = execute.Executor(comm, plan(parse(f"ring:{n}"), "ring"), segment_bytes=8,
                           max_segments=1 << 20, wait=wait)
-    from mtcoll import _engine
+    from mtcoll.execute import _engine
     why = _engine.warm()
     rows = []
     seq = 0

@@ -85,7 +85,7 @@ def worker(algorithms, gap=0.0):
     from mpi4py import MPI
 
     import mtcoll
-    from mtcoll import _engine
+    from mtcoll.execute import _engine
 
     world = MPI.COMM_WORLD
     x = np.ones(CALL_BYTES // 4, dtype=np.float32)

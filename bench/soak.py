@@ -36,7 +36,7 @@ with ``np.array_equal``, the data pools made on first use. Either way every resu
 Every 1000 calls (a *block*) the rank drains its calls and records its resident memory
 (``/proc/self/statm``), the bytes glibc's malloc has handed out and not freed and the free
 bytes it keeps (``mallinfo2()``, which reads and changes nothing), the Comms' pending
-requests, the running executions (``mtcoll.execute._active``), mtcoll's scratch pool
+requests, the running executions (``mtcoll.execute._state.active``), mtcoll's scratch pool
 (``mtcoll.execute.scratch_cached()``) and the executors' cached layouts. With ``--trim`` it
 then also calls ``malloc_trim(0)`` and reads the resident memory again; that trim changes what the later blocks' plain readings see, so it
 is off by default. Rank 0 prints a summary; ``--json`` writes it. ``tests/test_soak.py`` runs
@@ -437,7 +437,7 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
             rec = dict(calls=i + 1, seconds=time.perf_counter() - tblock, rss=rss,
                        malloc_in_use=in_use, malloc_free=heap_free,
                        rss_trimmed=_trimmed_rss_bytes() if trim else None,
-                       pending=pending, active=len(_execute._active), scratch_bytes=scratch,
+                       pending=pending, active=len(_execute._state.active), scratch_bytes=scratch,
                        layouts=layouts)
             tblock = time.perf_counter()
             blocks.append(rec)
@@ -477,7 +477,7 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
         user_sent=total(stats["user_sent"]), user_received=total(stats["user_received"]),
         user_bad=total(stats["user_bad"]),
         stray_messages=total(stray), pending_after=total(pending),
-        active_after=total(len(_execute._active)), scratch_bytes_max=most(scratch),
+        active_after=total(len(_execute._state.active)), scratch_bytes_max=most(scratch),
         layouts_max=most(layouts), dup_congruent=bool(comm.allreduce(dups_ok, op=MPI.LAND)),
         rss_first_block_max=most(rss_first), rss_last_block_max=most(rss_last),
         rss_growth_max=most(growth), wall_s=most(wall),

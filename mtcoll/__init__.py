@@ -13,8 +13,7 @@ library where that is the better or the only choice::
 Importing mtcoll imports mpi4py (and so initialises MPI) but not the planner or numba.
 """
 
-from ._calls import Allreduce, Iallreduce
-from .comm import Comm, Request, StallError, waitall
+from .comm import Allreduce, Comm, Iallreduce, Request, StallError, waitall
 from .schedule import Schedule
 
 __all__ = ["Comm", "Allreduce", "Iallreduce", "waitall", "Request", "StallError", "Schedule"]

@@ -5,7 +5,7 @@ Prints the versions of mtcoll, mpi4py, the MPI library, numba and numpy; the top
 what N ranks get); where the tuning table and numba's compiled-kernel cache live; the
 prior ``algorithm="auto"`` starts from (:mod:`mtcoll._calibrate`: where it is cached, what a
 probe measured and under which load, what auto would pick per size from it) and what auto
-learned on earlier runs' calls (:mod:`mtcoll._learn`: per class its choice, the prior's
+learned on earlier runs' calls (:mod:`mtcoll.comm._learn`: per class its choice, the prior's
 prediction, the time observed and how many calls decided it), read from the cache by
 constructing a ``Comm`` (collective; no probe). ``--calibrate`` runs the full probe first and
 caches it. Only rank 0 prints. ``--json`` follows the tools' convention.
@@ -133,7 +133,7 @@ def main(argv=None):
 
     if args.calibrate:
         from . import _calibrate
-        from ._errors import env_flag
+        from ._env import env_flag
         from .comm import Comm
 
         with Comm(MPI.COMM_WORLD) as c:

@@ -85,7 +85,7 @@ def main(argv=None):
     if kind == "path":
         _check_readable(target)
     rank = switch().Get_rank()  # (the program may finalize MPI before it ends)
-    from . import _dispatch
+    from .comm import _dispatch
 
     before = _dispatch.shown
     try:
@@ -198,7 +198,7 @@ def _holders(plain):
 def _summary(rank, before):
     if rank != 0 or not _debug():
         return
-    from . import _dispatch
+    from .comm import _dispatch
 
     n = _dispatch.shown - before
     if n:
@@ -211,7 +211,7 @@ def _summary(rank, before):
 
 
 def _debug():
-    from ._errors import env_flag
+    from ._env import env_flag
 
     return env_flag("MTCOLL_DEBUG")
 

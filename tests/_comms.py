@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from mtcoll.comm import _planning
+
 
 def native(comm, x, op=MPI.SUM):
     """``x`` reduced with ``op`` by the MPI library's own ``Allreduce`` on ``comm``."""
@@ -20,7 +22,7 @@ def planned_or_skip(c, algorithm, spec):
     where ``algorithm`` does not fit the network, ``c`` freed and the test skipped (the same on
     every rank: the planner's verdict is broadcast)."""
     try:
-        c._rank_schedule(c.algorithm)
+        _planning.rank_schedule(c, c.algorithm)
     except ValueError as e:
         c.Free()
         pytest.skip(f"{algorithm} on {spec}: {e}")

@@ -214,7 +214,7 @@ def test_segmenting(comm, segment_bytes, max_segments):
 @pytest.mark.mpi
 def test_message_limit_splits(comm, monkeypatch):
     """No message exceeds MAX_MESSAGE_ELEMENTS (lowered here to 7); results unchanged."""
-    monkeypatch.setattr(mtcoll.execute, "MAX_MESSAGE_ELEMENTS", 7)
+    monkeypatch.setattr(mtcoll.execute._limits, "MAX_MESSAGE_ELEMENTS", 7)
     for algorithm in ("multitree", "ring"):
         with make_comm(comm, "auto", algorithm, max_segments=1) as c:
             # only lays the call out, sends nothing
@@ -293,7 +293,7 @@ def test_concurrent_iallreduce(comm):
 @pytest.mark.mpi
 def test_more_calls_in_flight_than_tag_slots(comm, monkeypatch):
     """With 3 tag slots, 10 calls in flight: the oldest are completed before a slot is reused."""
-    monkeypatch.setattr(mtcoll.execute, "TAG_SLOTS", 3)
+    monkeypatch.setattr(mtcoll.execute._limits, "TAG_SLOTS", 3)
     rank = comm.Get_rank()
     with make_comm(comm, "auto", "multitree") as c:
         calls = []
@@ -310,7 +310,7 @@ def test_more_calls_in_flight_than_tag_slots(comm, monkeypatch):
 def test_tag_slots_freed_behind_an_unfinished_native_call(comm, monkeypatch):
     """An unfinished call of the MPI library (it has no tag slot) ahead of the schedule calls
     does not keep the oldest of those from completing before their slot is reused."""
-    monkeypatch.setattr(mtcoll.execute, "TAG_SLOTS", 3)
+    monkeypatch.setattr(mtcoll.execute._limits, "TAG_SLOTS", 3)
     monkeypatch.setenv("MTCOLL_CHECK", "0")  # the check's waits would advance the calls anyway
     rank = comm.Get_rank()
 
@@ -423,27 +423,27 @@ def test_layout_reads_the_input_in_place():
 
 
 def test_scratch_pool_is_bounded_in_bytes(monkeypatch):
-    """The scratch pool (mtcoll.execute): best fit within a factor 2, bounded by SCRATCH_BUDGET
+    """The scratch pool (mtcoll.execute._state): best fit within a factor 2, bounded by SCRATCH_BUDGET
     over the whole process with the oldest dropped first, the newest kept even when larger than
     the budget; large buffers are anonymous mmaps, not heap memory."""
-    ex = mtcoll.execute
-    monkeypatch.setattr(ex, "_scratch_pool", [])
-    monkeypatch.setattr(ex, "SCRATCH_BUDGET", 3 << 20)
+    ex = mtcoll.execute._state
+    monkeypatch.setattr(ex, "_pool", [])
+    monkeypatch.setattr(mtcoll.execute._limits, "SCRATCH_BUDGET", 3 << 20)
     mib = 1 << 20
-    bufs = [ex._get_scratch(n) for n in (mib, mib, 2 * mib)]
+    bufs = [ex.get_scratch(n) for n in (mib, mib, 2 * mib)]
     assert all(isinstance(b.base, memoryview) for b in bufs)  # mmapped
-    assert isinstance(ex._get_scratch(1000).base, (type(None), np.ndarray))  # small: heap
+    assert isinstance(ex.get_scratch(1000).base, (type(None), np.ndarray))  # small: heap
     for b in bufs:
-        ex._put_scratch(b)
+        ex.put_scratch(b)
     # 4 MiB offered to a 3 MiB budget: the oldest 1 MiB buffer went
-    assert ex.scratch_cached() == 3 * mib and ex._scratch_pool[0] is bufs[1]
-    got = ex._get_scratch(900 * 1024)  # the 1 MiB one fits within a factor 2; 2 MiB does not
+    assert ex.scratch_cached() == 3 * mib and ex._pool[0] is bufs[1]
+    got = ex.get_scratch(900 * 1024)  # the 1 MiB one fits within a factor 2; 2 MiB does not
     assert got is bufs[1]
-    assert ex._get_scratch(600 * 1024) is not bufs[2]  # 2 MiB wastes more than half: new one
-    huge = ex._get_scratch(8 * mib)
-    ex._put_scratch(huge)  # alone over the budget: kept, everything older dropped
-    assert ex._scratch_pool == [huge] and ex.scratch_cached() == 8 * mib
-    assert ex._get_scratch(5 * mib) is huge
+    assert ex.get_scratch(600 * 1024) is not bufs[2]  # 2 MiB wastes more than half: new one
+    huge = ex.get_scratch(8 * mib)
+    ex.put_scratch(huge)  # alone over the budget: kept, everything older dropped
+    assert ex._pool == [huge] and ex.scratch_cached() == 8 * mib
+    assert ex.get_scratch(5 * mib) is huge
     for _ in range(40):  # many small buffers: the pool keeps at most _SCRATCH_COUNT of them
-        ex._put_scratch(np.empty(1024, dtype=np.uint8))
-    assert len(ex._scratch_pool) == ex._SCRATCH_COUNT
+        ex.put_scratch(np.empty(1024, dtype=np.uint8))
+    assert len(ex._pool) == ex._SCRATCH_COUNT

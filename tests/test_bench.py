@@ -16,6 +16,7 @@ import pytest
 
 import mtcoll.comm
 from mtcoll import _tuning
+from mtcoll.comm import _planning
 from mtcoll.bench import format_size, memory_cap, parse_size, parse_sizes, tuning_table
 from mtcoll.topology import parse
 
@@ -252,7 +253,7 @@ def test_wait_mode(monkeypatch):
         assert c.wait == ("sleep" if 1 > (os.cpu_count() or 1) else "busy")
     with mtcoll.Comm(MPI.COMM_SELF, wait="sleep") as c:
         assert c.wait == "sleep"
-        assert c._executor("ring").segmenting() == (1 << 20, 4)  # SLEEP_ defaults
+        assert _planning.executor(c, "ring").segmenting() == (1 << 20, 4)  # SLEEP_ defaults
     monkeypatch.setenv("MTCOLL_WAIT", "busy")
     with mtcoll.Comm(MPI.COMM_SELF, wait="sleep") as c:
         assert c.wait == "busy"

@@ -14,7 +14,7 @@ import pytest
 from mpi4py import MPI
 
 import mtcoll
-import mtcoll._calls
+import mtcoll.comm._calls
 import mtcoll.comm
 from mtcoll import _ops
 
@@ -334,18 +334,18 @@ def test_module_level_calls_cache_one_comm(comm):
     out = np.zeros(10)
     mtcoll.Allreduce(np.full(10, float(r)), out)
     assert np.array_equal(out, ranks_sum(comm, 10))
-    first = mtcoll._calls._comm_for(MPI.COMM_WORLD, {})
+    first = mtcoll.comm._calls._comm_for(MPI.COMM_WORLD, {})
     out2 = np.zeros(10)
     mtcoll.Iallreduce(np.full(10, float(r)), out2, op=MPI.MAX).Wait()
     assert np.array_equal(out2, np.full(10, comm.Get_size() - 1.0))
-    assert mtcoll._calls._comm_for(MPI.COMM_WORLD, {}) is first
+    assert mtcoll.comm._calls._comm_for(MPI.COMM_WORLD, {}) is first
     # other options, other Comm; a user communicator's Comm goes when it is freed
-    other = mtcoll._calls._comm_for(MPI.COMM_WORLD, {"algorithm": "ring"})
+    other = mtcoll.comm._calls._comm_for(MPI.COMM_WORLD, {"algorithm": "ring"})
     assert other is not first and other.algorithm == "ring"
     dup = comm.Dup()
     mtcoll.Allreduce(np.full(10, float(r)), out, comm=dup, algorithm="multitree")
     assert np.array_equal(out, ranks_sum(comm, 10))
-    assert dup.Get_attr(mtcoll._registry._KEYVAL)
+    assert dup.Get_attr(mtcoll.comm._registry._KEYVAL)
     dup.Free()
 
 
@@ -432,7 +432,7 @@ def test_auto_uses_the_choose_hook(comm, monkeypatch):
         seen.append(nbytes)
         return "native" if nbytes < 1000 else "ring"
 
-    monkeypatch.setattr(mtcoll.comm, "choose", spy)
+    monkeypatch.setattr(mtcoll.comm._comm, "choose", spy)
     with mtcoll.Comm(comm) as c:
         assert c.algorithm == "auto"
         for count in (10, 500):
@@ -497,14 +497,14 @@ def test_debug_prints_on_rank_0(comm, monkeypatch, capfd):
 # -- structure -----------------------------------------------------------------------------------
 
 def test_executor_imports_no_topology_or_planner():
-    tree = ast.parse((ROOT / "mtcoll" / "execute.py").read_text())
     names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names.add(("." * node.level) + (node.module or ""))
-    assert not any("topology" in x or "plan" in x for x in names), names
+    for path in sorted((ROOT / "mtcoll" / "execute").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                names.add(("." * node.level) + (node.module or ""))
+    assert names and not any("topology" in x or "plan" in x for x in names), names
 
 
 def test_import_is_light():

@@ -45,13 +45,13 @@ def parent(request, comm, monkeypatch):
 def spied(monkeypatch):
     """The Comms whose calls reached mtcoll's own path (MTCOLL_CHECK=1: every call does)."""
     seen = []
-    real = mtcoll.Comm._start
+    real = mtcoll.comm._dispatch.start
 
     def spy(self, kind, *args, **kw):
         seen.append(self)
         return real(self, kind, *args, **kw)
 
-    monkeypatch.setattr(mtcoll.Comm, "_start", spy)
+    monkeypatch.setattr(mtcoll.comm._dispatch, "start", spy)
     return seen
 
 

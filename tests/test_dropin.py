@@ -33,7 +33,7 @@ from mpi4py import MPI
 from mpi4py.util import pkl5
 
 import mtcoll
-from mtcoll._errors import StallError
+from mtcoll.comm._errors import StallError
 from mtcoll.plan import ALGORITHMS
 
 from _comms import native, planned_or_skip
@@ -350,13 +350,13 @@ def test_is_an_mpi_intracomm(comm):
 def test_derived_communicators_are_mtcoll(comm, forced, monkeypatch):
     rank, size = comm.Get_rank(), comm.Get_size()
     seen = []
-    real = mtcoll.Comm._start
+    real = mtcoll.comm._dispatch.start
 
     def spy(self, kind, *args, **kw):
         seen.append(self)
         return real(self, kind, *args, **kw)
 
-    monkeypatch.setattr(mtcoll.Comm, "_start", spy)  # MTCOLL_CHECK=1: every call gets here
+    monkeypatch.setattr(mtcoll.comm._dispatch, "start", spy)  # MTCOLL_CHECK=1: every call gets here
     group = comm.Get_group()
     made = {"Dup": forced.Dup(), "Split": forced.Split(0, size - rank),
             "Split_type": forced.Split_type(MPI.COMM_TYPE_SHARED),
@@ -416,13 +416,13 @@ def test_library_calls_go_straight_to_the_library(comm, monkeypatch, algorithm):
     results, and so does plain mpi4py."""
     rank, size = comm.Get_rank(), comm.Get_size()
     calls = []
-    real = mtcoll.Comm._start
+    real = mtcoll.comm._dispatch.start
 
     def spy(self, *args, **kw):
         calls.append(args[0])
         return real(self, *args, **kw)
 
-    monkeypatch.setattr(mtcoll.Comm, "_start", spy)
+    monkeypatch.setattr(mtcoll.comm._dispatch, "start", spy)
     with mtcoll.Comm(comm, algorithm=algorithm) as c:
         for check in ("0", "1"):
             monkeypatch.setenv("MTCOLL_CHECK", check)
@@ -476,13 +476,13 @@ def test_setting_the_algorithm_moves_the_fast_path(comm, monkeypatch):
     (through mtcoll's path, not straight to the library); set back, the library's again."""
     monkeypatch.setenv("MTCOLL_CHECK", "0")
     calls = []
-    real = mtcoll.Comm._start
+    real = mtcoll.comm._dispatch.start
 
     def spy(self, *args, **kw):
         calls.append(self.algorithm)
         return real(self, *args, **kw)
 
-    monkeypatch.setattr(mtcoll.Comm, "_start", spy)
+    monkeypatch.setattr(mtcoll.comm._dispatch, "start", spy)
     x = np.arange(4096, dtype=np.float32) + comm.Get_rank()
     want = native(comm, x, MPI.SUM)
     with mtcoll.Comm(comm, algorithm="native") as c:

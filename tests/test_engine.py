@@ -1,4 +1,4 @@
-"""The compiled progress engine (:mod:`mtcoll._engine`) against its slow twin, the Python
+"""The compiled progress engine (:mod:`mtcoll.execute._engine`) against its slow twin, the Python
 executor, and against the MPI library: the same bits, for every algorithm and op, and the
 same errors. Each test checks that the engine it means to exercise ran (``_engine.served``)."""
 
@@ -14,7 +14,8 @@ import pytest
 from mpi4py import MPI
 
 import mtcoll
-from mtcoll import _engine, execute
+from mtcoll import execute
+from mtcoll.execute import _abi, _engine, _limits
 from mtcoll.plan import ALGORITHMS, plan
 from mtcoll.topology import parse
 
@@ -188,7 +189,7 @@ def test_nonblocking_and_calls_in_flight_stay_on_python(comm, engine_ok, monkeyp
     x = inputs(comm.Get_rank(), 1000, "float64")
     before = _engine.served
     a, b, d = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-    with mtcoll._requests.LOCK:  # the progress thread cannot complete it meanwhile
+    with mtcoll.comm._progress.LOCK:  # the progress thread cannot complete it meanwhile
         req = c.Iallreduce(x, a)
         assert _engine.served == before
         ex = next(iter(c._executors.values()))

@@ -17,8 +17,8 @@ def spied(comm, monkeypatch):
     """A native mtcoll Comm, and the list of calls that went through mtcoll's slow path."""
     monkeypatch.setenv("MTCOLL_CHECK", "0")  # (the tests' default is on: no fast path)
     slow = []
-    real = mtcoll.Comm._start
-    monkeypatch.setattr(mtcoll.Comm, "_start",
+    real = mtcoll.comm._dispatch.start
+    monkeypatch.setattr(mtcoll.comm._dispatch, "start",
                         lambda self, kind, *a, **kw: (slow.append(kind), real(self, kind, *a,
                                                                                **kw))[1])
     with mtcoll.Comm(comm, algorithm="native") as c:

@@ -1,6 +1,6 @@
-"""``auto`` learning on the calls it runs (mtcoll._learn).
+"""``auto`` learning on the calls it runs (mtcoll.comm._learn).
 
-The MPI tests inject each call's time through :data:`mtcoll._learn.timing` (per rank, per
+The MPI tests inject each call's time through :data:`mtcoll.comm._learn.timing` (per rank, per
 algorithm), so what auto learns is decided by the test, not by the machine's load, and run
 with the agreement check on (the tests' default, ``MTCOLL_CHECK=1``): a call whose algorithm
 differs between ranks raises there. They check that every rank runs the same algorithm for
@@ -19,7 +19,8 @@ import pytest
 from mpi4py import MPI
 
 import mtcoll
-from mtcoll import _calibrate, _learn
+from mtcoll import _calibrate
+from mtcoll.comm import _learn
 from mtcoll._calibrate import features, host_layout, key, segmenting
 
 N = 4096  # float32 elements: 16 KiB, a class auto learns on without a prior

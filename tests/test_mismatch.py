@@ -19,6 +19,7 @@ import pytest
 from mpi4py import MPI
 
 import mtcoll
+from mtcoll.comm import _dispatch
 from mtcoll import execute
 from mtcoll.comm import StallError
 
@@ -372,13 +373,13 @@ def test_no_timeout_no_watchdog_cost(comm, fresh, need_size, monkeypatch):
     monkeypatch.delenv("MTCOLL_TIMEOUT", raising=False)
     c = fresh(algorithm="native")
     out = np.zeros(4)
-    req = c._start("Allreduce", np.ones(4), out, MPI.SUM, blocking=True)
+    req = _dispatch.start(c, "Allreduce", np.ones(4), out, MPI.SUM, blocking=True)
     assert req._timeout is None
     req.Wait()
     assert np.array_equal(out, np.full(4, float(size)))
     monkeypatch.setenv("MTCOLL_TIMEOUT", "60")
     out = np.zeros(4)
-    req = c._start("Allreduce", np.ones(4), out, MPI.SUM, blocking=True)
+    req = _dispatch.start(c, "Allreduce", np.ones(4), out, MPI.SUM, blocking=True)
     assert req._timeout == 60.0
     req.Wait()
     assert np.array_equal(out, np.full(4, float(size)))
@@ -554,7 +555,7 @@ def test_no_call_starts_on_a_comm_broken_while_it_starts(comm, fresh, need_size,
     monkeypatch.setenv("MTCOLL_TIMEOUT", str(TIMEOUT))
     monkeypatch.setenv("MTCOLL_CHECK", "0")
     if where == "planning":  # "auto": ring for the first call, multitree (planned) for the next
-        monkeypatch.setattr(mtcoll.comm, "choose", lambda nbytes, nranks, topology, tuning=None:
+        monkeypatch.setattr(mtcoll.comm._comm, "choose", lambda nbytes, nranks, topology, tuning=None:
                             "ring" if nbytes < 8 * N else "multitree")
         c = fresh(algorithm="auto")
     else:

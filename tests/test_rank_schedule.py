@@ -85,7 +85,7 @@ def test_message_bounds_are_exact_on_even_chunks_and_never_low(spec, algorithm, 
     for count in (s.nchunks * 1000, s.nchunks * 1000 + 7, 3):
         for phases in ((0, 1), (0,), (1,)):
             args = (s.chunk_bounds(count), phases, 8, 4096, 16, 1 << 30)
-            exact = execute._streams(s, *args)
+            exact = execute._executor._streams(s, *args)
             whole = execute.Layout(s, 0, count, 8, phases, 4096, 16, 1 << 30)
             cut = execute.Layout(part, part.rank, count, 8, phases, 4096, 16, 1 << 30)
             assert (whole.max_stream, whole.nmessages) == exact

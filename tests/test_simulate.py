@@ -15,7 +15,7 @@ from mtcoll.schedule import REDUCE, Schedule
 from mtcoll.simulate import (OVERHEAD, ROUTER_DELAY, busbw, ceiling, parse_sizes, simgrid_python,
                              simgrid_replay, simulate)
 from mtcoll.simulate import __main__ as cli
-from mtcoll.simulate._engine import dataflow_deps
+from mtcoll.simulate._replay import dataflow_deps
 from mtcoll.topology import DEFAULT_BANDWIDTH as B, DEFAULT_LATENCY as LAT, parse
 
 MiB = 1 << 20

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mtcoll.train import _model
-from mtcoll.train import schedule as sm
+from mtcoll.train import _mlp
+from mtcoll.train import pipeline as sm
 from mtcoll.train._executor import Placement, RealCompute, message_list
 from mtcoll.train._trainer import Config, run, run_sequential
 
@@ -40,7 +40,7 @@ def test_moves_are_checked():
 
 def test_stashed_weights_are_the_forwards():
     """Weight stashing: a backward reads the version its forward used, not a newer one."""
-    params = _model.init_params([6, 8, 7, 3], 1)
+    params = _mlp.init_params([6, 8, 7, 3], 1)
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((4, 6)), rng.integers(0, 3, 4)
     c = RealCompute(dict(enumerate(params)), "relu", 3, lambda k: (x, y), 4, 0.5, 0.0,
@@ -128,7 +128,7 @@ def test_synchronous_schedules_match_sequential(schedule, dp):
                 np.testing.assert_allclose(w, rw, rtol=1e-9, atol=1e-12)
                 np.testing.assert_allclose(b, rb, rtol=1e-9, atol=1e-12)
             # and the weights did move: the comparison is not between two initial states
-            init = _model.init_params([32, 16, 16, 16, 10], 0)
+            init = _mlp.init_params([32, 16, 16, 16, 10], 0)
             assert not np.allclose(res["params"][0][0], init[0][0])
     finally:
         comm.Free()

@@ -1,4 +1,4 @@
-"""The clock-count model of pipeline schedules (mtcoll.train.schedule); serial, no MPI."""
+"""The clock-count model of pipeline schedules (mtcoll.train.pipeline); serial, no MPI."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mtcoll.train import schedule as sm
+from mtcoll.train import pipeline as sm
 
 
 def _flat_profile(layers, ew=0.0):

@@ -20,14 +20,14 @@ PIPE = [
     (2.6, "plan", "mtcoll/plan/",
      "pure function\n(topology, algorithm) -> Schedule;\nvalidator, numba kernels"),
     (5.2, "schedule", "mtcoll/schedule.py",
-     "immutable numpy arrays:\n(phase, step, src, dst, lo, hi);\nRankView per rank"),
-    (7.8, "execute", "mtcoll/execute.py",
+     "immutable numpy arrays:\n(phase, step, src, dst, lo, hi);\nRankSchedule per rank"),
+    (7.8, "execute", "mtcoll/execute/",
      "Layout (pieces, dependencies)\n-> nonblocking sends/receives;\nno topology, no planner"),
-    (10.4, "api", "mtcoll/comm.py",
-     "Comm: Allreduce, Iallreduce, ...\nrequests; auto + tuning table;\nrank 0 plans, broadcasts"),
+    (10.4, "api", "mtcoll/comm/",
+     "Comm: Allreduce, Iallreduce, ...\nrequests; auto + tuning table;\nrank 0 plans, scatters"),
 ]
 # what crosses each boundary, left to right
-CROSS = ["Topology", "Schedule", "RankView", "Execution"]
+CROSS = ["Topology", "Schedule", "RankSchedule", "Execution"]
 # consumers: (x, label, module, uses)
 USERS = [
     (1.3, "simulate", "mtcoll/simulate/", "plan + Topology"),
@@ -72,11 +72,11 @@ def main(out):
     ax.text(5.2, 2.75, "the data flow of one allreduce: each stage knows only what crosses "
             "its left edge", ha="center", fontsize=9.5)
     # at run time Comm drives the pipeline: it builds the Topology, asks plan on rank 0,
-    # broadcasts the Schedule and hands it to an Executor (cached per algorithm)
+    # scatters each rank its part of the Schedule and hands it to an Executor (cached per algorithm)
     arrow(ax, (10.4 - 0.2, y0 + H / 2 + 0.03), (0.2, y0 + H / 2 + 0.03), None,
           color="#3465a4", rad=0.1)
     ax.text(5.2, 2.18, "at run time Comm drives it: Topology from the communicator, plan on "
-            "rank 0, broadcast the Schedule, build an Executor; each cached per algorithm",
+            "rank 0, scatter each rank its part, build an Executor; each cached per algorithm",
             ha="center", fontsize=7.5, color="#3465a4",
             bbox=dict(fc="white", ec="none", pad=1))
     yu = -1.95

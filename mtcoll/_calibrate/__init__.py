@@ -47,7 +47,7 @@ the same on every rank. Three files:
     architecture of rank 0's host), and the file's format. A missing, unreadable or read-only
     cache directory costs a probe per Comm, never an error (``MTCOLL_DEBUG`` says why).
     The file is also where ``auto`` records what it learned on the real calls
-    (:mod:`mtcoll._learn`, its ``learned`` entries). ``MTCOLL_CALIBRATE=off`` turns
+    (:mod:`mtcoll.comm._learn`, its ``learned`` entries). ``MTCOLL_CALIBRATE=off`` turns
     calibration and learning off (``auto`` then follows the built-in rule of
     :func:`mtcoll.comm.choose`); ``refresh`` ignores the cached prior, learns anew and rewrites
     the file.
@@ -63,9 +63,10 @@ import time
 
 from ._cache import (FORMAT, cache_dir, cache_path, engine_id, host_layout, key, lookup, mode,
                      segmenting, store)
-from ._model import MARGIN, REACH, Calibration, features, link_terms
+from ._fit import MARGIN, REACH, Calibration, features, link_terms
 from ._probe import (BUDGET, DOMINATED, MIN_BATCHES, ORDER, REPEATS, dominated, probe_batches,
                      probe_sizes, time_batch)
+from ..comm import _planning
 from . import _probe
 
 __all__ = ["Calibration", "Prior", "prior", "cache_dir", "cache_path", "engine_id", "key", "calibrate",
@@ -88,7 +89,7 @@ class Prior:
 def _looked_up(comm, force):
     """``(rank, payload)``: rank 0's look-up of this Comm's cache file (as if missing with
     ``force``), broadcast; a failure raises on every rank. Collective."""
-    comm._gate()  # every rank is here: what follows is the calibration's own time
+    _planning.gate(comm)  # every rank is here: what follows is the calibration's own time
     rank = comm._dup.Get_rank()
     payload = None
     if rank == 0:
@@ -98,7 +99,7 @@ def _looked_up(comm, force):
                 payload = ("probe", payload[1]["key"], None, payload[2], None)
         except Exception as e:  # noqa: BLE001 -- every rank must hear of it
             payload = ("error", f"{type(e).__name__}: {e}")
-    comm._gate()
+    _planning.gate(comm)
     payload = comm._dup.bcast(payload, root=0)
     if payload[0] == "error":
         raise ValueError(f"mtcoll calibration (rank 0, for rank {rank}): {payload[1]}")
@@ -135,7 +136,7 @@ def calibrate(comm, debug=False, force=False):
     """The :class:`Calibration` of an mtcoll ``Comm`` by the full probe (collective): from the
     cache when it holds this key (not with ``force``), else by probing (and caching what was
     measured). Rank 0 decides; every rank gets the same. A ``Comm`` does not call it (its
-    ``auto`` learns on the calls, :mod:`mtcoll._learn`); ``python -m mtcoll --calibrate``
+    ``auto`` learns on the calls, :mod:`mtcoll.comm._learn`); ``python -m mtcoll --calibrate``
     does."""
     start = time.perf_counter()
     rank, payload = _looked_up(comm, force)
@@ -154,7 +155,7 @@ def calibrate(comm, debug=False, force=False):
             saved, why = store(path, data) if path is not None else (False, why)
             source = "probe" if saved else f"probe (not cached: {why})"
             cal = Calibration(data, path if saved else None, source)
-        comm._gate()
+        _planning.gate(comm)
         cal = comm._dup.bcast(cal, root=0)
     cal.seconds = time.perf_counter() - start  # what this Comm spent on it (rank 0's is printed)
     if debug and rank == 0:

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 
-from ._model import link_terms, features, _REF
+from ..comm import _planning
+from ._fit import REF, features, link_terms
 
 #: the smallest size the probe measures (bytes per rank, float32 elements)
 SMALL = 16 * 1024
@@ -75,7 +76,7 @@ def _barrier(comm):
     # the start line of a timed call. In sleep mode (more ranks than cores) the waiting ranks
     # sleep instead of spinning, which would starve the ranks still on their way to it
     if comm.wait == "sleep":
-        from .._requests import poll
+        from ..comm._progress import poll
 
         poll(comm._dup.Ibarrier().Test, sleep=True)
     else:
@@ -106,7 +107,7 @@ def time_batch(comm, algorithms, nbytes, repeats=None):
         for a in live:
             comm.algorithm = a
             if a != "native":
-                comm._executor(a).layout(count, 4, (REDUCE, GATHER))
+                _planning.executor(comm, a).layout(count, 4, (REDUCE, GATHER))
             comm.Allreduce(send, recv, MPI.SUM)
         pending = []
         for rnd in range(n):
@@ -150,7 +151,7 @@ def budget():
 def _warm_engine():
     # the compiled engine's one-time load (numba and its cached kernel: seconds of CPU per
     # process, which a process's second schedule call would wait for), outside the points' timing
-    from .. import _engine
+    from ..execute import _engine
 
     try:
         if _engine.engine_setting() == "compiled":
@@ -172,11 +173,11 @@ def run(comm, k):
     rank = comm._dup.Get_rank()
     net, seg = comm.network, segmenting(comm)
     _warm_engine()
-    comm._gate()
+    _planning.gate(comm)
     phases = {"engine": time.perf_counter() - start, "plan": 0.0, "model": 0.0}
     feats, planned, failed = {}, {"native"}, set()
     if rank == 0:  # MPICH's large-message algorithm: the one whose bytes count
-        feats["native"] = {"native": True, "links": link_terms(native_schedule(net, _REF), net)}
+        feats["native"] = {"native": True, "links": link_terms(native_schedule(net, REF), net)}
 
     def ready(a):  # collective; the same answer on every rank
         if a in planned or a in failed:

@@ -12,7 +12,7 @@ the planner is tested serially for thousands of virtual ranks.
 from __future__ import annotations
 
 from ..topology import parse
-from ._baselines import plan_baseline, _ports_meta
+from ._baselines import plan_baseline, ports_meta
 from ._bound import Bound, allreduce_bound
 from ._graph import flatten
 from ._multitree import grow_trees_py, schedule_from_trees
@@ -87,7 +87,7 @@ def plan(topology, algorithm="multitree", ports=None, engine="auto"):
                              "MultiTree cannot span it")
     else:
         raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
-    meta = {"ports": _ports_meta(topo), "engine": engine}
+    meta = {"ports": ports_meta(topo), "engine": engine}
     if algorithm == "timed":
         from ._timed import plan_timed
 
@@ -106,7 +106,7 @@ def translate(topology):
     if not fits(topo):
         raise ValueError(f"translation plans plain 2-D tori with sides of 3 or more, not "
                          f"{topo.spec!r}")
-    return Translated(topo.dims, topo.spec, {"ports": _ports_meta(topo), "engine": "translate"})
+    return Translated(topo.dims, topo.spec, {"ports": ports_meta(topo), "engine": "translate"})
 
 
 def tree_depth(schedule):

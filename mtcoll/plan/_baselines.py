@@ -257,9 +257,9 @@ def plan_baseline(topo, algorithm):
     tr, nchunks, owner = BASELINES[algorithm](topo)
     *cols, route = pack(topo, tr, nchunks)
     return Schedule(algorithm, topo.spec, topo.nranks, nchunks, owner, *cols, route=route,
-                    meta={"ports": _ports_meta(topo)})
+                    meta={"ports": ports_meta(topo)})
 
 
-def _ports_meta(topo):
+def ports_meta(topo):
     p = topo.ports
     return int(p[0]) if (p == p[0]).all() else p.tolist()

@@ -8,8 +8,14 @@ cost is paid once per machine.
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
+
+from . import _timed_grow
+from ._codes import (E_EARLY_GATHER, E_EARLY_REDUCE, E_LINK, E_MISSING, E_OWNER, E_RECV_PORTS,
+                     E_SEND_PORTS, NKINDS)
 
 
 
@@ -210,9 +216,7 @@ def both_phases(step, parent, child, tree, alt):
 
 # -- the validator's kernels --------------------------------------------------------------------
 
-# error kinds, shared with the Python twin in _validate.py
-from ._validate import (E_EARLY_GATHER, E_EARLY_REDUCE, E_LINK, E_MISSING,  # noqa: E402
-                        E_OWNER, E_RECV_PORTS, E_SEND_PORTS, NKINDS)
+# (the error kinds, shared with the Python twin in _validate.py, come from _codes.py)
 
 
 @njit(cache=True)
@@ -369,21 +373,16 @@ def _note(cerr, cfirst, c, kind, a, b, cc, d):
 # -- the timed planner --------------------------------------------------------------------------
 
 def _timed_kernel():
-    from ._timed import grow_timed_py
-
-    inner = ("_earliest", "_take", "_push", "_pop")
-    from . import _timed
-
-    env = dict(_timed.__dict__)
-    for name in inner:
-        env[name] = njit(cache=True)(getattr(_timed, name))
-    import types
-
-    prop = types.FunctionType(_timed._propose.__code__, env, "_propose")
-    env["_propose"] = njit(cache=True)(prop)
-    grow = types.FunctionType(grow_timed_py.__code__, env, "grow_timed_py")
+    # the Python twin's functions, each compiled, calling each other compiled: a copy of the
+    # module's globals in which the helpers are their compiled selves
+    env = dict(_timed_grow.__dict__)
+    for name in ("earliest", "take", "push", "pop"):
+        env[name] = njit(cache=True)(getattr(_timed_grow, name))
+    env["propose"] = njit(cache=True)(types.FunctionType(_timed_grow.propose.__code__, env,
+                                                         "propose"))
+    grow = types.FunctionType(_timed_grow.grow_timed_py.__code__, env, "grow_timed_py")
     return njit(cache=True)(grow)
 
 
-#: the timed planner's growth (``mtcoll.plan._timed.grow_timed_py``), compiled
+#: the timed planner's growth (``mtcoll.plan._timed_grow.grow_timed_py``), compiled
 grow_timed = _timed_kernel()

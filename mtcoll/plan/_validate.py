@@ -29,10 +29,10 @@ import numpy as np
 from ..topology import parse
 from ._graph import route_ids
 
-# error kinds, shared with the numba kernel (which is imported only when it runs, so that
-# planning and validating small schedules never loads numba)
-E_LINK, E_SEND_PORTS, E_RECV_PORTS, E_EARLY_REDUCE, E_EARLY_GATHER, E_OWNER, E_MISSING = range(7)
-NKINDS = 7
+# the error kinds, shared with the numba kernel (imported only when it runs, so that planning and
+# validating small schedules never loads numba)
+from ._codes import (E_EARLY_GATHER, E_EARLY_REDUCE, E_LINK, E_MISSING, E_OWNER, E_RECV_PORTS,
+                     E_SEND_PORTS, NKINDS)
 
 MAX_ERRORS = 20
 _PHASE = ("reduce", "gather")

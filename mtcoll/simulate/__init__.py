@@ -55,9 +55,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..plan._graph import route_ids
 from ..schedule import REDUCE, Schedule
 from ..topology import parse
+from ._flatten import (ITEMSIZE, OVERHEAD, ROUTER_DELAY, route_table, step_index,
+                       transfer_bytes)
 
 __all__ = ["simulate", "Result", "sweep", "parse_sizes", "busbw", "ceiling",
            "MODES", "SHARINGS", "ROUTER_DELAY", "OVERHEAD", "ITEMSIZE",
@@ -65,14 +66,6 @@ __all__ = ["simulate", "Result", "sweep", "parse_sizes", "busbw", "ceiling",
 
 MODES = ("step", "dataflow")
 SHARINGS = ("fair", "priority", "connection")
-#: seconds added per hop (link) for the router a transfer crosses: 10 cycles of a 1 GHz router
-#: pipeline (route computation, allocation, crossbar), rounded up from BookSim's few stages
-ROUTER_DELAY = 10e-9
-#: seconds per message: one 16-byte head flit at 16 GB/s (the paper's message-based flow
-#: control sends one head flit per chunk)
-OVERHEAD = 1e-9
-#: bytes per element: float32 gradients
-ITEMSIZE = 4
 #: ``engine="auto"`` replays step-synchronous, fair-sharing runs of schedules of fewer
 #: transfers in Python: there the pure-Python engine takes well under a second, while compiling
 #: the kernel on a fresh machine takes about 7 s (torus:4x4 has 480 transfers, torus:8x8 8,064;
@@ -147,38 +140,6 @@ def ceiling(schedule):
     return (schedule.nranks - 1) / cost if cost > 0 else math.inf
 
 
-# -- flattening ----------------------------------------------------------------------------------
-
-def _route_table(schedule, topo):
-    """Per transfer, its links as a CSR list (rptr, rlinks)."""
-    q, rl_ptr, rl = route_ids(schedule, topo)
-    first = rl_ptr[q]
-    lens = rl_ptr[q + 1] - first
-    rptr = np.concatenate(([0], np.cumsum(lens)))
-    # position k of transfer i reads rl[first[i] + k]
-    rlinks = rl[np.repeat(first - rptr[:-1], lens) + np.arange(rptr[-1])]
-    return rptr, rlinks.astype(np.int64)
-
-
-def _transfer_bytes(schedule, nbytes, itemsize):
-    nbytes = int(nbytes)
-    itemsize = int(itemsize)
-    if itemsize < 1:
-        raise ValueError(f"itemsize must be at least 1, got {itemsize}")
-    if nbytes < 0 or nbytes % itemsize:
-        raise ValueError(f"nbytes must be a non-negative multiple of itemsize {itemsize}, "
-                         f"got {nbytes}")
-    b = schedule.chunk_bounds(nbytes // itemsize) * itemsize
-    return (b[schedule.hi] - b[schedule.lo]).astype(np.float64)
-
-
-def _step_index(schedule):
-    """Ordinal step of each transfer over both phases (reduce steps first), and the count."""
-    key = schedule.phase.astype(np.int64) * (int(schedule.step.max()) + 1) + schedule.step
-    uniq, idx = np.unique(key, return_inverse=True)
-    return idx.astype(np.int64), len(uniq)
-
-
 def _task_graph(schedule, topo, nbytes, mode, itemsize=ITEMSIZE, router_delay=ROUTER_DELAY,
                overhead=OVERHEAD, engine="numba"):
     """The replay's input arrays for a schedule: (size, delay, rptr, rlinks, cap, before,
@@ -187,21 +148,21 @@ def _task_graph(schedule, topo, nbytes, mode, itemsize=ITEMSIZE, router_delay=RO
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     t = schedule.ntransfers
-    size = _transfer_bytes(schedule, nbytes, itemsize)
-    rptr, rlinks = _route_table(schedule, topo)
+    size = transfer_bytes(schedule, nbytes, itemsize)
+    rptr, rlinks = route_table(schedule, topo)
     hops = np.diff(rptr)
     cum = np.concatenate(([0.0], np.cumsum(topo.latency[rlinks])))
     lat = cum[rptr[1:]] - cum[rptr[:-1]]
     delay = overhead + lat + hops * router_delay
     if mode == "dataflow":
-        from ._engine import dataflow_deps
+        from ._replay import dataflow_deps
 
         fn = dataflow_deps if engine == "numba" else dataflow_deps.py_func
         before, after = fn(schedule.phase, schedule.step, schedule.src, schedule.dst,
                                       schedule.lo, schedule.hi, schedule.nranks, schedule.nchunks)
         ntasks = t
     else:
-        k, nsteps = _step_index(schedule)
+        k, nsteps = step_index(schedule)
         # barrier b (task t + b - 1) closes ordinal step b - 1 and opens step b
         into = k < nsteps - 1
         before = np.concatenate((np.flatnonzero(into), t + k[k > 0] - 1))
@@ -298,11 +259,11 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     dptr, dlist, ndeps = _dependents(before, after, ntasks)
     prio = np.zeros(ntasks, np.int64)
     if sharing == "priority":
-        prio[:t] = _step_index(schedule)[0]
+        prio[:t] = step_index(schedule)[0]
     conn = np.full(ntasks, -1, np.int64)
     if sharing == "connection":
         conn[:t] = schedule.src.astype(np.int64) * schedule.nranks + schedule.dst
-    from . import _engine
+    from . import _replay as _engine
 
     fn = _engine.replay if engine == "numba" else _engine.replay_py
     release, start, finish, slowed, ndone = fn(size, delay, rptr, rlinks, cap, dptr, dlist, ndeps,
@@ -316,7 +277,7 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     reduce_time = float(fin[red].max()) if red.any() else 0.0
     step_times = None
     if mode == "step":
-        k, nsteps = _step_index(schedule)
+        k, nsteps = step_index(schedule)
         ends = np.full(nsteps, -np.inf)
         np.maximum.at(ends, k, fin)
         step_times = np.diff(np.concatenate(([0.0], ends)))

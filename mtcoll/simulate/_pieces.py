@@ -1,6 +1,6 @@
 """A schedule cut into the pieces mtcoll's executor sends, for the simulator's dataflow replay.
 
-The executor (``mtcoll/execute.py``) cuts every transfer into ``ceil(bytes / segment_bytes)``
+The executor (``mtcoll/execute/_executor.py``) cuts every transfer into ``ceil(bytes / segment_bytes)``
 pieces, at most ``max_segments``, one MPI message each, sent in order on the pair's
 connection; a piece moves on as soon as the pieces it overlaps have arrived, so the pieces of
 one transfer pipeline through the steps. :func:`pieces` rewrites a schedule the same way:

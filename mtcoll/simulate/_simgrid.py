@@ -7,7 +7,7 @@ interpreter can import ``simgrid`` (:func:`find_python`), reading one JSON file:
 ``nranks``; ``links``: [bandwidth, latency + router delay] per link id; ``overhead``;
 ``routes``: ``"src,dst"`` -> link ids, one route per ordered pair; per transfer ``src``,
 ``dst``, ``bytes``, ``step`` (ordinal step over both phases); ``nsteps``; ``mode``; in dataflow
-mode ``deps``: per transfer, the transfers it waits for (:func:`_engine.dataflow_deps`).
+mode ``deps``: per transfer, the transfers it waits for (:func:`_replay.dataflow_deps`).
 
 SimGrid's full routing zone holds one route per ordered pair of hosts, so a schedule that sends
 between the same two ranks over two different routes (possible on fat trees and BiGraphs)
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..topology import parse
+from ._flatten import ITEMSIZE, OVERHEAD, ROUTER_DELAY, route_table, step_index, transfer_bytes
 
 SCRIPT = Path(__file__).with_name("_simgrid_replay.py")
 _CANDIDATES = ("/usr/bin/python3",)
@@ -59,10 +60,8 @@ def find_python():
 
 def job(schedule, topology, nbytes, mode, itemsize, router_delay, overhead):
     """The JSON-able input of the replay script."""
-    from . import _route_table, _step_index, _transfer_bytes
-
     topo = parse(schedule.topology if topology is None else topology, nranks=schedule.nranks)
-    rptr, rlinks = _route_table(schedule, topo)
+    rptr, rlinks = route_table(schedule, topo)
     routes = {}
     for i, (s, d) in enumerate(zip(schedule.src.tolist(), schedule.dst.tolist())):
         r = rlinks[rptr[i]:rptr[i + 1]].tolist()
@@ -70,18 +69,18 @@ def job(schedule, topology, nbytes, mode, itemsize, router_delay, overhead):
         if old != r:
             raise ValueError(f"SimGrid's full zone has one route per pair, but the schedule "
                              f"sends {s}->{d} over two routes ({old} and {r})")
-    k, nsteps = _step_index(schedule)
+    k, nsteps = step_index(schedule)
     out = {
         "mode": mode, "nranks": schedule.nranks, "overhead": float(overhead),
         "links": [[float(b), float(l) + float(router_delay)]
                   for b, l in zip(topo.bandwidth, topo.latency)],
         "routes": routes,
         "src": schedule.src.tolist(), "dst": schedule.dst.tolist(),
-        "bytes": [int(x) for x in _transfer_bytes(schedule, nbytes, itemsize)],
+        "bytes": [int(x) for x in transfer_bytes(schedule, nbytes, itemsize)],
         "step": k.tolist(), "nsteps": nsteps,
     }
     if mode == "dataflow":
-        from ._engine import dataflow_deps
+        from ._replay import dataflow_deps
 
         before, after = dataflow_deps(schedule.phase, schedule.step, schedule.src, schedule.dst,
                                       schedule.lo, schedule.hi, schedule.nranks, schedule.nchunks)
@@ -98,8 +97,6 @@ def replay(schedule, topology=None, nbytes=1 << 20, mode="step", itemsize=None,
            router_delay=None, overhead=None, python=None, timeout=600):
     """Replay in SimGrid; returns the script's output (``time``, ``step_ends`` in step mode,
     ``simgrid_version``) plus ``cpu_s`` (the subprocess's CPU time)."""
-    from . import ITEMSIZE, OVERHEAD, ROUTER_DELAY
-
     python = python or find_python()
     if python is None:
         raise RuntimeError("SimGrid's Python bindings were not found: install them (Debian: "

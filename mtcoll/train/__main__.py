@@ -11,7 +11,7 @@ Examples::
 
 Launch exactly ``stages * replicas`` processes (``--replicas`` defaults to the world size /
 stages; a layout that leaves a process idle is refused). Each stage runs the task list that
-the schedule model (``python -m mtcoll.train.schedule``) chooses, including layerpipe's moved W
+the schedule model (``python -m mtcoll.train.pipeline``) chooses, including layerpipe's moved W
 and Bew tasks.
 
 ``--compute real`` trains the numpy MLP: rank 0 prints one line per epoch (loss, test accuracy,
@@ -34,7 +34,7 @@ import sys
 from mpi4py import MPI
 
 from .._cli import entry, line, say
-from . import _data, _model
+from . import _data, _mlp
 from ._trainer import COMMS, COMPUTE, SCHEDULES, Config, run
 
 
@@ -67,7 +67,7 @@ def _parser():
     p.add_argument("--hidden", default=None, metavar="W1,W2,...",
                    help="hidden widths, one per layer (overrides --depth/--width); uneven "
                         "widths give uneven layer costs, e.g. 64,512,512,512,64,64")
-    p.add_argument("--activation", default=d.activation, choices=_model.ACTIVATIONS)
+    p.add_argument("--activation", default=d.activation, choices=_mlp.ACTIVATIONS)
     p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch,
                    help="global mini-batch, split over replicas (default: %(default)s)")

@@ -1,6 +1,6 @@
 """One rank's part of a pipeline schedule: run the model's task list with real messages.
 
-The schedule model (:func:`mtcoll.train.schedule.simulate`) places every task -- ``F``,
+The schedule model (:func:`mtcoll.train.pipeline.simulate`) places every task -- ``F``,
 ``Bmm``, ``Bew``, ``W`` (layerpipe) or ``BW`` (a layer's whole backward) of every layer and
 mini-batch -- on a stage and orders each stage's tasks. :class:`Runner` carries out one stage's
 list in that order on one replica. A task waits until its inputs are here; whatever it produces
@@ -44,8 +44,8 @@ from mpi4py import MPI
 
 import mtcoll
 
-from . import _model
-from .schedule import weight_version
+from . import _mlp
+from .pipeline import weight_version
 
 _KINDS = {"a": 0, "g": 1, "d": 2, "gw": 3}
 #: tags carry (mini-batch mod _WRAP, value, layer); at most S mini-batches are in flight
@@ -133,21 +133,21 @@ class RealCompute:
         if l > 0 or not self.split:     # read by Bmm or BW (layer 0 has no Bmm)
             self.stash[(k, l)] = w
         last = l == self.layers - 1
-        out = _model.forward_layer(w, b, a_prev, self.kind, last)
+        out = _mlp.forward_layer(w, b, a_prev, self.kind, last)
         if not last:
             return out, None
-        loss, delta = _model.loss_and_delta(out, self.data(k)[1], self.scale)
+        loss, delta = _mlp.loss_and_delta(out, self.data(k)[1], self.scale)
         self.loss += loss
         return out, delta
 
     def bmm(self, k, l, delta):
-        return _model.bmm(self.stash.pop((k, l)), delta)
+        return _mlp.bmm(self.stash.pop((k, l)), delta)
 
     def bew(self, g, a_prev, l):
-        return _model.bew(g, a_prev, self.kind)
+        return _mlp.bew(g, a_prev, self.kind)
 
     def wgrad(self, a_prev, delta, l):
-        gw, gb = _model.wgrad(a_prev, delta)
+        gw, gb = _mlp.wgrad(a_prev, delta)
         return np.concatenate([gw.ravel(), gb])
 
     def bw(self, k, l, a_prev, delta):
@@ -181,7 +181,7 @@ class RealCompute:
 class EmulatedCompute:
     """Tasks that take their modelled time asleep, and values of the profile's sizes.
 
-    ``profile``: a :class:`~mtcoll.train.schedule.Profile` with ``act`` and ``params``;
+    ``profile``: a :class:`~mtcoll.train.pipeline.Profile` with ``act`` and ``params``;
     ``seconds``: seconds per unit of the profile's cost; ``elements``: message elements per
     element of the profile's tensors (the sizes are scaled to fit memory; at least one).
     """

@@ -15,9 +15,9 @@ from mpi4py import MPI
 
 import mtcoll
 
-from . import _data, _model
+from . import _data, _mlp
 from ._executor import MAX_LAYERS, EmulatedCompute, Placement, RealCompute, Runner
-from .schedule import get_profile, simulate, weight_version, window_bounds
+from .pipeline import get_profile, simulate, weight_version, window_bounds
 
 SCHEDULES = ("sequential", "gpipe", "1f1b", "pipedream", "layerpipe")
 SYNCHRONOUS = ("gpipe", "1f1b")
@@ -32,8 +32,8 @@ class Config:
     replicas: int = 1
     compute: str = "real"           # real: the numpy MLP; emulate: the profile's times, asleep
     data: str = "digits"
-    depth: int = _model.DEFAULT_DEPTH
-    width: int = _model.DEFAULT_WIDTH
+    depth: int = _mlp.DEFAULT_DEPTH
+    width: int = _mlp.DEFAULT_WIDTH
     hidden: list = field(default=None)      # hidden widths, one per layer; overrides depth/width
     activation: str = "relu"
     epochs: int = 15
@@ -82,7 +82,7 @@ class Config:
             raise ValueError("--compute emulate needs a pipelined --schedule")
         if self.stages < 1 or self.replicas < 1:
             raise ValueError(f"--stages {self.stages} and --replicas {self.replicas} must be >= 1")
-        if self.activation not in _model.ACTIVATIONS:
+        if self.activation not in _mlp.ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}")
         if self.hidden is not None and (not self.hidden or min(self.hidden) < 1):
             raise ValueError(f"--hidden {self.hidden}: positive widths, at least one")
@@ -130,7 +130,7 @@ def _batches(n_train, batch, epoch, seed):
 
 
 def _accuracy(params, x, y, kind):
-    return float((_model.predict(params, x, kind) == y).mean())
+    return float((_mlp.predict(params, x, kind) == y).mean())
 
 
 def _sgd_layer(w, b, velocity, gw, gb, lr, momentum):
@@ -145,12 +145,12 @@ def run_sequential(cfg: Config, log=None, steps=None, delay=None):
 
     ``delay``: the arithmetic of the asynchronous schedules with that delay (the forward and
     backward of the epoch's mini-batch ``k`` use the weights updated through mini-batch
-    ``k - delay``; see :func:`~mtcoll.train.schedule.weight_version`); None: plain SGD.
+    ``k - delay``; see :func:`~mtcoll.train.pipeline.weight_version`); None: plain SGD.
     ``steps`` stops after that many updates (tests). Returns the result dict with ``params``.
     """
     x_tr, y_tr, x_te, y_te = _data.load(cfg.data, cfg.seed)
     sizes = [x_tr.shape[1]] + cfg.sizes_hidden + [int(y_tr.max()) + 1]
-    params = _model.init_params(sizes, cfg.seed)
+    params = _mlp.init_params(sizes, cfg.seed)
     velocity = [(np.zeros_like(w), np.zeros_like(b)) for w, b in params]
     epochs, done = [], 0
     for epoch in range(cfg.epochs):
@@ -162,7 +162,7 @@ def run_sequential(cfg: Config, log=None, steps=None, delay=None):
             idx_all = idx_all[:max(0, steps - done)]
         for k, idx in enumerate(idx_all):
             used = history[weight_version(k, delay)] if delay else history[-1]
-            loss, grads = _model.sequential_step(used, x_tr[idx], y_tr[idx], cfg.activation,
+            loss, grads = _mlp.sequential_step(used, x_tr[idx], y_tr[idx], cfg.activation,
                                                  cfg.batch)
             new = []
             for i, ((w, b), (gw, gb)) in enumerate(zip(history[-1], grads)):
@@ -203,7 +203,7 @@ def _measured_profile(comm, sizes, rows, kind):
     if key not in _PROFILES:
         profile = None
         if comm.Get_rank() == 0:
-            profile = _model.measure_profile(sizes=sizes, batch=rows, repeat=10, kind=kind)
+            profile = _mlp.measure_profile(sizes=sizes, batch=rows, repeat=10, kind=kind)
         req = comm.Ibarrier()
         while not req.Test():
             time.sleep(1e-3)
@@ -231,7 +231,7 @@ def _measure(comm, runner, spans, done, seconds, model, unit_seconds, S):
     """Steady-state figures of one run over the model's window (rank 0 returns them).
 
     Mini-batch ``i`` is done when its last task on any rank is; the period is taken over the
-    middle half of the run (:func:`~mtcoll.train.schedule.window_bounds`), busy fractions are
+    middle half of the run (:func:`~mtcoll.train.pipeline.window_bounds`), busy fractions are
     the time each rank spent in tasks inside that window.
     """
     all_done = comm.gather(done, root=0)
@@ -298,7 +298,7 @@ def run(cfg: Config, comm=None, log=None, steps=None):
     else:
         x_tr, y_tr, x_te, y_te = _data.load(cfg.data, cfg.seed)
         sizes = [x_tr.shape[1]] + cfg.sizes_hidden + [int(y_tr.max()) + 1]
-        params = _model.init_params(sizes, cfg.seed)
+        params = _mlp.init_params(sizes, cfg.seed)
         profile = cfg.costs or _measured_profile(comm, sizes, max(cfg.batch // R // cfg.m, 1),
                                                  cfg.activation)
         unit = 1.0

@@ -12,9 +12,9 @@ import zlib
 import numpy as np
 from mpi4py import MPI
 
-from . import _ops, execute
+from .. import _ops, execute
 from ._errors import ABANDONED, StallError
-from ._requests import poll
+from ._progress import poll
 
 __all__ = ["agree", "absent", "CALLS", "PRESENCE_TAG"]
 

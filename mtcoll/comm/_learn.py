@@ -47,6 +47,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from . import _dispatch, _planning
 from ._dispatch import fast_key
 
 #: timed rounds of the candidates in a class's trial (after one untimed round)
@@ -153,7 +154,7 @@ class Learner:
                 cands.append(a)
                 continue
             try:
-                comm._rank_schedule(a)  # collective, the same verdict everywhere; the part
+                _planning.rank_schedule(comm, a)  # collective, the same verdict everywhere; the part
                 # the trial calls then run (the whole Schedule would be a second plan)
             except ValueError:
                 continue
@@ -249,7 +250,7 @@ class Learner:
     def _collect(self, cl):
         # the running timed calls, finished (not freed: the caller's Wait or Waitall frees
         # them) and their times taken, start to completion
-        from ._requests import LOCK, _unwatch, poll
+        from ._progress import LOCK, poll, unwatch
 
         def test(r):
             # under the lock, as the progress thread tests it (a Wait outside the lock on the
@@ -274,7 +275,7 @@ class Learner:
     def _sum(self, values):
         # every rank's values, added up, in integer nanoseconds: the same on every rank
         comm = self.comm
-        from ._requests import LOCK
+        from ._progress import LOCK
 
         # a rank in MPI_Allreduce advances none of its schedules in flight, which a peer may
         # need finished first: finish them (completed, not freed: the caller's Wait or
@@ -323,7 +324,7 @@ class Learner:
         # rank 0 records the class in the cache file: the next run's prior
         if self.comm._rank != 0 or self.path is None or self.data is None:
             return
-        from ._calibrate import store
+        from .._calibrate import store
 
         try:
             load = list(os.getloadavg())
@@ -352,13 +353,13 @@ class Learner:
 
 
 def env_debug():
-    from ._errors import env_flag
+    from .._env import env_flag
 
     return env_flag("MTCOLL_DEBUG")
 
 
 def _op_name(op):
-    from . import _ops
+    from .. import _ops
 
     return _ops.op_name(op) or f"op{op.handle}"
 
@@ -369,7 +370,7 @@ def call(comm, kind, sendbuf, recvbuf, op, blocking):
     lrn = comm._learner
     lrn.pending = None
     t0 = time.perf_counter()
-    req = comm._start(kind, sendbuf, recvbuf, op, blocking)
+    req = _dispatch.start(comm, kind, sendbuf, recvbuf, op, blocking)
     p = lrn.pending
     if p is None:
         if blocking:
@@ -398,7 +399,8 @@ def _stamped(comm, req):
     # ``(request, stamp)``: the request to hand back and a cell that gets the time it
     # completes, whoever completes it (the progress thread, a Wait). The library's own
     # request is wrapped in one of mtcoll's, which the progress thread completes
-    from ._requests import LOCK, Request, wake
+    from ._progress import LOCK, wake
+    from ._requests import Request
 
     stamp = [None]
 
@@ -429,9 +431,9 @@ def _completed(comm, req):
     # it is waited for, a generalized request completed at once (not the null request a
     # waited-for request becomes: MPICH 5.0's MPI_Waitall asserts on a null request beside a
     # pending generalized one, as in a gradient step's MPI.Request.Waitall of every layer's)
-    from ._requests import Request, _cancel, _free, _query
+    from ._requests import Request, collective_cancel, collective_free, collective_query
 
-    handle = MPI.Grequest.Start(_query, _free, _cancel)
+    handle = MPI.Grequest.Start(collective_query, collective_free, collective_cancel)
     out = MPI.Request.__new__(Request, handle)
     out.__dict__.update(_greq=handle, _exec=None, _native=None, _on_done=[], _keep=None,
                         seq=None, _comm=comm, _timeout=None, _kind=req._kind,

@@ -22,7 +22,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util import dtlib
 
-from . import _ops
+from .. import _ops
 
 __all__ = ["Buf", "Call", "prepare", "parse_buffer", "ReadOnlyBufferError",
            "BufferMismatchError"]

@@ -4,11 +4,13 @@
 ``Cartcomm.Sub`` and ``Intercomm.Merge``) return -- mtcoll communicators too, with the
 parent's options and the network the new ranks sit on (a Cartesian grid: the grid's).
 
-Every derived Comm is registered as its new communicator's own (:mod:`mtcoll._registry`):
+Every derived Comm is registered as its new communicator's own (:mod:`mtcoll.comm._registry`):
 ``mtcoll.Comm(c)`` of its handle gives it back, and it is released when that communicator is
-freed. :class:`Derived` is a mixin of :class:`mtcoll.Comm`; it needs the Comm's ``_adopt``,
-``_ensure`` and options, and the classes to build (``_COMM_CLASS``, ``_CART_CLASS``,
-``_GRAPH_CLASS``, ``_DISTGRAPH_CLASS``, ``_INTER_CLASS``, set by :mod:`mtcoll.comm`).
+freed. :class:`Derived` is a base class of :class:`mtcoll.Comm`: its methods are mpi4py's own
+(a Comm must answer them as methods), each a few lines over :func:`derive`. They need of the
+Comm its ``_adopt``, ``_ensure``, ``_plain``, ``_options``, ``network`` and ``ports``, and the
+classes to build (``_COMM_CLASS``, ``_CART_CLASS``, ``_GRAPH_CLASS``, ``_DISTGRAPH_CLASS``,
+``_INTER_CLASS``, set in :mod:`mtcoll.comm._comm`).
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """The module-level calls, ``mtcoll.Allreduce`` and ``mtcoll.Iallreduce``: the
 :class:`~mtcoll.comm.Comm` of (communicator, options), which ``mtcoll.Comm`` keeps as an MPI
-attribute of the communicator (:mod:`mtcoll._registry`) and releases when it is freed.
+attribute of the communicator (:mod:`mtcoll.comm._registry`) and releases when it is freed.
 """
 
 from __future__ import annotations
 
 from mpi4py import MPI
 
-from .comm import Comm
+from ._comm import Comm
 
 __all__ = ["Allreduce", "Iallreduce"]
 
@@ -16,7 +16,7 @@ __all__ = ["Allreduce", "Iallreduce"]
 
 def _comm_for(comm, options):
     # mtcoll.Comm(comm, **options) is itself the cache: the Comm the communicator already has
-    # with these options (an MPI attribute of it, mtcoll._registry), made on first use
+    # with these options (an MPI attribute of it, mtcoll.comm._registry), made on first use
     if isinstance(comm, Comm):
         if options:
             raise TypeError("options are set when constructing an mtcoll.Comm; got both a Comm "

@@ -10,171 +10,23 @@ is one of:
   must finish itself (a copy back into a non-contiguous receive buffer). mtcoll completes it
   (``MPI_Grequest_complete``) once the call is done, whoever advanced it.
 
-How progress happens
---------------------
-mtcoll's schedules move only when Python code tests their messages. That happens
-
-1. inside mtcoll calls: ``Wait``/``Test`` of any mtcoll request, :func:`waitall`, the start of
-   any other mtcoll call, the agreement check;
-2. in a **progress thread** (one per process, started with the first mtcoll call, when MPI
-   runs with ``MPI.THREAD_MULTIPLE``, mpi4py's default): while a schedule or a watched request
-   is in flight and no mtcoll call is advancing it, it tests their messages (``Testsome``,
-   never blocking inside MPI while holding mtcoll's lock) and sleeps between tests that found
-   nothing, from :data:`THREAD_SLEEP_MIN` doubling to :data:`THREAD_SLEEP_MAX` seconds, so a
-   waiting rank costs a few wake-ups, not a core. With nothing in flight it sleeps on an event.
-
-The thread is what lets a rank sit in a plain MPI call (``MPI.Request.Waitall`` on mtcoll
-requests, a blocking collective, ``Barrier``) while another rank still needs this rank's part of
-an mtcoll schedule: ranks may complete their calls in different orders. Without
-``THREAD_MULTIPLE`` (or with ``MTCOLL_PROGRESS=off``) there is no thread: mtcoll then runs the
-calls it hands to the library as their nonblocking twins, waited for while advancing its own
-(as before), and ``MPI.Request.Waitall`` on a request of a schedule would wait for ever --
-use :func:`waitall` or the request's ``Wait`` there.
-
-All progress on mtcoll's state happens under one lock (:data:`LOCK`): the thread takes it only
-when it is free, so an mtcoll wait never waits for the thread.
+How their progress happens (the progress thread, the lock): :mod:`mtcoll.comm._progress`.
 """
 
 from __future__ import annotations
 
-import atexit
 import math
-import os
-import threading
 import time
 
 from mpi4py import MPI
 
-from . import execute
+from .. import execute
 from ._errors import ABANDONED, StallError, mpi_error_text
+from ._progress import LOCK, advance, poll, reraise, thread_running, unwatch, watch
 
-__all__ = ["Request", "waitall", "poll", "advance", "reraise", "LOCK", "thread_enabled", "wake",
-           "THREAD_SLEEP_MIN", "THREAD_SLEEP_MAX"]
+__all__ = ["Request", "waitall", "collective_query", "collective_free", "collective_cancel"]
 
-#: Guards the executor's running calls and the completion of mtcoll requests.
-LOCK = threading.RLock()
-#: The progress thread's sleeps between tests that completed nothing (seconds).
-THREAD_SLEEP_MIN = 20e-6
-THREAD_SLEEP_MAX = 500e-6
-
-_WATCHED = []  # library requests whose mtcoll Request must finish them (copy back)
-
-
-def _unwatch(req):
-    # by identity: MPI requests compare equal by handle, and every completed one is NULL
-    for i, r in enumerate(_WATCHED):
-        if r is req:
-            del _WATCHED[i]
-            return
-_WAKE = threading.Event()
-_STOP = False
-_THREAD = None
-_FAILED = []  # an exception the progress thread hit (not an MPI error charged to a call)
-
-
-def thread_enabled():
-    """Whether this process may run the progress thread: MPI at ``THREAD_MULTIPLE`` and
-    ``MTCOLL_PROGRESS`` not ``off``/``0``."""
-    raw = os.environ.get("MTCOLL_PROGRESS", "").strip().lower()
-    if raw in ("off", "0", "no", "false"):
-        return False
-    if raw not in ("", "thread", "on", "1", "yes", "true"):
-        raise ValueError(f"environment variable MTCOLL_PROGRESS={os.environ['MTCOLL_PROGRESS']!r}"
-                         f" (rank {MPI.COMM_WORLD.Get_rank()} of MPI.COMM_WORLD): expected "
-                         f"thread or off")
-    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
-
-
-def _advance_all():
-    # One round of progress on everything in flight; True if anything moved.
-    moved = False
-    if execute.running():
-        moved = execute.progress(block=False)
-    for r in list(_WATCHED):
-        if r._native.Test():
-            _unwatch(r)
-            if not r._complete:
-                r._finish()
-            moved = True
-    return moved
-
-
-def reraise():
-    """Raise, in the calling thread, what the progress thread hit (once)."""
-    if _FAILED:
-        raise _FAILED.pop()
-
-
-def advance():
-    """Advance everything mtcoll has in flight once (under :data:`LOCK`)."""
-    reraise()
-    if execute.running() or _WATCHED:
-        with LOCK:
-            _advance_all()
-
-
-def _loop():
-    delay = THREAD_SLEEP_MIN
-    while not _STOP:
-        if not (execute.running() or _WATCHED):
-            _WAKE.wait()
-            _WAKE.clear()
-            delay = THREAD_SLEEP_MIN
-            continue
-        moved = False
-        if not _FAILED and LOCK.acquire(blocking=False):
-            try:
-                moved = _advance_all()
-            except BaseException as e:  # raised in the main thread by its next mtcoll call
-                _FAILED.append(e)
-            finally:
-                LOCK.release()
-        if moved:
-            delay = THREAD_SLEEP_MIN
-        else:
-            time.sleep(delay)
-            delay = min(2 * delay, THREAD_SLEEP_MAX)
-
-
-def _stop():
-    # Before MPI_Finalize (atexit runs this before mpi4py's own handler, registered earlier).
-    global _STOP, _THREAD
-    _STOP = True
-    _WAKE.set()
-    if _THREAD is not None:
-        _THREAD.join(timeout=5)
-        _THREAD = None
-
-
-def wake():
-    """Tell the progress thread (starting it on first use) that something is in flight."""
-    global _THREAD
-    if _THREAD is None and not _STOP:
-        _THREAD = threading.Thread(target=_loop, name="mtcoll-progress", daemon=True)
-        _THREAD.start()
-        atexit.register(_stop)
-    _WAKE.set()
-
-
-def poll(test, deadline=math.inf, sleep=False):
-    """Call ``test()`` until it returns True (then True) or ``deadline`` passes (then False).
-
-    In between, advance mtcoll's running calls: another rank may be unable to join what we wait
-    for until one of those finishes, since the ranks may complete their calls in different
-    orders. And sleep as the executor does in sleep mode, or not at all.
-    """
-    delay = execute.SLEEP_MIN
-    while not test():
-        advance()
-        if time.monotonic() >= deadline:
-            return False
-        if sleep:
-            time.sleep(delay)
-            delay = min(2 * delay, execute.SLEEP_MAX)
-    return True
-
-
-def _query(status):
+def collective_query(status):
     # A collective's status says nothing: no source, no tag, no elements, not cancelled.
     status.Set_source(MPI.ANY_SOURCE)
     status.Set_tag(MPI.ANY_TAG)
@@ -182,11 +34,11 @@ def _query(status):
     status.Set_cancelled(False)
 
 
-def _free():
+def collective_free():
     pass
 
 
-def _cancel(completed):
+def collective_cancel(completed):
     pass  # a collective cannot be cancelled (MPI: erroneous); the call runs to completion
 
 
@@ -199,7 +51,7 @@ class Request(MPI.Request):
     ``Wait(status)``, ``Test(status)`` and the lowercase ``wait()``/``test()`` (which return
     None and ``(flag, None)``, as for mpi4py's buffer calls) work as for any MPI request, and so
     do MPI's ``Waitall``, ``Testall``, ``Waitany``, ``Testany``, ``Waitsome``, ``Testsome`` on a
-    mix of mtcoll and mpi4py requests. See :mod:`mtcoll._requests` for how progress happens.
+    mix of mtcoll and mpi4py requests. See :mod:`mtcoll.comm._requests` for how progress happens.
     ``Cancel()`` does nothing (a collective cannot be cancelled); ``Free()`` drops the handle,
     the call still runs to completion (its Comm's ``Free`` waits for it).
 
@@ -216,7 +68,7 @@ class Request(MPI.Request):
         elif execution is None and native is None:
             handle = MPI.REQUEST_NULL  # complete already: nothing was exchanged
         else:
-            handle = MPI.Grequest.Start(_query, _free, _cancel)
+            handle = MPI.Grequest.Start(collective_query, collective_free, collective_cancel)
         self = super().__new__(cls, handle)
         self._greq = handle if execution is not None or native is not None and on_done \
             else None
@@ -240,7 +92,7 @@ class Request(MPI.Request):
             if execution.done:
                 self._finish()
         elif native is not None and on_done:
-            _WATCHED.append(self)
+            watch(self)
 
     @classmethod
     def _library(cls, native, keep, comm, kind, number):
@@ -363,7 +215,7 @@ class Request(MPI.Request):
                             "say which ranks it waits for; MTCOLL_CHECK=1 names ranks "
                             "that did not make the call)", [])
         with LOCK:
-            _unwatch(self)
+            unwatch(self)
             if not self._complete:
                 self._finish()
 
@@ -410,7 +262,7 @@ class Request(MPI.Request):
 
     def _stall(self, what, ranks):
         # No progress for MTCOLL_TIMEOUT: find which ranks did not join the call (up to half
-        # the timeout more; see mtcoll._agreement.absent) and name them rather than the peers
+        # the timeout more; see mtcoll.comm._agreement.absent) and name them rather than the peers
         # whose messages are missing, which may just be waiting for them too.
         seq = f" (call {self.seq})" if self.seq is not None else ""
         missing = []
@@ -446,7 +298,7 @@ class Request(MPI.Request):
     def _abandon(self):
         if self._exec is not None:
             self._exec.abandon()
-        _unwatch(self)
+        unwatch(self)
         if not any(x is self for x in ABANDONED):
             ABANDONED.append(self)  # keeps the MPI requests and the buffers alive
 
@@ -469,7 +321,7 @@ def waitall(requests):
         if isinstance(r, Request):
             r.Wait()
     rest = [r for r in requests if not isinstance(r, Request)]
-    if rest and execute.running() and _THREAD is None:
+    if rest and execute.running() and not thread_running():
         poll(lambda: MPI.Request.Testall(rest))
     elif rest:
         MPI.Request.Waitall(rest)

@@ -26,7 +26,7 @@ import os
 
 from mpi4py import MPI
 
-from ._errors import _ENV_STORE
+from .._env import STORE
 
 #: The key of the Comm a derivation made of its own new communicator.
 OWN = "own"
@@ -66,7 +66,7 @@ def _release(comm, keyval, comms):
 
 def key(options):
     """The registry key of construction ``options`` (a tuple) under the current environment."""
-    store = _ENV_STORE
+    store = STORE
     env = tuple(map(store.get, _ENV_KEYS)) if store is not None \
         else tuple(os.environ.get(n) for n in _ENV_NAMES)
     return options, env
@@ -77,7 +77,7 @@ def find(comm, options):
     default options, the Comm a derivation made of ``comm`` comes first. The key is None when
     an option cannot be one (``ports`` as an array, say: such a Comm is registered for release
     only, never found). One attribute lookup and two dict lookups: no MPI communication."""
-    store = _ENV_STORE  # (key(), inlined: this is every repeated construction's cost)
+    store = STORE  # (key(), inlined: this is every repeated construction's cost)
     k = (options, tuple(map(store.get, _ENV_KEYS)) if store is not None else key(options)[1])
     comms = _get_attr(comm, _KEYVAL) if _KEYVAL is not None else None
     try:

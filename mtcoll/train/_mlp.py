@@ -142,7 +142,7 @@ def measure_layer_costs(sizes, kind="relu", batch=DEFAULT_BATCH, repeat=20, seed
 
 def measure_profile(depth=None, width=None, batch=None, repeat=20, n_in=64, n_out=10,
                     kind="relu", sizes=None):
-    """The :class:`~mtcoll.train.schedule.Profile` of an MLP (seconds per task, measured):
+    """The :class:`~mtcoll.train.pipeline.Profile` of an MLP (seconds per task, measured):
     ``sizes`` (all layer widths, input first), or the default shape from ``depth``/``width``."""
     from ._profile import Profile
 

@@ -31,9 +31,9 @@ Waiting, time-outs and errors
 -----------------------------
 A busy wait (``wait="busy"``, no deadline) blocks in ``MPI_Waitsome`` inside the kernel, with
 the GIL released. A sleeping wait (``wait="sleep"``) stays in the kernel too: it tests
-(``MPI_Testsome``) as :data:`mtcoll.execute.WAIT` says -- :data:`~mtcoll.execute.SPIN_POLLS`
-tests, :data:`~mtcoll.execute.YIELD_POLLS` after a ``sched_yield``, then ``nanosleep`` between
-tests from :data:`~mtcoll.execute.SLEEP_MIN` doubling to :data:`~mtcoll.execute.SLEEP_MAX` --
+(``MPI_Testsome``) as :data:`mtcoll.execute.WAIT` says -- :data:`~mtcoll._limits.SPIN_POLLS`
+tests, :data:`~mtcoll._limits.YIELD_POLLS` after a ``sched_yield``, then ``nanosleep`` between
+tests from :data:`~mtcoll._limits.SLEEP_MIN` doubling to :data:`~mtcoll._limits.SLEEP_MAX` --
 with the thread's timer slack lowered to :data:`SLEEP_SLACK` while it sleeps, and returns to
 Python after :data:`SLEEP_BUDGET` of sleeping without a completion, so that a deadline
 (``MTCOLL_TIMEOUT``) is checked and signal handlers run. A busy wait with a deadline tests and
@@ -54,28 +54,14 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from . import execute
-from .schedule import RECV, SEND
+from ..schedule import RECV, SEND
+from . import _limits, _state
+from ._abi import (DONE, DTYPE_CODES, ERROR, OPS, PACE_SLOTS, P_BUDGET, P_POLLS, P_SLACK,
+                   P_SLEEP_MAX, P_SLEEP_MIN, P_SPIN, P_YIELDS, STALL, STATE_SLOTS, S_ERR, S_MOVED,
+                   S_NACTIVE, S_REMAINING, S_WTAIL)
 
 __all__ = ["start", "available", "preload", "warm", "engine_setting", "CompiledExecution"]
 
-# the kernel's op codes, by the ufunc mtcoll._ops maps each MPI op to
-_OPS = {np.add: 1, np.multiply: 2, np.minimum: 3, np.maximum: 4, np.logical_and: 5,
-        np.logical_or: 6, np.logical_xor: 7, np.bitwise_and: 8, np.bitwise_or: 9,
-        np.bitwise_xor: 10}
-# the element types the kernel reduces, by (kind, itemsize): its dtype codes
-_DTYPE_CODES = {("b", 1): 0, ("i", 1): 1, ("i", 2): 2, ("i", 4): 3, ("i", 8): 4, ("u", 1): 5,
-                ("u", 2): 6, ("u", 4): 7, ("u", 8): 8, ("f", 4): 9, ("f", 8): 10, ("c", 8): 11,
-                ("c", 16): 12}
-
-# return codes of the kernel
-_DONE, _IDLE, _ERROR, _STALL = 0, 1, 2, 3
-# slots of the state array
-_REMAINING, _NEXT_RECV, _RECVS_OUT, _NACTIVE, _WHEAD, _WTAIL, _MOVED, _ERR = range(8)
-_STATE = 8
-# slots of the kernel's pace array: how it waits between tests (see _engine_kernel.run)
-_POLLS, _SPIN, _YIELDS, _SLEEP_MIN, _SLEEP_MAX, _BUDGET, _SLACK = range(7)
-_PACE = 7
 _IDLE_POLLS = 2000  # tests without progress before the kernel returns (busy, with a deadline)
 #: While the kernel sleeps (``wait="sleep"``) the thread's timer slack, in ns: Linux's default
 #: 50 us makes every short sleep last 50 us longer (a 20 us ``nanosleep`` took 89 us on the
@@ -87,12 +73,12 @@ SLEEP_BUDGET = 0.01
 
 
 def _pace(polls, spin, yields=0, sleep_min=0.0, sleep_max=0.0, budget=0.0, slack=0):
-    """The kernel's pace array (times in seconds, slack in ns; see _engine_kernel.run)."""
-    pace = np.zeros(_PACE, dtype=np.int64)
-    pace[_POLLS], pace[_SPIN], pace[_YIELDS] = max(polls, 1), spin, yields
-    pace[_SLEEP_MIN] = max(1, round(sleep_min * 1e9))
-    pace[_SLEEP_MAX] = round(sleep_max * 1e9)
-    pace[_BUDGET], pace[_SLACK] = round(budget * 1e9), slack
+    """The kernel's pace array (times in seconds, slack in ns; see _kernel.run)."""
+    pace = np.zeros(PACE_SLOTS, dtype=np.int64)
+    pace[P_POLLS], pace[P_SPIN], pace[P_YIELDS] = max(polls, 1), spin, yields
+    pace[P_SLEEP_MIN] = max(1, round(sleep_min * 1e9))
+    pace[P_SLEEP_MAX] = round(sleep_max * 1e9)
+    pace[P_BUDGET], pace[P_SLACK] = round(budget * 1e9), slack
     return pace
 
 
@@ -232,8 +218,8 @@ def available(wait=True):
 def _kernel():
     global _KERNEL
     if _KERNEL is None:
-        from . import _engine_kernel
-        _KERNEL = _engine_kernel
+        from . import _kernel
+        _KERNEL = _kernel
     return _KERNEL
 
 
@@ -276,7 +262,7 @@ def _load():
 def warm():
     """Compile the kernel for this MPI library's ABI (or load it from numba's cache), and wait
     for it: one call of no messages through the path every call takes. Returns None, or why the
-    engine cannot run here. ``python -m mtcoll._engine`` runs it (``make`` does, after
+    engine cannot run here. ``python -m mtcoll.execute._engine`` runs it (``make`` does, after
     installing), and the calibration probe before its points."""
     return available(wait=True)
 
@@ -318,11 +304,11 @@ def _why_not(executor, layout, acc, ufunc, blocking):
         return "MTCOLL_ENGINE=python"
     if not blocking:
         return "a nonblocking call (the compiled engine serves blocking calls)"
-    if execute.running():
+    if _state.running():
         return "other mtcoll calls in flight (advanced together by the Python executor)"
-    if (acc.dtype.kind, acc.dtype.itemsize) not in _DTYPE_CODES or not acc.dtype.isnative:
+    if (acc.dtype.kind, acc.dtype.itemsize) not in DTYPE_CODES or not acc.dtype.isnative:
         return f"dtype {acc.dtype} (the kernel reduces bool, ints, float32/64, complex)"
-    if layout.reduce_recvs and _OPS.get(ufunc) is None:
+    if layout.reduce_recvs and OPS.get(ufunc) is None:
         return f"reduction {getattr(ufunc, '__name__', ufunc)!r} unknown to the kernel"
     if layout.reduce_recvs and ufunc is np.multiply and acc.dtype.kind == "c":
         # numpy's vectorised complex multiply may fuse operations (FMA): the kernel's product
@@ -389,21 +375,21 @@ class CompiledExecution:
 
     def __init__(self, executor, layout, acc, ufunc, slot, src=None):
         abi = _abi()
-        nbytes = execute._take_inputs(self, executor, layout, acc, slot, src)
+        nbytes = _state.take_inputs(self, executor, layout, acc, slot, src)
         self._src8 = _bytes(self.src)
         self._acc8 = _bytes(acc)
-        self._dt = np.int64(_DTYPE_CODES[acc.dtype.kind, acc.dtype.itemsize])
+        self._dt = np.int64(DTYPE_CODES[acc.dtype.kind, acc.dtype.itemsize])
         self.done = layout.npieces == 0
         self._flat = flat = _flat(layout)
         n = layout.npieces
-        self._op = np.int32(_OPS.get(ufunc, 0))
+        self._op = np.int32(OPS.get(ufunc, 0))
         self._pending = flat.npending.copy()
         self._arrived = np.zeros(n, dtype=np.int8)
         self._work = np.empty(2 * n + 1, dtype=np.int32)
         self._work[:len(flat.ready)] = flat.ready
-        self._state = np.zeros(_STATE, dtype=np.int64)
-        self._state[_REMAINING] = n
-        self._state[_WTAIL] = len(flat.ready)
+        self._state = np.zeros(STATE_SLOTS, dtype=np.int64)
+        self._state[S_REMAINING] = n
+        self._state[S_WTAIL] = len(flat.ready)
         self._reqs = np.full(n, abi.req_null, dtype=abi.handle)
         self._req_piece = np.full(n, -1, dtype=np.int32)
         self._index = np.empty(max(n, 1), dtype=np.int32)
@@ -424,23 +410,23 @@ class CompiledExecution:
                    self._work, self._reqs, self._req_piece, self._index, self._statuses,
                    self._acc8, self._src8, self._tmp, self._dt, np.int64(self.acc.itemsize),
                    self._op, self._dtype, self._comm,
-                   np.int64(self.slot), np.int64(execute.TAG_SLOTS),
-                   np.int64(execute.RECV_WINDOW), bool(block), pace,
+                   np.int64(self.slot), np.int64(_limits.TAG_SLOTS),
+                   np.int64(_limits.RECV_WINDOW), bool(block), pace,
                    np.int64(abi.status_size // 4), np.int64(abi.err_word),
                    np.int64(abi.err_in_status), bool(not self._started))
         self._started = True
-        if rc == _DONE:
+        if rc == DONE:
             self._close()
-        elif rc == _ERROR:
-            error = MPI.Exception(int(self._state[_ERR]))
+        elif rc == ERROR:
+            error = MPI.Exception(int(self._state[S_ERR]))
             self._fail(error)
             raise error
-        elif rc == _STALL:
+        elif rc == STALL:
             self._fail_quietly()
             raise RuntimeError(f"mtcoll executor stalled on rank {self.executor.rank} with "
-                               f"{int(self._state[_REMAINING])} pieces left: the schedule "
+                               f"{int(self._state[S_REMAINING])} pieces left: the schedule "
                                f"{self.executor.schedule!r} is inconsistent")
-        moved = bool(self._state[_MOVED])
+        moved = bool(self._state[S_MOVED])
         return moved
 
     def test(self):
@@ -455,9 +441,9 @@ class CompiledExecution:
         """Run this call to completion; returns True. With ``timeout`` (seconds), return False
         once no message has completed for that long (the call is then still running)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self.executor.sleep:  # the kernel tests, yields and sleeps as execute.WAIT says
-            pace = _pace(1 << 62, execute.SPIN_POLLS, execute.YIELD_POLLS,
-                         execute.SLEEP_MIN, execute.SLEEP_MAX, SLEEP_BUDGET, SLEEP_SLACK)
+        if self.executor.sleep:  # the kernel tests, yields and sleeps as mtcoll.execute.WAIT says
+            pace = _pace(1 << 62, _limits.SPIN_POLLS, _limits.YIELD_POLLS,
+                         _limits.SLEEP_MIN, _limits.SLEEP_MAX, SLEEP_BUDGET, SLEEP_SLACK)
         elif deadline is None:
             pace = None  # blocks in MPI_Waitsome until done (or an error)
         else:
@@ -481,7 +467,7 @@ class CompiledExecution:
     def _close(self):
         self.done = True
         if self._raw is not None:
-            execute._put_scratch(self._raw)
+            _state.put_scratch(self._raw)
             self._raw = None
             self._tmp = self._acc8[:0]
         callbacks, self.on_done = self.on_done, []
@@ -489,7 +475,7 @@ class CompiledExecution:
             fn()
 
     def _active(self):
-        n = int(self._state[_NACTIVE])
+        n = int(self._state[S_NACTIVE])
         return self._reqs[:n], self._req_piece[:n]
 
     def outstanding(self):
@@ -528,7 +514,8 @@ class CompiledExecution:
         # the scratch stays with this object (kept alive by the abandoned request, as the
         # Python executor's): a receive MPI failed to cancel may still write into it
 
-    _fail = execute.Execution._fail  # the same steps over this class's abandon()
+    def _fail(self, error):
+        _state.fail(self, error)  # the Python executor's steps, over this class's abandon()
 
     def _fail_quietly(self):
         self.abandon()

@@ -51,13 +51,12 @@ the oldest before reusing its slot). A layout needing tags above the communicato
 ``MPI.TAG_UB`` is reported by :meth:`Executor.fits_tags`; the caller then uses the MPI library.
 
 Progress happens when :func:`progress` is called: inside mtcoll calls (``Wait``, ``Test``,
-starting another call) and from :mod:`mtcoll._requests`' progress thread, which serialises
+starting another call) and from :mod:`mtcoll.comm._requests`' progress thread, which serialises
 every call into this module with one lock (nothing here is thread-safe by itself).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from collections import OrderedDict, deque
@@ -65,58 +64,13 @@ from collections import OrderedDict, deque
 import numpy as np
 from mpi4py import MPI
 
-from .schedule import GATHER, RECV, REDUCE, SEND
+from ..schedule import GATHER, RECV, REDUCE, SEND
+from . import _limits, _state
+from ._state import running, scratch_cached
 
-__all__ = ["Executor", "Execution", "Layout", "progress", "running", "MAX_MESSAGE_ELEMENTS",
-           "SEGMENT_BYTES", "MAX_SEGMENTS", "SLEEP_SEGMENT_BYTES", "SLEEP_MAX_SEGMENTS",
-           "RECV_WINDOW", "TAG_SLOTS", "WAIT", "SPIN_POLLS", "YIELD_POLLS", "SLEEP_MIN",
-           "SLEEP_MAX", "SCRATCH_BUDGET", "scratch_cached"]
-
-#: No MPI message carries more elements than this, whatever the segment settings: counts stay
-#: far below 2**31 so that the plain (not large-count) MPI calls always suffice. Lower it in
-#: tests to exercise the splitting.
-MAX_MESSAGE_ELEMENTS = 2**30
-
-#: Default target size of one message (one piece of a transfer), in bytes.
-SEGMENT_BYTES = 256 * 1024
-
-#: Default maximum number of pieces a transfer is cut into for pipelining (the message size
-#: limit may still cut it into more).
-MAX_SEGMENTS = 16
-
-#: The defaults when the executor sleeps while waiting (``wait="sleep"``, more ranks than
-#: cores): fewer, larger messages. Pipelining buys nothing when the ranks share a few cores,
-#: and every message costs the receiver and the sender a turn on a core.
-SLEEP_SEGMENT_BYTES = 1024 * 1024
-SLEEP_MAX_SEGMENTS = 4
-
-#: Reduce-phase receives posted ahead of need, per execution.
-RECV_WINDOW = 64
-
-#: Calls in flight at once on one communicator that are told apart by their tags.
-TAG_SLOTS = 64
-
-#: How a blocking wait waits, unless an :class:`Executor` says otherwise: ``"busy"`` blocks in
-#: ``MPI.Request.Waitsome`` (the MPI library polls, keeping its core busy); ``"sleep"`` tests
-#: (``Testsome``) :data:`SPIN_POLLS` times, then :data:`YIELD_POLLS` times with a
-#: ``sched_yield`` before each, then sleeps between tests, from :data:`SLEEP_MIN` seconds
-#: doubling up to :data:`SLEEP_MAX`. Sleeping gives the core to the ranks that have work, which
-#: is what counts when there are more ranks than cores (measured in docs/performance.md: 8 ranks
-#: on 2 cores, an 8-byte MultiTree allreduce takes 33 ms polling and 1 ms sleeping); it adds up
-#: to ``SLEEP_MAX`` (plus the kernel's timer slack) of latency to a wait.
-WAIT = "busy"
-SPIN_POLLS = 2
-YIELD_POLLS = 0
-SLEEP_MIN = 20e-6
-SLEEP_MAX = 200e-6
+__all__ = ["Executor", "Execution", "Layout", "progress", "running", "scratch_cached"]
 
 _LAYOUT_CACHE = 32  # shapes remembered per executor
-#: Bytes of scratch buffers kept for reuse between calls, over all executors of the process
-#: (the most recently returned buffer is kept even when it alone is larger).
-SCRATCH_BUDGET = 16 * 1024 * 1024
-_SCRATCH_COUNT = 32  # and at most this many buffers: every call scans them all
-_SCRATCH_SMALL = 64 * 1024  # a request this small may take any kept buffer up to this size
-_SCRATCH_MMAP = 256 * 1024  # scratch this large is mapped from the kernel (see _new_scratch)
 
 
 def _npieces(sizes, itemsize, segment_bytes, max_segments, max_elements):
@@ -339,17 +293,17 @@ class Executor:
         if tag_ub is None:  # MPI caches it on MPI_COMM_WORLD; Open MPI only there (Create_group)
             tag_ub = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self.tag_ub = int(tag_ub)
-        self.sleep = (wait or WAIT) == "sleep"
+        self.sleep = (wait or _limits.WAIT) == "sleep"
         self._layouts = OrderedDict()
 
     def layout(self, count, itemsize, phases=(REDUCE, GATHER)):
         """The (cached) :class:`Layout` of a buffer of ``count`` elements of ``itemsize`` bytes."""
         seg, nseg = self.segmenting()
-        key = (int(count), int(itemsize), tuple(phases), seg, nseg, int(MAX_MESSAGE_ELEMENTS))
+        limit = int(_limits.MAX_MESSAGE_ELEMENTS)
+        key = (int(count), int(itemsize), tuple(phases), seg, nseg, limit)
         lay = self._layouts.get(key)
         if lay is None:
-            lay = Layout(self.schedule, self.rank, count, itemsize, phases, seg, nseg,
-                         int(MAX_MESSAGE_ELEMENTS))
+            lay = Layout(self.schedule, self.rank, count, itemsize, phases, seg, nseg, limit)
             self._layouts[key] = lay
             if len(self._layouts) > _LAYOUT_CACHE:
                 self._layouts.popitem(last=False)
@@ -361,19 +315,20 @@ class Executor:
         """``(segment_bytes, max_segments)`` in effect: the executor's own settings, else the
         module defaults (:data:`SEGMENT_BYTES`, :data:`MAX_SEGMENTS`, or their ``SLEEP_``
         twins when the executor sleeps while waiting)."""
-        seg = self.segment_bytes or (SLEEP_SEGMENT_BYTES if self.sleep else SEGMENT_BYTES)
-        nseg = self.max_segments or (SLEEP_MAX_SEGMENTS if self.sleep else MAX_SEGMENTS)
+        lim = _limits
+        seg = self.segment_bytes or (lim.SLEEP_SEGMENT_BYTES if self.sleep else lim.SEGMENT_BYTES)
+        nseg = self.max_segments or (lim.SLEEP_MAX_SEGMENTS if self.sleep else lim.MAX_SEGMENTS)
         return int(seg), int(nseg)
 
     def fits_tags(self, layout):
         """Whether every tag of ``layout`` stays within the communicator's ``MPI.TAG_UB``."""
-        return layout.max_stream * TAG_SLOTS - 1 <= self.tag_ub
+        return layout.max_stream * _limits.TAG_SLOTS - 1 <= self.tag_ub
 
     def start(self, acc, ufunc, seq, phases=(REDUCE, GATHER), src=None, blocking=False,
               debug=False):
         """Start this rank's part of the schedule on ``acc``; returns an :class:`Execution`
         (or, for a ``blocking`` call the compiled engine serves, its
-        :class:`mtcoll._engine.CompiledExecution`).
+        :class:`mtcoll.execute._engine.CompiledExecution`).
 
         Parameters
         ----------
@@ -395,7 +350,7 @@ class Executor:
             ``(GATHER,)`` for the all-gather part.
         blocking : bool
             The caller waits for the execution right away, advancing nothing else meanwhile:
-            the compiled engine (:mod:`mtcoll._engine`, see ``MTCOLL_ENGINE``) may run it.
+            the compiled engine (:mod:`mtcoll.execute._engine`, see ``MTCOLL_ENGINE``) may run it.
             Nonblocking executions always run here, advanced by :func:`progress`.
         debug : bool
             Rank 0 prints which engine runs the call (``MTCOLL_DEBUG`` of a call the user
@@ -416,7 +371,7 @@ class Executor:
         if src is not None and (src.shape != acc.shape or src.dtype != acc.dtype
                                 or not src.flags.c_contiguous):
             raise ValueError("src must be 1-D, C-contiguous and of acc's dtype and size")
-        slot = int(seq) % TAG_SLOTS
+        slot = int(seq) % _limits.TAG_SLOTS
         from . import _engine  # the compiled engine, if it serves this call
         compiled = _engine.start(self, lay, acc, ufunc, slot, src, blocking, debug)
         if compiled is not None:
@@ -428,78 +383,7 @@ class Executor:
         self.start(acc, ufunc, seq, phases, src, blocking=True).wait()
 
 
-# Scratch buffers kept between calls, oldest first, shared by every executor of the process:
-# fresh large allocations cost page faults on every call. A call takes the smallest kept
-# buffer that holds its scratch without wasting more than half of it (small requests may take
-# any buffer up to _SCRATCH_SMALL bytes). The pool is bounded in bytes (SCRATCH_BUDGET), not
-# per executor, so that what it holds stays about the same whatever mix of calls came last.
-_scratch_pool = []
-
-
-def _get_scratch(nbytes):
-    best = None
-    for i, buf in enumerate(_scratch_pool):
-        if nbytes <= buf.nbytes <= max(2 * nbytes, _SCRATCH_SMALL) and (
-                best is None or buf.nbytes < _scratch_pool[best].nbytes):
-            best = i
-    if best is not None:
-        return _scratch_pool.pop(best)
-    return _new_scratch(nbytes)
-
-
-def _put_scratch(buf):
-    _scratch_pool.append(buf)
-    total = sum(b.nbytes for b in _scratch_pool)
-    while (total > SCRATCH_BUDGET or len(_scratch_pool) > _SCRATCH_COUNT) \
-            and len(_scratch_pool) > 1:
-        total -= _scratch_pool.pop(0).nbytes
-
-
-def scratch_cached():
-    """Bytes of scratch buffers kept for reuse (at most :data:`SCRATCH_BUDGET`, or the one
-    most recently returned buffer when it alone is larger)."""
-    return sum(b.nbytes for b in _scratch_pool)
-
-
-def _new_scratch(nbytes):
-    """A scratch buffer of ``nbytes`` bytes. A large one is an anonymous ``mmap`` of its own,
-    unmapped when the array is freed: had it come from ``malloc``, freeing it would raise
-    glibc's mmap threshold (dynamic up to 32 MiB), after which buffers of that size come from
-    the heap, which keeps their memory resident once freed. A stream of calls of changing
-    sizes then ratchets the process's resident memory up (the soak in docs/reliability.md)
-    without any memory being in use."""
-    if nbytes < _SCRATCH_MMAP:
-        return np.empty(nbytes, dtype=np.uint8)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
-
-
-_active = []  # running executions, oldest first, over all communicators
 _ARRIVED, _APPLIED = 1, 2  # states of a reduce-phase receive (0: not arrived)
-
-
-def _take_inputs(call, executor, layout, acc, slot, src):
-    """What an execution of either engine (this module's :class:`Execution`, the compiled
-    :class:`mtcoll._engine.CompiledExecution`) sets up from its inputs: its executor, layout,
-    buffers (copying into ``acc`` the parts of ``src`` the layout reads from ``acc``), tag slot,
-    callbacks and error, and its scratch buffer from the process's pool (``call._raw``, None
-    when the layout needs none; returned whole when the call completes). Returns the scratch
-    bytes the layout uses."""
-    call.executor = executor
-    call.layout = layout
-    call.acc = acc
-    if src is None:
-        src = acc
-    else:
-        for a, b in layout.precopy:
-            acc[a:b] = src[a:b]
-    call.src = src
-    call.slot = slot
-    call.on_done = []
-    call.error = None  # the MPI.Exception the execution failed with (see _fail)
-    call.on_error = []  # callbacks fn(error), run once when it fails
-    nbytes = layout.scratch_size * acc.itemsize
-    call._raw = _get_scratch(nbytes) if nbytes else None
-    return nbytes
 
 
 class Execution:
@@ -511,7 +395,7 @@ class Execution:
     """
 
     def __init__(self, executor, layout, acc, ufunc, slot, src=None):
-        nbytes = _take_inputs(self, executor, layout, acc, slot, src)
+        nbytes = _state.take_inputs(self, executor, layout, acc, slot, src)
         self.ufunc = ufunc
         # MPI requests of this execution and the piece of each. Testsome turns completed ones
         # into MPI.REQUEST_NULL in place, which later tests skip; the lists are compacted only
@@ -529,7 +413,7 @@ class Execution:
         self._tmp = None if self._raw is None else self._raw[:nbytes].view(acc.dtype)
         self.done = layout.npieces == 0
         if not self.done:
-            _active.append(self)
+            _state.active.append(self)
             self._post_recvs()
             self._run(deque(layout.ready))
 
@@ -538,12 +422,12 @@ class Execution:
     def _post_recvs(self):
         lay = self.layout
         order = lay.reduce_recvs
-        while self._recvs_out < RECV_WINDOW and self._next_recv < len(order):
+        while self._recvs_out < _limits.RECV_WINDOW and self._next_recv < len(order):
             p = order[self._next_recv]
             self._next_recv += 1
             off = lay.scratch[p]
             buf = self._tmp[off:off + lay.b[p] - lay.a[p]]
-            self.reqs.append(self._comm.Irecv(buf, lay.peer[p], lay.tagnum[p] * TAG_SLOTS
+            self.reqs.append(self._comm.Irecv(buf, lay.peer[p], lay.tagnum[p] * _limits.TAG_SLOTS
                                               + self.slot))
             self._req_piece.append(p)
             self._seen.append(0)
@@ -560,10 +444,10 @@ class Execution:
             if lay.kind[p] == SEND:
                 buf = self.src if lay.src_read[p] else acc
                 req = comm.Isend(buf[lay.a[p]:lay.b[p]], lay.peer[p],
-                                 lay.tagnum[p] * TAG_SLOTS + self.slot)
+                                 lay.tagnum[p] * _limits.TAG_SLOTS + self.slot)
             elif lay.phase[p] == GATHER:
                 req = comm.Irecv(acc[lay.a[p]:lay.b[p]], lay.peer[p],
-                                 lay.tagnum[p] * TAG_SLOTS + self.slot)
+                                 lay.tagnum[p] * _limits.TAG_SLOTS + self.slot)
             else:
                 # a reduce-phase receive: combine it once it has arrived (it may be queued
                 # twice, by its last dependency and by its arrival: the state says)
@@ -630,10 +514,10 @@ class Execution:
 
     def _close(self):
         self.done = True
-        if self in _active:
-            _active.remove(self)
+        if self in _state.active:
+            _state.active.remove(self)
         if self._tmp is not None:
-            _put_scratch(self._raw)
+            _state.put_scratch(self._raw)
             self._tmp = self._raw = None
         callbacks, self.on_done = self.on_done, []
         for fn in callbacks:
@@ -645,15 +529,7 @@ class Execution:
         return [i for i, (r, s) in enumerate(zip(self.reqs, self._seen)) if not r and not s]
 
     def _fail(self, error):
-        """A message of this execution failed: abandon it, keep ``error`` to raise from
-        :meth:`wait` and :meth:`test`, and tell ``on_error``."""
-        if self.done:
-            return
-        self.error = error
-        self.abandon()
-        callbacks, self.on_error = self.on_error, []
-        for fn in callbacks:
-            fn(error)
+        _state.fail(self, error)
 
     def test(self):
         """Advance all running executions without blocking; True once this one is complete.
@@ -702,8 +578,8 @@ class Execution:
         if self.done:
             return
         self.done = True
-        if self in _active:
-            _active.remove(self)
+        if self in _state.active:
+            _state.active.remove(self)
         lay = self.layout
         for r, p in zip(self.reqs, self._req_piece):
             if r and lay.kind[p] == RECV:
@@ -712,11 +588,6 @@ class Execution:
                     r.Wait()
                 except MPI.Exception:
                     pass  # e.g. it arrived, truncated: either way it is over
-
-
-def running():
-    """Whether any execution is running (on any communicator of this process)."""
-    return bool(_active)
 
 
 def progress(block=False, deadline=None):
@@ -732,7 +603,7 @@ def progress(block=False, deadline=None):
     A failed message fails its own execution (:meth:`Execution.wait` raises the error there);
     the others go on. An error MPI reports without saying which request failed is raised here.
     """
-    execs = list(_active)
+    execs = list(_state.active)
     if not execs:
         return False
     if len(execs) == 1:
@@ -815,16 +686,16 @@ def _test_and_sleep(reqs, deadline=None, statuses=None):
     """Indices of completed requests, found by testing and, between tests, sleeping; an empty
     list once ``deadline`` (a ``time.monotonic()`` value) has passed."""
     test = MPI.Request.Testsome
-    for _ in range(SPIN_POLLS):
+    for _ in range(_limits.SPIN_POLLS):
         idx = test(reqs, statuses)
         if idx:
             return idx
-    for _ in range(YIELD_POLLS):
+    for _ in range(_limits.YIELD_POLLS):
         os.sched_yield()
         idx = test(reqs, statuses)
         if idx:
             return idx
-    delay = SLEEP_MIN
+    delay = _limits.SLEEP_MIN
     while True:
         time.sleep(delay)
         idx = test(reqs, statuses)
@@ -832,4 +703,4 @@ def _test_and_sleep(reqs, deadline=None, statuses=None):
             return idx
         if deadline is not None and time.monotonic() >= deadline:
             return []
-        delay = min(2 * delay, SLEEP_MAX)
+        delay = min(2 * delay, _limits.SLEEP_MAX)

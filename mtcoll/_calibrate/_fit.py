@@ -18,7 +18,7 @@ MARGIN = 0.25
 REACH = 16
 _EXEC_TERMS = ("steps", "messages", "bytes", "links")
 _NATIVE_TERMS = ("call", "bytes", "links")
-_REF = 1 << 20  # bytes at which the link replay's slope is taken
+REF = 1 << 20  # bytes at which the link replay's slope is taken
 
 
 def features(schedule, network, segmenting):

@@ -1,4 +1,4 @@
-"""``python -m mtcoll.train.schedule``: clock-count model of pipeline-parallel training schedules.
+"""``python -m mtcoll.train.pipeline``: clock-count model of pipeline-parallel training schedules.
 
 After LayerPipe (Unnikrishnan and Parhi, 2021): the training of one mini-batch is a graph of
 tasks per layer ``l`` -- forward ``F_l``, activation gradient ``B_l``, weight gradient ``W_l`` --
@@ -8,10 +8,10 @@ graph and counts time in the profile's units (multiply-accumulates for ``vgg16``
 
 Examples::
 
-    python -m mtcoll.train.schedule --stages 8
-    python -m mtcoll.train.schedule --stages 7,8,9 --profile vgg16 --json
-    python -m mtcoll.train.schedule --stages 4 --profile uniform:16
-    python -m mtcoll.train.schedule --stages 2 --profile measured
+    python -m mtcoll.train.pipeline --stages 8
+    python -m mtcoll.train.pipeline --stages 7,8,9 --profile vgg16 --json
+    python -m mtcoll.train.pipeline --stages 4 --profile uniform:16
+    python -m mtcoll.train.pipeline --stages 2 --profile measured
 
 Task graph (one mini-batch ``k``; layers ``1..L``; ``delta_l`` = dLoss/d(pre-activation of l)):
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._cli import entry
-from . import _model
+from . import _mlp
 from ._profile import Profile
 
 SCHEDULES = ("gpipe", "1f1b", "pipedream", "layerpipe")
@@ -143,7 +143,7 @@ def profile_uniform(layers):
 
 def profile_measured(depth=None, width=None, batch=None, repeat=20):
     """Per-layer F, B, W times (seconds) of the trainer's numpy MLP (its default shape)."""
-    return _model.measure_profile(depth=depth, width=width, batch=batch, repeat=repeat)
+    return _mlp.measure_profile(depth=depth, width=width, batch=batch, repeat=repeat)
 
 
 def get_profile(spec):
@@ -608,7 +608,7 @@ def compare(p: Profile, stages_list, schedules=SCHEDULES, micro_batches=None, in
 
 def _parser():
     doc = __doc__.splitlines()
-    p = argparse.ArgumentParser(prog="python -m mtcoll.train.schedule", description=doc[0],
+    p = argparse.ArgumentParser(prog="python -m mtcoll.train.pipeline", description=doc[0],
                                 epilog="\n".join(doc[2:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", default="7,8,9",

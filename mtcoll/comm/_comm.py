@@ -6,12 +6,12 @@ its communicators): the user's communicator, with ``Allreduce``, ``Iallreduce``,
 pays, and every other method mpi4py's own. Its own messages travel on a private duplicate.
 This file holds its construction, lifetime, the public calls with their fast path to the MPI
 library, and the ``auto`` choice (:func:`choose`). The pieces behind it:
-:mod:`mtcoll._planning` (what the ranks settle together: duplicate, wait mode, tuning,
-schedules), :mod:`mtcoll._derived` (``Dup``, ``Split``, ``Create_cart``...),
-:mod:`mtcoll._dispatch` (a call's path to the library or the executor),
-:mod:`mtcoll._buffers` (arguments), :mod:`mtcoll._requests` (requests and progress),
-:mod:`mtcoll._agreement` (the agreement check), :mod:`mtcoll._errors`; the module-level
-calls are in :mod:`mtcoll._calls`.
+:mod:`mtcoll.comm._planning` (what the ranks settle together: duplicate, wait mode, tuning,
+schedules), :mod:`mtcoll.comm._derived` (``Dup``, ``Split``, ``Create_cart``...),
+:mod:`mtcoll.comm._dispatch` (a call's path to the library or the executor),
+:mod:`mtcoll.comm._buffers` (arguments), :mod:`mtcoll.comm._requests` (requests and progress),
+:mod:`mtcoll.comm._agreement` (the agreement check), :mod:`mtcoll.comm._errors`; the module-level
+calls are in :mod:`mtcoll.comm._calls`.
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ from collections import deque
 import numpy as np
 from mpi4py import MPI
 
-from . import _calibrate, _errors, _learn, _registry, _tuning
+from .. import _calibrate, _env, _tuning
+from . import _learn, _registry
 from ._buffers import prepare
 from ._derived import Derived, cart_spec
-from ._dispatch import FAST_KINDS, Dispatch
-from ._errors import ABANDONED, StallError, env_flag, env_quiet, positive_int
-from ._planning import _SPECIAL_ALGORITHMS, Planning
-from ._requests import LOCK, Request, thread_enabled, waitall
-from .topology import from_comm, host_leaders, mpi_topology
+from . import _dispatch, _planning
+from ._dispatch import FAST_KINDS
+from .._env import env_flag, env_quiet
+from ..topology import from_comm, host_leaders, mpi_topology
+from ._errors import ABANDONED, StallError, positive_int
+from ._planning import SPECIAL_ALGORITHMS
+from ._progress import LOCK, thread_enabled
+from ._requests import Request, waitall
 
 __all__ = ["Comm", "Cartcomm", "Graphcomm", "Distgraphcomm", "Intercomm", "Request", "waitall",
            "choose", "StallError",
@@ -49,7 +53,7 @@ _IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, look
 _ALLREDUCE, _RSB, _ALLGATHER = FAST_KINDS
 _WORLD, _Intracomm, _COMM_NULL, _find = MPI.COMM_WORLD, MPI.Intracomm, MPI.COMM_NULL, \
     _registry.find
-_ENV = _errors._ENV_STORE
+_ENV = _env.STORE
 
 
 def choose(nbytes, nranks, topology, tuning=None, calibration=None):
@@ -105,7 +109,7 @@ LATER = "later"
 
 class _Constructor(type):
     """``mtcoll.Comm(comm, ...)`` itself: the Comm ``comm`` already has with these options
-    (a lookup, see :mod:`mtcoll._registry`), else a new one, set up and registered. mpi4py's
+    (a lookup, see :mod:`mtcoll.comm._registry`), else a new one, set up and registered. mpi4py's
     own constructors allocate with ``cls.__new__(cls)`` and do not come here."""
 
     def __call__(cls, comm=None, topology="auto", algorithm="auto", ports=None,
@@ -129,7 +133,7 @@ def _class_of(cls, comm):
                                                                                        Comm)
 
 
-class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
+class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
     """A communicator whose collectives run topology-aware schedules (MultiTree and others).
 
     ``mtcoll.Comm(comm)`` is ``comm`` itself as far as MPI is concerned (``isinstance(c,
@@ -186,11 +190,11 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
 
     ``Comm(c, ...)`` of a communicator that already has a Comm with these options is that
     Comm (a lookup: no message, no new communicator); a Comm is released when its
-    communicator is freed, or by :meth:`Free` (see :mod:`mtcoll._registry`). Every derivation
+    communicator is freed, or by :meth:`Free` (see :mod:`mtcoll.comm._registry`). Every derivation
     (``Dup``, ``Clone``, ``Idup``, ``Split``, ``Split_type``, ``Create``, ``Create_group``,
     ``Create_from_group``, ``Create_cart`` and ``Cartcomm.Sub``, ``Create_graph``,
     ``Create_dist_graph(_adjacent)``, ``Create_intercomm``'s ``Merge``) returns an mtcoll
-    communicator with this one's options (:mod:`mtcoll._derived`; the network of each:
+    communicator with this one's options (:mod:`mtcoll.comm._derived`; the network of each:
     docs/api.md). An object allocated but not set up (an ``Idup``'s communicator, an object
     mpi4py's own constructors made) sets itself up at its first mtcoll call.
 
@@ -202,7 +206,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
     ``Allgather`` need a schedule with one chunk per rank and each chunk owned by a different
     rank: they use the configured algorithm's schedule if it is one, else MultiTree's, else
     ring's, else the MPI library. A blocking call handed to the library is the library's
-    blocking call (with the progress thread of :mod:`mtcoll._requests` advancing mtcoll's calls
+    blocking call (with the progress thread of :mod:`mtcoll.comm._requests` advancing mtcoll's calls
     in flight meanwhile); the choice for a (size, dtype, op) is cached.
 
     With ``MTCOLL_TIMEOUT=<seconds>`` nothing waits for ever: the agreement check gives up
@@ -287,11 +291,11 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         # the setup of a communicator mtcoll derived (or mpi4py made): registered as its own
         self._setup(self._plain(), topology, ports=ports, owned=owned,
                     env_topology=env_topology, **options)
-        if self.algorithm not in _SPECIAL_ALGORITHMS:
+        if self.algorithm not in SPECIAL_ALGORITHMS:
             # the inherited algorithm where it fits the new network, else auto's choice (the
             # planner's verdict is broadcast: every rank falls back alike)
             try:
-                self._rank_schedule(self.algorithm)
+                _planning.rank_schedule(self, self.algorithm)
             except ValueError:
                 self.algorithm = "auto"
         # a communicator mtcoll (or mpi4py) made is this Comm's own; COMM_WORLD's (unpickled)
@@ -338,19 +342,19 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
             threaded = thread_enabled()
         except ValueError:
             threaded = None  # a bad value: reported on every rank by _wait_mode
-        self._dup = self._duplicate(MPI.Intracomm(self), rank)  # mpi4py's Idup, not ours
+        self._dup = _planning.duplicate(MPI.Intracomm(self), rank)  # mpi4py's Idup, not ours
         try:
             leaders = host_leaders(self._dup)
             ranks_here = leaders.count(leaders[self._dup.Get_rank()])
-            self.wait, self._threaded = self._wait_mode(wait, ranks_here, threaded)
-            self._check_algorithm(algorithm, "MTCOLL_ALGO" if env_algo else "algorithm")
+            self.wait, self._threaded = _planning.wait_mode(self, wait, ranks_here, threaded)
+            _planning.check_algorithm(self, algorithm, "MTCOLL_ALGO" if env_algo else "algorithm")
             try:
                 self.network = from_comm(self._dup, env_topo or topology, ports, leaders)
             except ValueError as e:
                 where = f"environment variable MTCOLL_TOPOLOGY={env_topo!r}" if env_topo \
                     else f"topology={topology!r}"
                 raise ValueError(f"{where} (rank {rank}): {e}") from None
-            self.tuning, self.tuning_path = self._load_tuning()
+            self.tuning, self.tuning_path = _planning.load_tuning(self)
             # the network as an MPI virtual topology (Create_cart for torus, mesh and ring, a
             # distributed graph otherwise), for users who want coordinates or neighbours
             self.virtual_topology = mpi_topology(self._dup, self.network)
@@ -383,7 +387,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         self._leaders = leaders
         self._probing = False  # the calibration probe's calls print no debug lines
         self.calibration = None
-        self._learner = None  # auto's learning on the calls (mtcoll._learn), or None
+        self._learner = None  # auto's learning on the calls (mtcoll.comm._learn), or None
         if algorithm == "auto" and self.tuning is None and self._size > 1:
             try:
                 if _calibrate.mode() != "off":  # the cached calibration: a prior, no probe
@@ -615,7 +619,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         if self._learner is not None:  # auto learning: the call may be timed
             _learn.call(self, "Allreduce", sendbuf, recvbuf, op, True)
             return
-        self._start("Allreduce", sendbuf, recvbuf, op, blocking=True).Wait()
+        _dispatch.start(self, "Allreduce", sendbuf, recvbuf, op, blocking=True).Wait()
 
     def Iallreduce(self, sendbuf, recvbuf, op=MPI.SUM):
         """Start an :meth:`Allreduce`; returns a :class:`Request` (an ``MPI.Request``).
@@ -624,7 +628,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
         written) until the request completes. The request keeps them alive. Several
         Iallreduce calls may be in flight at once; completing them in any order is fine, with
         the request's ``Wait``/``Test``, :func:`mtcoll.waitall` or ``MPI.Request.Waitall`` &
-        co. (see :mod:`mtcoll._requests` for how progress happens). With ``MTCOLL_CHECK=1``
+        co. (see :mod:`mtcoll.comm._requests` for how progress happens). With ``MTCOLL_CHECK=1``
         the start synchronises the ranks (the agreement check exchanges a small descriptor
         between every pair of ranks).
         """
@@ -646,7 +650,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
                 return req
         if self._learner is not None:  # auto learning: the call may be timed
             return _learn.call(self, "Iallreduce", sendbuf, recvbuf, op, False)
-        return self._start("Iallreduce", sendbuf, recvbuf, op, blocking=False)
+        return _dispatch.start(self, "Iallreduce", sendbuf, recvbuf, op, blocking=False)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=MPI.SUM):
         """Reduce ``sendbuf`` (``size * k`` elements) over all ranks; rank ``r`` gets block ``r``
@@ -665,7 +669,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
                 return
             except (BufferError, ValueError, TypeError):
                 pass
-        self._start("Reduce_scatter_block", sendbuf, recvbuf, op, blocking=True).Wait()
+        _dispatch.start(self, "Reduce_scatter_block", sendbuf, recvbuf, op, blocking=True).Wait()
 
     def Allgather(self, sendbuf, recvbuf):
         """Gather ``sendbuf`` (``k`` elements) of every rank into ``recvbuf`` (``size * k``),
@@ -683,7 +687,15 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
                 return
             except (BufferError, ValueError, TypeError):
                 pass
-        self._start("Allgather", sendbuf, recvbuf, None, blocking=True).Wait()
+        _dispatch.start(self, "Allgather", sendbuf, recvbuf, None, blocking=True).Wait()
+
+    def schedule(self, algorithm=None):
+        """The whole :class:`~mtcoll.schedule.Schedule` of ``algorithm`` (default: this Comm's).
+
+        Collective on first use of an algorithm: rank 0 plans, the others receive the result.
+        Raises ValueError (on every rank) when the algorithm does not fit the topology.
+        """
+        return _planning.schedule(self, algorithm)
 
     # -- machinery -------------------------------------------------------------------------------
 
@@ -707,7 +719,7 @@ class Comm(Planning, Derived, Dispatch, MPI.Intracomm, metaclass=_Constructor):
             c.algorithm = choose(c.nbytes, size, self.network, tuning=self.tuning)
             how = "tuning table"
         elif self._learner is not None and c.kind in ("Allreduce", "Iallreduce"):
-            c.algorithm, how = self._learner.choose(c)  # mtcoll._learn
+            c.algorithm, how = self._learner.choose(c)  # mtcoll.comm._learn
         elif self.calibration is not None:
             c.algorithm = choose(c.nbytes, size, self.network, calibration=self.calibration)
             how = self.calibration.choose(c.nbytes)[1]

@@ -1,4 +1,4 @@
-"""The numba kernel of :mod:`mtcoll._engine` (imported, and numba with it, on first use).
+"""The numba kernel of :mod:`mtcoll.execute._engine` (imported, and numba with it, on first use).
 
 :func:`run` is one stretch of a call: it carries on the call whose whole state is in its array
 arguments until the call is done, an MPI error or a stall ends it, or (not blocking) it has
@@ -6,12 +6,12 @@ waited as long as ``pace`` allows without a completion. It does what
 :class:`mtcoll.execute.Execution` does, in the same order: post reduce-phase receives ahead
 (at most ``window``), act on pieces whose dependencies are met (send, gather-receive, combine),
 test completions, release dependents. Not blocking, it waits between tests that found
-nothing as ``pace`` (int64, slots :data:`mtcoll._engine._PACE`) says: the first
-``pace[_SPIN]`` tests one after the other, the next ``pace[_YIELDS]`` each after a
-``sched_yield``, then each after a ``nanosleep`` from ``pace[_SLEEP_MIN]`` ns doubling up to
-``pace[_SLEEP_MAX]`` (0: no sleeping); it returns after ``pace[_POLLS]`` such tests in a row
-or once it has slept ``pace[_BUDGET]`` ns since the last completion, so that the caller can
-check its deadline. While sleeping, the thread's timer slack is ``pace[_SLACK]`` ns (restored
+nothing as ``pace`` (int64, slots :data:`mtcoll.execute._engine._PACE`) says: the first
+``pace[P_SPIN]`` tests one after the other, the next ``pace[P_YIELDS]`` each after a
+``sched_yield``, then each after a ``nanosleep`` from ``pace[P_SLEEP_MIN]`` ns doubling up to
+``pace[P_SLEEP_MAX]`` (0: no sleeping); it returns after ``pace[P_POLLS]`` such tests in a row
+or once it has slept ``pace[P_BUDGET]`` ns since the last completion, so that the caller can
+check its deadline. While sleeping, the thread's timer slack is ``pace[P_SLACK]`` ns (restored
 on return). The call holds no GIL throughout.
 
 MPI's C functions are called through their addresses (``fn``: Isend, Irecv, Testsome,
@@ -31,10 +31,10 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from ._engine import (_BUDGET, _DONE, _ERR, _ERROR, _IDLE, _MOVED, _NACTIVE, _NEXT_RECV,
-                      _POLLS, _RECVS_OUT, _REMAINING, _SLACK, _SLEEP_MAX, _SLEEP_MIN, _SPIN,
-                      _STALL, _WHEAD, _WTAIL, _YIELDS)
-from .schedule import GATHER, RECV, REDUCE, SEND
+from ..schedule import GATHER, RECV, REDUCE, SEND
+from ._abi import (DONE, ERROR, IDLE, P_BUDGET, P_POLLS, P_SLACK, P_SLEEP_MAX, P_SLEEP_MIN, P_SPIN,
+                   P_YIELDS, STALL, S_ERR, S_MOVED, S_NACTIVE, S_NEXT_RECV, S_RECVS_OUT,
+                   S_REMAINING, S_WHEAD, S_WTAIL)
 
 # the functions of ``fn``, by index
 _ISEND, _IRECV, _TESTSOME, _WAITSOME, _SCHED_YIELD, _NANOSLEEP, _PRCTL = range(7)
@@ -62,7 +62,7 @@ def _ccall(typingctx, addr, args):
 
 
 # -- the reduction: out[lo+i] = mine[lo+i] (op) other[off+i], as the ufunc of mtcoll._ops ------
-# op codes as mtcoll._engine._OPS: 1 SUM, 2 PROD, 3 MIN, 4 MAX, 5 LAND, 6 LOR, 7 LXOR, 8 BAND,
+# op codes as mtcoll.execute._engine._OPS: 1 SUM, 2 PROD, 3 MIN, 4 MAX, 5 LAND, 6 LOR, 7 LXOR, 8 BAND,
 # 9 BOR, 10 BXOR. MIN and MAX follow numpy's minimum/maximum: a NaN operand is the result.
 
 def _combine(op, out, lo, mine, other, off, n):
@@ -163,7 +163,7 @@ def _combine_typed(op, out, lo, mine, other, off, n):
     return None
 
 
-# the element types, by mtcoll._engine._DTYPE_CODES; the buffers come as bytes (one compiled
+# the element types, by mtcoll.execute._engine._DTYPE_CODES; the buffers come as bytes (one compiled
 # kernel for every dtype) and are viewed as their type to be combined
 @njit(nogil=True, cache=True)
 def _apply(dt, op, acc, lo, mine, tmp, off, n):
@@ -217,7 +217,7 @@ def run(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep
         recv_order, pending, arrived, work, reqs, req_piece, index, statuses, acc, src, tmp, dt,
         isz, op, dtype_h, comm_h, slot, tag_slots, window, block, pace, status_words,
         err_word, err_in_status, first):
-    st[_MOVED] = 0
+    st[S_MOVED] = 0
     acc_p = np.int64(acc.ctypes.data)
     src_p = np.int64(src.ctypes.data)
     tmp_p = np.int64(tmp.ctypes.data)
@@ -226,10 +226,10 @@ def run(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep
                     dep_idx, recv_order, pending, arrived, work, reqs, req_piece, acc, src, tmp,
                     dt, op, dtype_h, comm_h, slot, tag_slots, window, isz, acc_p, src_p, tmp_p)
         if rc != 0:
-            st[_ERR] = rc
-            return _ERROR
-        if st[_REMAINING] == 0:
-            return _DONE
+            st[S_ERR] = rc
+            return ERROR
+        if st[S_REMAINING] == 0:
+            return DONE
     slack = np.full(1, -1, dtype=np.int64)  # the thread's timer slack, while lowered
     rc = _loop(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep_idx,
                recv_order, pending, arrived, work, reqs, req_piece, index, statuses, acc, src,
@@ -245,21 +245,21 @@ def run(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, dep
 def _idle(fn, pace, idle, delay, slept, ts, slack):
     # The wait between two tests that found nothing (``idle`` of them in a row), as ``pace``
     # says (see run): test again at once, after a sched_yield, or after a nanosleep of
-    # ``delay`` ns with the thread's timer slack lowered to pace[_SLACK] (Linux's default 50 us
+    # ``delay`` ns with the thread's timer slack lowered to pace[P_SLACK] (Linux's default 50 us
     # slack would make a 20 us sleep last 90 us). Returns the nanoseconds slept, -1 for none.
-    if idle < pace[_SPIN]:
+    if idle < pace[P_SPIN]:
         return -1
-    if idle < pace[_SPIN] + pace[_YIELDS]:
+    if idle < pace[P_SPIN] + pace[P_YIELDS]:
         _ccall(fn[_SCHED_YIELD], ())
         return -1
-    if pace[_SLEEP_MAX] <= 0:
+    if pace[P_SLEEP_MAX] <= 0:
         return -1
-    if slack[0] < 0 and fn[_PRCTL] != 0 and pace[_SLACK] > 0:
+    if slack[0] < 0 and fn[_PRCTL] != 0 and pace[P_SLACK] > 0:
         zero = np.int64(0)
         old = _ccall(fn[_PRCTL], (np.int64(_PR_GET_TIMERSLACK), zero, zero, zero, zero))
-        if old > pace[_SLACK]:
+        if old > pace[P_SLACK]:
             slack[0] = old
-            _ccall(fn[_PRCTL], (np.int64(_PR_SET_TIMERSLACK), pace[_SLACK], zero, zero, zero))
+            _ccall(fn[_PRCTL], (np.int64(_PR_SET_TIMERSLACK), pace[P_SLACK], zero, zero, zero))
     ts[0] = delay // 1000000000
     ts[1] = delay % 1000000000
     _ccall(fn[_NANOSLEEP], (np.int64(ts.ctypes.data), np.int64(0)))  # EINTR: just test again
@@ -274,12 +274,12 @@ def _loop(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, d
     outcount = np.zeros(1, dtype=np.int32)
     ts = np.zeros(2, dtype=np.int64)  # struct timespec {tv_sec, tv_nsec}
     idle = 0
-    delay = pace[_SLEEP_MIN]
+    delay = pace[P_SLEEP_MIN]
     slept = 0
     while True:
-        n = st[_NACTIVE]
+        n = st[S_NACTIVE]
         if n == 0:
-            return _STALL
+            return STALL
         args = (np.int32(n), np.int64(reqs.ctypes.data), np.int64(outcount.ctypes.data),
                 np.int64(index.ctypes.data), np.int64(statuses.ctypes.data))
         if block:
@@ -294,34 +294,34 @@ def _loop(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, d
                     if e != 0:  # MPI_SUCCESS is 0
                         err = e
                         break
-            st[_ERR] = err
-            return _ERROR
+            st[S_ERR] = err
+            return ERROR
         m = outcount[0]
         if m <= 0:  # none (MPI_UNDEFINED cannot happen: every request listed is active)
             idle += 1
-            if idle >= pace[_POLLS]:
-                return _IDLE
+            if idle >= pace[P_POLLS]:
+                return IDLE
             t = _idle(fn, pace, idle, delay, slept, ts, slack)
             if t >= 0:
                 slept += t
-                delay = min(2 * delay, pace[_SLEEP_MAX])
-                if slept >= pace[_BUDGET]:
-                    return _IDLE
+                delay = min(2 * delay, pace[P_SLEEP_MAX])
+                if slept >= pace[P_BUDGET]:
+                    return IDLE
             continue
         idle = 0
-        delay = pace[_SLEEP_MIN]
+        delay = pace[P_SLEEP_MIN]
         slept = 0
-        st[_MOVED] = 1
+        st[S_MOVED] = 1
         for k in range(m):
             i = index[k]
             p = req_piece[i]
             req_piece[i] = -1
             if kind[p] == RECV and phase[p] == REDUCE:
                 arrived[p] = 1
-                st[_RECVS_OUT] -= 1
+                st[S_RECVS_OUT] -= 1
                 if pending[p] == 0:
-                    work[st[_WTAIL]] = p
-                    st[_WTAIL] += 1
+                    work[st[S_WTAIL]] = p
+                    st[S_WTAIL] += 1
             else:
                 _finish(p, st, dep_ptr, dep_idx, pending, work)
         j = 0  # drop the completed requests (MPI_REQUEST_NULL now)
@@ -330,26 +330,26 @@ def _loop(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, d
                 reqs[j] = reqs[i]
                 req_piece[j] = req_piece[i]
                 j += 1
-        st[_NACTIVE] = j
+        st[S_NACTIVE] = j
         rc = _drain(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr,
                     dep_idx, recv_order, pending, arrived, work, reqs, req_piece, acc, src, tmp,
                     dt, op, dtype_h, comm_h, slot, tag_slots, window, isz, acc_p, src_p, tmp_p)
         if rc != 0:
-            st[_ERR] = rc
-            return _ERROR
-        if st[_REMAINING] == 0:
-            return _DONE
+            st[S_ERR] = rc
+            return ERROR
+        if st[S_REMAINING] == 0:
+            return DONE
 
 
 @njit(nogil=True, cache=True)
 def _finish(p, st, dep_ptr, dep_idx, pending, work):
-    st[_REMAINING] -= 1
+    st[S_REMAINING] -= 1
     for k in range(dep_ptr[p], dep_ptr[p + 1]):
         q = dep_idx[k]
         pending[q] -= 1
         if pending[q] == 0:
-            work[st[_WTAIL]] = q
-            st[_WTAIL] += 1
+            work[st[S_WTAIL]] = q
+            st[S_WTAIL] += 1
 
 
 @njit(nogil=True, cache=True)
@@ -358,9 +358,9 @@ def _drain(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, 
            comm_h, slot, tag_slots, window, isz, acc_p, src_p, tmp_p):
     # Act on the queued pieces (in order, as the Python executor's _run), then top up the
     # reduce-phase receives posted ahead (_post_recvs). Returns an MPI error code, or 0.
-    while st[_WHEAD] < st[_WTAIL]:
-        p = work[st[_WHEAD]]
-        st[_WHEAD] += 1
+    while st[S_WHEAD] < st[S_WTAIL]:
+        p = work[st[S_WHEAD]]
+        st[S_WHEAD] += 1
         if kind[p] == SEND:
             base = src_p if src_read[p] else acc_p
             which = 0
@@ -377,22 +377,22 @@ def _drain(fn, st, kind, phase, peer, a, b, tagnum, scratch, src_read, dep_ptr, 
                     _apply(dt, op, acc, a[p], acc, tmp, off, b[p] - a[p])
                 _finish(p, st, dep_ptr, dep_idx, pending, work)
             continue
-        n = st[_NACTIVE]
+        n = st[S_NACTIVE]
         rc = _post(fn, which, base + a[p] * isz, b[p] - a[p], dtype_h, peer[p],
                    tagnum[p] * tag_slots + slot, comm_h, reqs, n)
         if rc != 0:
             return rc
         req_piece[n] = p
-        st[_NACTIVE] = n + 1
-    while st[_RECVS_OUT] < window and st[_NEXT_RECV] < recv_order.size:
-        p = recv_order[st[_NEXT_RECV]]
-        st[_NEXT_RECV] += 1
-        n = st[_NACTIVE]
+        st[S_NACTIVE] = n + 1
+    while st[S_RECVS_OUT] < window and st[S_NEXT_RECV] < recv_order.size:
+        p = recv_order[st[S_NEXT_RECV]]
+        st[S_NEXT_RECV] += 1
+        n = st[S_NACTIVE]
         rc = _post(fn, 1, tmp_p + scratch[p] * isz, b[p] - a[p], dtype_h, peer[p],
                    tagnum[p] * tag_slots + slot, comm_h, reqs, n)
         if rc != 0:
             return rc
         req_piece[n] = p
-        st[_NACTIVE] = n + 1
-        st[_RECVS_OUT] += 1
+        st[S_NACTIVE] = n + 1
+        st[S_RECVS_OUT] += 1
     return 0
