@@ -24,8 +24,8 @@ OMPI_PY    := $(OMPI_VENV)/bin/python
 OMPI_STAMP := $(OMPI_VENV)/.mtcoll-installed
 # (test_mismatch.py's three tests of MPI_ERR_TRUNCATE skip there: Open MPI 5.0.11 writes a
 # truncated message past the receive buffer, which a plain mpi4py Recv shows; the tests probe it)
-OMPI_TESTS := tests/test_engine.py tests/test_allreduce.py tests/test_comm_api.py \
-              tests/test_dropin.py tests/test_mismatch.py
+OMPI_TESTS := tests/execute/test_engine.py tests/comm/test_allreduce.py tests/comm/test_comm_api.py \
+              tests/comm/test_dropin.py tests/comm/test_mismatch.py
 
 .PHONY: bench test test-openmpi conformance
 

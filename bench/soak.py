@@ -39,7 +39,7 @@ bytes it keeps (``mallinfo2()``, which reads and changes nothing), the Comms' pe
 requests, the running executions (``mtcoll.execute._state.active``), mtcoll's scratch pool
 (``mtcoll.execute.scratch_cached()``) and the executors' cached layouts. With ``--trim`` it
 then also calls ``malloc_trim(0)`` and reads the resident memory again; that trim changes what the later blocks' plain readings see, so it
-is off by default. Rank 0 prints a summary; ``--json`` writes it. ``tests/test_soak.py`` runs
+is off by default. Rank 0 prints a summary; ``--json`` writes it. ``tests/tools/test_soak.py`` runs
 :func:`soak` with a few hundred calls at every size in the suite.
 """
 

@@ -22,7 +22,7 @@ one for the MPI library (``native``'s row) -- and then used, unchanged, for the 
 (the sizes from ``--min-size``, never SIZE itself). Without it the overhead is 0.
 
 With ``--links``, TESTBED.json is a run of CALLS allreduces of SIZE bytes with algorithm ALGO
-(``tests/testbed_script.py loop ALGO SIZE CALLS``): the bytes each directed link carried are
+(``tests/testbed/testbed_script.py loop ALGO SIZE CALLS``): the bytes each directed link carried are
 printed beside the payload the schedule sends over it (each transfer's bytes on every link of
 its default route), and the forwarded bytes beside the payload that crosses a middle vertex.
 """

@@ -32,7 +32,7 @@ os.environ["MTCOLL_CHECK"] = "1"
 # Tests choose their algorithms themselves: a developer's tuning file must not change them.
 os.environ["MTCOLL_TUNING"] = "off"
 # ... nor may a calibration measured on this (shared, noisy) machine: auto follows its
-# built-in rule unless a test turns calibration on (tests/test_calibrate.py).
+# built-in rule unless a test turns calibration on (tests/comm/test_calibrate.py).
 os.environ["MTCOLL_CALIBRATE"] = "off"
 
 _rank = 0

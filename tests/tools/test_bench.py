@@ -1,7 +1,7 @@
 """The benchmark (python -m mtcoll.bench) and the tuning table that algorithm="auto" reads.
 
 The benchmark runs are subprocesses (mpiexec -n 2 and -n 4, tiny sizes, short time budgets),
-started from serial tests like tests/test_readme_snippet.py; they check the output, not speed.
+started from serial tests like tests/tools/test_readme_snippet.py; they check the output, not speed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mtcoll.comm import _planning
 from mtcoll.bench import format_size, memory_cap, parse_size, parse_sizes, tuning_table
 from mtcoll.topology import parse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _serial_only():

@@ -1,6 +1,6 @@
 """A rank that fails in the middle of a collective ends the whole job.
 
-Serial tests: each starts ``mpiexec -n 4 python -m mpi4py tests/fault_script.py MODE`` through
+Serial tests: each starts ``mpiexec -n 4 python -m mpi4py tests/comm/fault_script.py MODE`` through
 tests/_mpirun.py and checks that the launcher ends with a non-zero status within 30 s and that
 no rank process is left behind. The measured times are in docs/reliability.md
 ("Failing ranks").

@@ -1,4 +1,4 @@
-"""A job for tests/test_testbed.py: ``python [-m mpi4py] tests/testbed_script.py loop ALGO SIZE
+"""A job for tests/testbed/test_testbed.py: ``python [-m mpi4py] tests/testbed/testbed_script.py loop ALGO SIZE
 COUNT`` makes COUNT ``mtcoll.Comm(algorithm=ALGO).Allreduce`` calls of SIZE bytes (float32 ones,
 checked). A StallError is printed as ``stall at <unix time> rank R ranks [..]: <message>`` on
 stderr and raised again (under ``python -m mpi4py``: MPI_Abort)."""

@@ -1,5 +1,5 @@
 """A plain mpi4py program on a Cartesian grid with row and column sub-communicators (no mtcoll
-in it): tests/test_run.py runs it with ``python -m mtcoll.run``.
+in it): tests/tools/test_run.py runs it with ``python -m mtcoll.run``.
 
 Every call has its own element count, so that the ``MTCOLL_DEBUG`` lines say which
 communicator each came from: the world's Allreduce 7, the grid's 11, a row's Allgather

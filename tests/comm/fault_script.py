@@ -1,6 +1,6 @@
-"""A rank that fails in the middle of a collective (tests/test_faults.py, docs/reliability.md).
+"""A rank that fails in the middle of a collective (tests/comm/test_faults.py, docs/reliability.md).
 
-Run as ``mpiexec -n 4 python -m mpi4py tests/fault_script.py MODE [TOKEN]``. Every rank starts
+Run as ``mpiexec -n 4 python -m mpi4py tests/comm/fault_script.py MODE [TOKEN]``. Every rank starts
 a MultiTree ``Iallreduce`` of 4 MiB and waits for it; rank 1 fails inside its executor, after
 it has combined the first received piece (so its peers have messages in flight to and from
 it). MODE says how it fails:

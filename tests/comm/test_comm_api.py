@@ -18,7 +18,7 @@ import mtcoll.comm._calls
 import mtcoll.comm
 from mtcoll import _ops
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -15,9 +15,9 @@ from mpi4py import MPI
 import _mpirun
 import mtcoll
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SNIPPET = ROOT / "docs" / "snippets" / "dropin.py"
-CART = ROOT / "tests" / "cart_program.py"
+CART = ROOT / "tests" / "tools" / "cart_program.py"
 SIZES = [1, 2, 3]
 QUIET = dict(MTCOLL_TUNING="off", MTCOLL_CALIBRATE="off")  # no probe: the tests stay short
 

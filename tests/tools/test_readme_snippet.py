@@ -7,7 +7,7 @@ from pathlib import Path
 
 import _mpirun
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SNIPPET = ROOT / "docs" / "snippets" / "dropin.py"
 
 

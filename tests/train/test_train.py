@@ -20,7 +20,7 @@ from mtcoll.train import pipeline as sm
 from mtcoll.train._executor import Placement, RealCompute, message_list
 from mtcoll.train._trainer import Config, run, run_sequential
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 #: layerpipe on 2 stages of partition [0, 2] with every kind of move at the one boundary:

@@ -38,7 +38,7 @@ from mtcoll.plan import ALGORITHMS
 
 from _comms import native, planned_or_skip
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FORCED = ("native",) + tuple(ALGORITHMS)
 BIG = 70_000  # float64 elements: above auto's 64 KiB cut-off
 
