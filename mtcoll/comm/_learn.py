@@ -257,7 +257,7 @@ class Learner:
             # library's request would race the thread's Test, which frees it)
             with LOCK:
                 if not r._complete and r._native.Test():
-                    _unwatch(r)
+                    unwatch(r)
                     r._finish()
                 return r._complete
 

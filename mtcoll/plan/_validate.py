@@ -32,7 +32,7 @@ from ._graph import route_ids
 # the error kinds, shared with the numba kernel (imported only when it runs, so that planning and
 # validating small schedules never loads numba)
 from ._codes import (E_EARLY_GATHER, E_EARLY_REDUCE, E_LINK, E_MISSING, E_OWNER, E_RECV_PORTS,
-                     E_SEND_PORTS, NKINDS)
+                     E_SEND_PORTS)
 
 MAX_ERRORS = 20
 _PHASE = ("reduce", "gather")

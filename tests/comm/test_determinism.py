@@ -8,6 +8,7 @@ test checks that they do), so a change of order between ranks, calls or runs wou
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ import hashlib, sys
 import numpy as np
 from mpi4py import MPI
 import mtcoll
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1:]  # this test's folder, the tests' helpers
 from test_determinism import inputs, digest
 from mtcoll.plan import ALGORITHMS
 comm = MPI.COMM_WORLD
@@ -114,10 +115,11 @@ def test_same_bits_across_launches(tmp_path):
     """Two separate 4-rank launches print the same hashes, per algorithm and rank."""
     script = tmp_path / "det.py"
     script.write_text(SCRIPT)
-    tests_dir = str(_mpirun.ROOT / "tests")
+    here = Path(__file__).resolve().parent
+    dirs = [str(here), str(here.parent)]
     runs = []
     for _ in range(2):
-        p = _mpirun.run(4, [str(script), tests_dir], timeout=240)
+        p = _mpirun.run(4, [str(script), *dirs], timeout=240)
         assert p.returncode == 0, p.stderr[-2000:]
         runs.append(sorted(p.stdout.split("\n")))
     lines = [ln for ln in runs[0] if ln]

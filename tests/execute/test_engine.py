@@ -15,7 +15,7 @@ from mpi4py import MPI
 
 import mtcoll
 from mtcoll import execute
-from mtcoll.execute import _abi, _engine, _limits
+from mtcoll.execute import _engine
 from mtcoll.plan import ALGORITHMS, plan
 from mtcoll.topology import parse
 
