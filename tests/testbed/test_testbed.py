@@ -4,6 +4,7 @@ failed and removed (skipped with the reason elsewhere)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -201,6 +202,8 @@ def test_bench_on_a_torus_2x2(tmp_path):
 
 
 @real
+@pytest.mark.skipif(shutil.which("nft") is None,
+                    reason="the forwarded-byte counters need nftables (Debian: nftables)")
 def test_multitree_alone_is_not_forwarded_and_native_is(tmp_path):
     script = os.path.join(HERE, "testbed_script.py")
     seen = {}
