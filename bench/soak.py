@@ -310,91 +310,66 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
     """
     if buffers not in ("pooled", "fresh"):
         raise ValueError(f"buffers must be 'pooled' or 'fresh', not {buffers!r}")
-    rank, size = comm.Get_rank(), comm.Get_size()
-    comms, skipped = make_comms(comm, algorithms)
-    names = tuple(comms)
-    # mtcoll talks on a duplicate: congruent with the user's communicator, never the same one
-    dups_ok = all(MPI.Comm.Compare(c._dup, comm) == MPI.CONGRUENT for c in comms.values())
-    # the longest slice: max_bytes of the smallest dtype (4 bytes), at the largest offset
-    pools = _Pools(seed, max_bytes // 4 + 4096 + size * _MAX_STEP)
-    bufs = None
-    if buffers == "pooled":
-        pools.make_all()  # the input data, made before the first call
-        bufs = _Buffers(inflight, max_bytes)
-    pick = np.random.default_rng([seed, rank, 2])  # per rank: which call to complete next
-    window = []  # (index, call, request, recvbuf, its pooled buffer or None)
-    user_reqs, user_checks, user_keep = [], [], []  # recv and send alternate in user_reqs
-    stats = dict(wrong=0, checked=0, bytes=0, user_sent=0, user_received=0, user_bad=0)
-    by_algorithm = {n: 0 for n in names}
-    by_op = {n: 0 for n in OPS}
-    first_wrong = []
-    blocks = []
-
-    def finish(entry):
-        i, call, req, out, raw = entry
-        if complete == "wait":
-            req.Wait()
-        else:
-            while not req.Test():
-                for e in window:
-                    e[2].Test()
-                time.sleep(20e-6)
-        # the call is complete: check its result, then (pooled) give its buffer back
-        if bufs is None:
-            want = expected(pools, call, size)
-            right = np.array_equal(out, want)
-        else:
-            want = expected(pools, call, size, bufs.expected_into(call["dtype"], call["count"]))
-            right = equal_into(out, want, bufs.same)
-        stats["checked"] += 1
-        if not right:
-            stats["wrong"] += 1
-            if len(first_wrong) < 5:
-                bad = np.flatnonzero(out != want)
-                first_wrong.append(dict(call=i, rank=rank, nbad=int(bad.size),
-                                        first=int(bad[0]) if bad.size else -1,
-                                        **{k: call[k] for k in ("algorithm", "dtype", "op",
-                                                                "count", "in_place")}))
-        if raw is not None:
-            bufs.give(raw)
-
-    def finish_user():
-        # Never block in MPI on a neighbour's message while holding back mtcoll calls: the
-        # neighbour may reach its send only after one of our calls completes, and mtcoll moves
-        # data only inside mtcoll calls. Poll both instead.
-        statuses = [MPI.Status() for _ in user_reqs]
-        while not MPI.Request.Testall(user_reqs, statuses):
-            for e in window:
-                e[2].Test()
-            time.sleep(20e-6)
-        for (buf, i, src, tag, any_tag), status in zip(user_checks, statuses[::2]):
-            ok = np.array_equal(buf, _user_payload(i, src, tag))
-            if any_tag:
-                ok = ok and status.Get_tag() == tag and status.Get_source() == src
-            stats["user_received"] += 1
-            stats["user_bad"] += not ok
-        user_reqs.clear()
-        user_checks.clear()
-        user_keep.clear()
-
-    def drain():
-        while window:
-            finish(window.pop(0))
-        finish_user()
-
+    run = _SoakRank(comm, inflight, seed, max_bytes, algorithms, complete, buffers)
     t0 = time.perf_counter()
-    tblock = t0
+    run.tblock = t0
     for i in range(calls):
-        call = draw_call(seed, i, names, max_bytes)
-        pool = pools.get(call["dtype"], call["op"])
-        mine = _slice(pool, call, rank)
-        c = comms[call["algorithm"]]
+        run.start(i, user_traffic)
+        if len(run.window) >= inflight:
+            run.complete_one()
+        if len(run.user_reqs) >= 16:
+            run.finish_user()
+        if (i + 1) % block == 0 or i + 1 == calls:
+            run.end_block(i + 1, trim, progress)
+    run.drain()
+    wall = time.perf_counter() - t0
+    leftovers = run.close()
+    return run.summary(calls, inflight, buffers, trim, wall, leftovers)
+
+
+class _SoakRank:
+    """One rank's part of a soak: its Comms, data and buffers, the calls and user messages in
+    flight, and its tallies; each method is a step of :func:`soak`'s loop or its close."""
+
+    def __init__(self, comm, inflight, seed, max_bytes, algorithms, complete, buffers):
+        self.comm, self.seed, self.max_bytes, self.complete = comm, seed, max_bytes, complete
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.comms, self.skipped = make_comms(comm, algorithms)
+        self.names = tuple(self.comms)
+        # mtcoll talks on a duplicate: congruent with the user's communicator, never the same one
+        self.dups_ok = all(MPI.Comm.Compare(c._dup, comm) == MPI.CONGRUENT
+                           for c in self.comms.values())
+        # the longest slice: max_bytes of the smallest dtype (4 bytes), at the largest offset
+        self.pools = _Pools(seed, max_bytes // 4 + 4096 + self.size * _MAX_STEP)
+        self.bufs = None
+        if buffers == "pooled":
+            self.pools.make_all()  # the input data, made before the first call
+            self.bufs = _Buffers(inflight, max_bytes)
+        # per rank: which call to complete next
+        self.pick = np.random.default_rng([seed, self.rank, 2])
+        self.window = []  # (index, call, request, recvbuf, its pooled buffer or None)
+        # recv and send alternate in user_reqs
+        self.user_reqs, self.user_checks, self.user_keep = [], [], []
+        self.stats = dict(wrong=0, checked=0, bytes=0, user_sent=0, user_received=0,
+                          user_bad=0)
+        self.by_algorithm = {n: 0 for n in self.names}
+        self.by_op = {n: 0 for n in OPS}
+        self.first_wrong = []
+        self.blocks = []
+        self.tblock = None
+
+    def start(self, i, user_traffic):
+        """Start call ``i`` (and, when it draws them, its user messages)."""
+        call = draw_call(self.seed, i, self.names, self.max_bytes)
+        pool = self.pools.get(call["dtype"], call["op"])
+        mine = _slice(pool, call, self.rank)
+        c = self.comms[call["algorithm"]]
         op = getattr(MPI, call["op"])
         raw = None
-        if bufs is None:
+        if self.bufs is None:
             out = mine.copy() if call["in_place"] else np.empty_like(mine)
         else:
-            out, raw = bufs.take(call["dtype"], call["count"])
+            out, raw = self.bufs.take(call["dtype"], call["count"])
             if call["in_place"]:
                 np.copyto(out, mine)
             else:
@@ -403,99 +378,173 @@ def soak(comm, calls=10000, inflight=8, seed=0, max_bytes=4 * 2**20, block=1000,
             req = c.Iallreduce(MPI.IN_PLACE, out, op)
         else:
             req = c.Iallreduce(mine, out, op)  # a read-only view of the pool is a fine sendbuf
-        window.append((i, call, req, out, raw))
-        by_algorithm[call["algorithm"]] += 1
-        by_op[call["op"]] += 1
-        stats["bytes"] += out.nbytes
-        if user_traffic and call["user"] and size > 1:
-            tag = USER_TAGS[i % len(USER_TAGS)]
-            dst, src = (rank + 1) % size, (rank - 1) % size
-            any_tag = bool(i % 2)
-            buf = np.empty(9, dtype=np.int64)
-            user_reqs.append(comm.Irecv(buf, src, MPI.ANY_TAG if any_tag else tag))
-            user_checks.append((buf, i, src, tag, any_tag))
-            payload = _user_payload(i, rank, tag)
-            user_keep.append(payload)  # alive until the send completes
-            user_reqs.append(comm.Isend(payload, dst, tag))
-            stats["user_sent"] += 1
-        if len(window) >= inflight:
-            # each rank completes its calls in its own order: oldest, newest, or any
-            u = pick.random()
-            j = 0 if u < 0.5 else (len(window) - 1 if u < 0.7 else int(pick.integers(len(window))))
-            finish(window.pop(j))
-            if pick.random() < 0.2:
-                for e in window:
+        self.window.append((i, call, req, out, raw))
+        self.by_algorithm[call["algorithm"]] += 1
+        self.by_op[call["op"]] += 1
+        self.stats["bytes"] += out.nbytes
+        if user_traffic and call["user"] and self.size > 1:
+            self._user_exchange(i)
+
+    def _user_exchange(self, i):
+        """Post call ``i``'s user messages: a receive from the left neighbour, a send right."""
+        rank, size, comm = self.rank, self.size, self.comm
+        tag = USER_TAGS[i % len(USER_TAGS)]
+        dst, src = (rank + 1) % size, (rank - 1) % size
+        any_tag = bool(i % 2)
+        buf = np.empty(9, dtype=np.int64)
+        self.user_reqs.append(comm.Irecv(buf, src, MPI.ANY_TAG if any_tag else tag))
+        self.user_checks.append((buf, i, src, tag, any_tag))
+        payload = _user_payload(i, rank, tag)
+        self.user_keep.append(payload)  # alive until the send completes
+        self.user_reqs.append(comm.Isend(payload, dst, tag))
+        self.stats["user_sent"] += 1
+
+    def complete_one(self):
+        """With the window full, complete one call of it."""
+        # each rank completes its calls in its own order: oldest, newest, or any
+        window, pick = self.window, self.pick
+        u = pick.random()
+        j = 0 if u < 0.5 else (len(window) - 1 if u < 0.7 else int(pick.integers(len(window))))
+        self.finish(window.pop(j))
+        if pick.random() < 0.2:
+            for e in window:
+                e[2].Test()
+
+    def finish(self, entry):
+        """Complete a call taken out of the window and check its result."""
+        i, call, req, out, raw = entry
+        if self.complete == "wait":
+            req.Wait()
+        else:
+            while not req.Test():
+                for e in self.window:
                     e[2].Test()
-        if len(user_reqs) >= 16:
-            finish_user()
-        if (i + 1) % block == 0 or i + 1 == calls:
-            drain()
-            gc.collect()
-            pending, scratch, layouts = _caches(comms)
-            rss = _rss_bytes()
-            in_use, heap_free = _mallinfo()
-            rec = dict(calls=i + 1, seconds=time.perf_counter() - tblock, rss=rss,
-                       malloc_in_use=in_use, malloc_free=heap_free,
-                       rss_trimmed=_trimmed_rss_bytes() if trim else None,
-                       pending=pending, active=len(_execute._state.active), scratch_bytes=scratch,
-                       layouts=layouts)
-            tblock = time.perf_counter()
-            blocks.append(rec)
-            if progress is not None and rank == 0:
-                progress(rec)
-    drain()
-    wall = time.perf_counter() - t0
+                time.sleep(20e-6)
+        # the call is complete: check its result, then (pooled) give its buffer back
+        bufs, stats = self.bufs, self.stats
+        if bufs is None:
+            want = expected(self.pools, call, self.size)
+            right = np.array_equal(out, want)
+        else:
+            want = expected(self.pools, call, self.size,
+                            bufs.expected_into(call["dtype"], call["count"]))
+            right = equal_into(out, want, bufs.same)
+        stats["checked"] += 1
+        if not right:
+            stats["wrong"] += 1
+            if len(self.first_wrong) < 5:
+                bad = np.flatnonzero(out != want)
+                self.first_wrong.append(dict(call=i, rank=self.rank, nbad=int(bad.size),
+                                             first=int(bad[0]) if bad.size else -1,
+                                             **{k: call[k] for k in ("algorithm", "dtype", "op",
+                                                                     "count", "in_place")}))
+        if raw is not None:
+            bufs.give(raw)
 
-    # nothing left over: no stray message on the user's communicator or any duplicate
-    comm.Barrier()
-    stray = int(comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG))
-    stray += sum(int(c._dup.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG))
-                 + int(c._chk.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)) for c in comms.values())
-    pending, scratch, layouts = _caches(comms)
-    for c in comms.values():
-        c.Free()
+    def finish_user(self):
+        """Complete the user messages in flight and check what arrived."""
+        # Never block in MPI on a neighbour's message while holding back mtcoll calls: the
+        # neighbour may reach its send only after one of our calls completes, and mtcoll moves
+        # data only inside mtcoll calls. Poll both instead.
+        statuses = [MPI.Status() for _ in self.user_reqs]
+        while not MPI.Request.Testall(self.user_reqs, statuses):
+            for e in self.window:
+                e[2].Test()
+            time.sleep(20e-6)
+        for (buf, i, src, tag, any_tag), status in zip(self.user_checks, statuses[::2]):
+            ok = np.array_equal(buf, _user_payload(i, src, tag))
+            if any_tag:
+                ok = ok and status.Get_tag() == tag and status.Get_source() == src
+            self.stats["user_received"] += 1
+            self.stats["user_bad"] += not ok
+        self.user_reqs.clear()
+        self.user_checks.clear()
+        self.user_keep.clear()
 
-    def total(x):
-        return comm.allreduce(x, op=MPI.SUM)
+    def drain(self):
+        """Complete every call and user message in flight."""
+        while self.window:
+            self.finish(self.window.pop(0))
+        self.finish_user()
 
-    def most(x):
-        return comm.allreduce(x, op=MPI.MAX)
+    def end_block(self, ncalls, trim, progress):
+        """Drain, then record the block's memory and cache readings (progress gets it on rank 0)."""
+        self.drain()
+        gc.collect()
+        pending, scratch, layouts = _caches(self.comms)
+        rss = _rss_bytes()
+        in_use, heap_free = _mallinfo()
+        rec = dict(calls=ncalls, seconds=time.perf_counter() - self.tblock, rss=rss,
+                   malloc_in_use=in_use, malloc_free=heap_free,
+                   rss_trimmed=_trimmed_rss_bytes() if trim else None,
+                   pending=pending, active=len(_execute._state.active), scratch_bytes=scratch,
+                   layouts=layouts)
+        self.tblock = time.perf_counter()
+        self.blocks.append(rec)
+        if progress is not None and self.rank == 0:
+            progress(rec)
 
-    rss_first, rss_last = blocks[0]["rss"], blocks[-1]["rss"]
-    growth = (rss_last - rss_first) / rss_first
-    trimmed = [b["rss_trimmed"] for b in blocks]
-    trimmed_growth = None if None in trimmed else (trimmed[-1] - trimmed[0]) / trimmed[0]
-    trimmed_growth = comm.allgather(trimmed_growth)
-    return dict(
-        ranks=size, calls=calls, complete=complete, inflight=inflight, seed=seed,
-        max_bytes=max_bytes, buffers=buffers, trim=trim,
-        # resident bytes of the harness's reused buffers per rank (0 with fresh buffers)
-        harness_buffer_bytes=0 if bufs is None else bufs.total_bytes,
-        algorithms=list(names), skipped_algorithms=skipped,
-        wrong=total(stats["wrong"]), checked=total(stats["checked"]),
-        bytes_per_rank_total=most(stats["bytes"]),
-        user_sent=total(stats["user_sent"]), user_received=total(stats["user_received"]),
-        user_bad=total(stats["user_bad"]),
-        stray_messages=total(stray), pending_after=total(pending),
-        active_after=total(len(_execute._state.active)), scratch_bytes_max=most(scratch),
-        layouts_max=most(layouts), dup_congruent=bool(comm.allreduce(dups_ok, op=MPI.LAND)),
-        rss_first_block_max=most(rss_first), rss_last_block_max=most(rss_last),
-        rss_growth_max=most(growth), wall_s=most(wall),
-        calls_per_s=calls / most(wall), by_algorithm=by_algorithm, by_op=by_op,
-        first_wrong=[w for ws in comm.allgather(first_wrong) for w in ws][:5],
-        blocks=comm.bcast(blocks, root=0),  # rank 0's
-        blocks_rss_growth_per_rank=comm.allgather(growth),
-        # per rank, resident bytes at the end of each block: a leak grows with the calls, an
-        # allocator's high-water mark steps up and stays
-        rss_by_rank=comm.allgather([b["rss"] for b in blocks]),
-        # per rank and block, mallinfo2(): bytes malloc has handed out and not freed, and the
-        # free bytes it keeps (None without glibc 2.33+)
-        malloc_in_use_by_rank=comm.allgather([b["malloc_in_use"] for b in blocks]),
-        malloc_free_by_rank=comm.allgather([b["malloc_free"] for b in blocks]),
-        # the same after malloc_trim(0) at each block's end (None without --trim or glibc)
-        rss_trimmed_growth_max=None if None in trimmed_growth else max(trimmed_growth),
-        blocks_rss_trimmed_growth_per_rank=trimmed_growth,
-    )
+    def close(self):
+        """Free the Comms once all is drained: (stray messages, pending requests, scratch bytes,
+        cached layouts) as they were left."""
+        comm, comms = self.comm, self.comms
+        # nothing left over: no stray message on the user's communicator or any duplicate
+        comm.Barrier()
+        stray = int(comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG))
+        stray += sum(int(c._dup.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG))
+                     + int(c._chk.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)) for c in comms.values())
+        pending, scratch, layouts = _caches(comms)
+        for c in comms.values():
+            c.Free()
+        return stray, pending, scratch, layouts
+
+    def summary(self, calls, inflight, buffers, trim, wall, leftovers):
+        """soak's summary dict, the same on every rank (collective)."""
+        comm, stats, blocks, bufs = self.comm, self.stats, self.blocks, self.bufs
+        stray, pending, scratch, layouts = leftovers
+
+        def total(x):
+            return comm.allreduce(x, op=MPI.SUM)
+
+        def most(x):
+            return comm.allreduce(x, op=MPI.MAX)
+
+        rss_first, rss_last = blocks[0]["rss"], blocks[-1]["rss"]
+        growth = (rss_last - rss_first) / rss_first
+        trimmed = [b["rss_trimmed"] for b in blocks]
+        trimmed_growth = None if None in trimmed else (trimmed[-1] - trimmed[0]) / trimmed[0]
+        trimmed_growth = comm.allgather(trimmed_growth)
+        return dict(
+            ranks=self.size, calls=calls, complete=self.complete, inflight=inflight,
+            seed=self.seed, max_bytes=self.max_bytes, buffers=buffers, trim=trim,
+            # resident bytes of the harness's reused buffers per rank (0 with fresh buffers)
+            harness_buffer_bytes=0 if bufs is None else bufs.total_bytes,
+            algorithms=list(self.names), skipped_algorithms=self.skipped,
+            wrong=total(stats["wrong"]), checked=total(stats["checked"]),
+            bytes_per_rank_total=most(stats["bytes"]),
+            user_sent=total(stats["user_sent"]), user_received=total(stats["user_received"]),
+            user_bad=total(stats["user_bad"]),
+            stray_messages=total(stray), pending_after=total(pending),
+            active_after=total(len(_execute._state.active)), scratch_bytes_max=most(scratch),
+            layouts_max=most(layouts),
+            dup_congruent=bool(comm.allreduce(self.dups_ok, op=MPI.LAND)),
+            rss_first_block_max=most(rss_first), rss_last_block_max=most(rss_last),
+            rss_growth_max=most(growth), wall_s=most(wall),
+            calls_per_s=calls / most(wall), by_algorithm=self.by_algorithm, by_op=self.by_op,
+            first_wrong=[w for ws in comm.allgather(self.first_wrong) for w in ws][:5],
+            blocks=comm.bcast(blocks, root=0),  # rank 0's
+            blocks_rss_growth_per_rank=comm.allgather(growth),
+            # per rank, resident bytes at the end of each block: a leak grows with the calls, an
+            # allocator's high-water mark steps up and stays
+            rss_by_rank=comm.allgather([b["rss"] for b in blocks]),
+            # per rank and block, mallinfo2(): bytes malloc has handed out and not freed, and
+            # the free bytes it keeps (None without glibc 2.33+)
+            malloc_in_use_by_rank=comm.allgather([b["malloc_in_use"] for b in blocks]),
+            malloc_free_by_rank=comm.allgather([b["malloc_free"] for b in blocks]),
+            # the same after malloc_trim(0) at each block's end (None without --trim or glibc)
+            rss_trimmed_growth_max=None if None in trimmed_growth else max(trimmed_growth),
+            blocks_rss_trimmed_growth_per_rank=trimmed_growth,
+        )
 
 
 def _pct(x):

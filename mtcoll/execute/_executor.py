@@ -110,21 +110,52 @@ class Layout:
         self.phases = tuple(phases)
         bounds = s.chunk_bounds(count)
         self.bounds = bounds
+        cut = (itemsize, segment_bytes, max_segments, max_elements)
+        self.max_stream, self.nmessages = self._stream_bounds(s, bounds, self.phases, cut)
+        kind, phase, peer, a, b, tagnum, scratch, nscratch = self._pieces(
+            s.rank_view(rank), bounds, self.phases, cut)
+        npieces = len(kind)
+        pts, ea, eb = self._elementary(a, b)
+        npending, dependents = self._dependencies(kind, ea, eb, len(pts))
+        src_read, precopy = self._src_reads(kind, phase, ea, eb, len(pts))
+        runs = self._precopy_runs(precopy, pts, count, npieces)
+        self.src_read = tuple(src_read)
+        self.precopy = tuple((a_, b_) for a_, b_ in runs if b_ > a_)
 
-        # Across the whole schedule: the longest stream of pieces between two ranks (tags).
+        self.npieces = npieces
+        self.kind = tuple(kind)
+        self.phase = tuple(phase)
+        self.peer = tuple(peer)
+        self.a = tuple(a)
+        self.b = tuple(b)
+        self.tagnum = tuple(tagnum)
+        self.scratch = tuple(scratch)
+        self.scratch_size = nscratch
+        self.npending = tuple(npending)
+        self.dependents = tuple(tuple(sorted(d)) for d in dependents)
+        self.reduce_recvs = tuple(p for p in range(npieces)
+                                  if kind[p] == RECV and phase[p] == REDUCE)
+        # Pieces ready at the start, other than reduce-phase receives (posted separately).
+        self.ready = tuple(p for p in range(npieces) if npending[p] == 0
+                           and not (kind[p] == RECV and phase[p] == REDUCE))
+        self.max_message = max((y - x for x, y in zip(a, b)), default=0)
+
+    @staticmethod
+    def _stream_bounds(s, bounds, phases, cut):
+        """(longest stream of pieces between two ranks, all pieces) of the whole schedule: the
+        tag range every rank must agree on, so a rank's part alone does not decide it."""
         if hasattr(s, "stream_bounds"):  # a RankSchedule: the bound every rank derives alike
-            self.max_stream, self.nmessages = s.stream_bounds(self.phases, lambda w: _npieces(
-                bounds[w] - bounds[0], itemsize, segment_bytes, max_segments, max_elements))
-        else:
-            self.max_stream, self.nmessages = _streams(s, bounds, self.phases, itemsize,
-                                                       segment_bytes, max_segments,
-                                                       max_elements)
+            return s.stream_bounds(phases, lambda w: _npieces(bounds[w] - bounds[0], *cut))
+        return _streams(s, bounds, phases, *cut)
 
-        view = s.rank_view(rank)
-        ops = np.flatnonzero(np.isin(view.phase, self.phases))
+    @staticmethod
+    def _pieces(view, bounds, phases, cut):
+        """This rank's operations cut into pieces in program order, as the peer cuts them too:
+        the per-piece lists (kind, phase, peer, a, b, tagnum, scratch) and the scratch size."""
+        ops = np.flatnonzero(np.isin(view.phase, phases))
         lo = bounds[view.lo[ops]]
         hi = bounds[view.hi[ops]]
-        kv = _npieces(hi - lo, itemsize, segment_bytes, max_segments, max_elements)
+        kv = _npieces(hi - lo, *cut)
 
         kind, phase, peer, a, b, tagnum, scratch = [], [], [], [], [], [], []
         stream = {}
@@ -152,17 +183,27 @@ class Layout:
                 else:
                     scratch.append(-1)
                 start = end
+        return kind, phase, peer, a, b, tagnum, scratch, nscratch
 
-        npieces = len(kind)
+    @staticmethod
+    def _elementary(a, b):
+        """The piece boundaries, and each piece as a range ``ea[p]:eb[p]`` of the elementary
+        intervals between them: the unit both the dependencies and the input reads work on."""
+        pts = np.unique(np.asarray(a + b, dtype=np.int64))
+        ea = np.searchsorted(pts, np.asarray(a, dtype=np.int64)).tolist()
+        eb = np.searchsorted(pts, np.asarray(b, dtype=np.int64)).tolist()
+        return pts, ea, eb
+
+    @staticmethod
+    def _dependencies(kind, ea, eb, nelem):
+        """(npending, dependents) per piece, in program order."""
         # Dependencies over elementary intervals (between consecutive piece boundaries): on each,
         # a piece waits for the last receive before it and, if it is a receive, for the sends
         # since that receive. Earlier pieces are covered transitively: that last receive itself
         # waited for them.
-        pts = np.unique(np.asarray(a + b, dtype=np.int64))
-        ea = np.searchsorted(pts, np.asarray(a, dtype=np.int64)).tolist()
-        eb = np.searchsorted(pts, np.asarray(b, dtype=np.int64)).tolist()
-        last_recv = [-1] * len(pts)
-        sends_since = [None] * len(pts)
+        npieces = len(kind)
+        last_recv = [-1] * nelem
+        sends_since = [None] * nelem
         npending = [0] * npieces
         dependents = [[] for _ in range(npieces)]
         for p in range(npieces):
@@ -184,13 +225,18 @@ class Layout:
             npending[p] = len(deps)
             for q in deps:
                 dependents[q].append(p)
+        return npending, dependents
 
+    @staticmethod
+    def _src_reads(kind, phase, ea, eb, nelem):
+        """(src_read per piece, the elementary intervals to copy from the input up front)."""
         # Which pieces may read the caller's input buffer directly (``src_read``): a send, or
         # a reduce-phase combine, whose elements no earlier receive has written. This spares
         # copying the input into the working buffer first. Elements read partly from each (only
         # when pieces of different transfers are cut at different points), and elements no
         # receive ever writes, are copied up front instead (``precopy``).
-        written = [False] * len(pts)
+        npieces = len(kind)
+        written = [False] * nelem
         precopy = set()
         src_read = [False] * npieces
         for p in range(npieces):
@@ -204,7 +250,13 @@ class Layout:
             if kind[p] == RECV:
                 for e in span:
                     written[e] = True
-        precopy.update(e for e in range(len(pts) - 1) if not written[e])
+        precopy.update(e for e in range(nelem - 1) if not written[e])
+        return src_read, precopy
+
+    @staticmethod
+    def _precopy_runs(precopy, pts, count, npieces):
+        """The elementary intervals to copy up front as merged ``[lo, hi]`` element runs, with
+        the elements outside every piece, which hold the input too."""
         runs = []
         for e in sorted(precopy):
             lo_e, hi_e = int(pts[e]), int(pts[e + 1])
@@ -221,26 +273,7 @@ class Layout:
             runs.append([hi_all, int(count)])
         if not npieces and count:
             runs = [[0, int(count)]]
-        self.src_read = tuple(src_read)
-        self.precopy = tuple((a_, b_) for a_, b_ in runs if b_ > a_)
-
-        self.npieces = npieces
-        self.kind = tuple(kind)
-        self.phase = tuple(phase)
-        self.peer = tuple(peer)
-        self.a = tuple(a)
-        self.b = tuple(b)
-        self.tagnum = tuple(tagnum)
-        self.scratch = tuple(scratch)
-        self.scratch_size = nscratch
-        self.npending = tuple(npending)
-        self.dependents = tuple(tuple(sorted(d)) for d in dependents)
-        self.reduce_recvs = tuple(p for p in range(npieces)
-                                  if kind[p] == RECV and phase[p] == REDUCE)
-        # Pieces ready at the start, other than reduce-phase receives (posted separately).
-        self.ready = tuple(p for p in range(npieces) if npending[p] == 0
-                           and not (kind[p] == RECV and phase[p] == REDUCE))
-        self.max_message = max((y - x for x, y in zip(a, b)), default=0)
+        return runs
 
     def __repr__(self):
         return (f"Layout(count={self.count}, itemsize={self.itemsize}, pieces={self.npieces}, "

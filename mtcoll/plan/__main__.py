@@ -128,9 +128,9 @@ def main(argv=None):
         if "," in args.topology:
             raise ValueError("--topology: plan takes one spec, not a comma list")
         if args.draw:
-            from ._draw import _matplotlib, check_size
+            from ._draw import check_size, load_matplotlib
 
-            _matplotlib()  # fail before planning, not after
+            load_matplotlib()  # fail before planning, not after
             check_size(args.topology)
         from ..simulate import parse_sizes
 

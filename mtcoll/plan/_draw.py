@@ -74,7 +74,7 @@ class Drawing:
         return sum(n for _, n in self.panels)
 
 
-def _matplotlib():
+def load_matplotlib():
     try:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -267,6 +267,43 @@ def draw(schedule, topology, path, phase=GATHER, steps=None, trees=None, dpi=100
     RuntimeError
         matplotlib is not installed (install the ``plot`` extra).
     """
+    topo, phase, trees, step_list = _check_draw(schedule, topology, phase, steps, trees)
+    matplotlib, Figure, FigureCanvasAgg, patches = load_matplotlib()
+    n = schedule.nranks
+    nsteps = schedule.steps[phase]
+
+    lay = _layout(topo)
+    colors = _tree_colors(matplotlib, n)
+    owned = np.zeros(n, bool)
+    owned[schedule.owner] = True
+
+    sel = schedule.phase == phase
+    rows = np.column_stack((schedule.step[sel], schedule.src[sel], schedule.dst[sel],
+                            schedule.lo[sel], schedule.hi[sel]))
+    panels = _panels(schedule, rows, trees, step_list)
+
+    lo_xy, hi_xy = _extent(lay)
+    pw, ph, ncol, nrow = _grid(hi_xy - lo_xy, len(panels), trees, step_list)
+    head = 0.75
+    fig = Figure(figsize=(ncol * pw + 0.2, nrow * ph + head), dpi=dpi)
+    FigureCanvasAgg(fig)
+    fig.suptitle(_caption(schedule, topo, phase, nsteps, int(sel.sum()), step_list, trees),
+                 fontsize=9, y=1 - 0.08 / (nrow * ph + head))
+    top = 1 - head / (nrow * ph + head)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.04, hspace=0.12)
+
+    counted = []
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        got = _draw_panel(ax, lay, patches, schedule, colors, owned, lo_xy, hi_xy, panel)
+        counted.append((panel[0], got))
+    fig.savefig(path, dpi=dpi)
+    return Drawing(str(path), phase, tuple(step_list), tuple(trees or ()), tuple(counted))
+
+
+def _check_draw(schedule, topology, phase, steps, trees):
+    """draw's arguments checked against the schedule, before matplotlib is looked for:
+    (topology, phase constant, tree roots or None, steps to draw)."""
     topo = check_size(topology)
     n = schedule.nranks
     if topo.nranks != n:
@@ -282,16 +319,12 @@ def draw(schedule, topology, path, phase=GATHER, steps=None, trees=None, dpi=100
             raise ValueError(f"tree: roots must be ranks in [0, {n}), got {trees}")
     nsteps = schedule.steps[phase]
     step_list = _parse_steps(steps, nsteps) if trees is None or steps is not None else []
-    matplotlib, Figure, FigureCanvasAgg, patches = _matplotlib()
+    return topo, phase, trees, step_list
 
-    lay = _layout(topo)
-    colors = _tree_colors(matplotlib, n)
-    owned = np.zeros(n, bool)
-    owned[schedule.owner] = True
 
-    sel = schedule.phase == phase
-    rows = np.column_stack((schedule.step[sel], schedule.src[sel], schedule.dst[sel],
-                            schedule.lo[sel], schedule.hi[sel]))
+def _panels(schedule, rows, trees, step_list):
+    """The panels to draw, never none (a lone layout says "no transfers")."""
+    n = schedule.nranks
     # a panel: (title, transfers drawn bold, root or None, earlier transfers drawn faint,
     # ranks reached so far or None)
     if trees is None:
@@ -315,27 +348,37 @@ def draw(schedule, topology, path, phase=GATHER, steps=None, trees=None, dpi=100
 
     if not panels:  # one rank, or a phase without transfers: the layout alone
         panels = [("no transfers", rows[:0], None, None, None)]
+    return panels
 
-    # figure geometry: panels as square-ish as the layout, at most 4 a row
+
+def _extent(lay):
+    """(lower-left, upper-right) corners every panel shows: the ranks, switches and arcs."""
     xy = np.vstack([lay.pos] + [np.array(lay.switches).reshape(-1, 2)])
     lo_xy, hi_xy = xy.min(axis=0) - 0.75, xy.max(axis=0) + 0.75
     if lay.bow is not None:  # room for the arcs along the rows
         depth = min(lay.arc * (lay.pos[:, 0].max() - lay.pos[:, 0].min()), _ARC_DEPTH) / 2
         lo_xy[1] -= depth * (lay.bow > 0).any()
         hi_xy[1] += depth * (lay.bow < 0).any()
-    span = hi_xy - lo_xy
+    return lo_xy, hi_xy
+
+
+def _grid(span, npanels, trees, step_list):
+    """(panel width, panel height in inches, columns, rows) for panels showing ``span``."""
+    # panels as square-ish as the layout, at most 4 a row
     scale = min(0.75, 7.0 / span[0], 4.5 / span[1])
     pw, ph = max(span[0] * scale, 2.0), max(span[1] * scale, 1.6) + 0.35
-    ncol = min(len(panels), 4 if pw < 4.5 else 2, max(2, math.ceil(math.sqrt(len(panels)))))
+    ncol = min(npanels, 4 if pw < 4.5 else 2, max(2, math.ceil(math.sqrt(npanels))))
     if trees is not None and step_list and len(step_list) <= 6 and pw < 4.5:
         ncol = len(step_list)  # one row per tree
-    nrow = math.ceil(len(panels) / ncol)
-    head = 0.75
-    fig = Figure(figsize=(ncol * pw + 0.2, nrow * ph + head), dpi=dpi)
-    FigureCanvasAgg(fig)
+    nrow = math.ceil(npanels / ncol)
+    return pw, ph, ncol, nrow
+
+
+def _caption(schedule, topo, phase, nsteps, ntransfers, step_list, trees):
+    """The figure's two title lines: what is drawn, and how to read it."""
     phase_name = _PHASE_NAME[phase]
     what = (f"{schedule.algorithm} on {topo.spec}, {phase_name} phase "
-            f"({nsteps} steps, {int(sel.sum())} transfers)")
+            f"({nsteps} steps, {ntransfers} transfers)")
     shown = ""
     if step_list:
         shown = (f"steps {step_list[0]}-{step_list[-1]}" if step_list == list(
@@ -350,38 +393,34 @@ def draw(schedule, topology, path, phase=GATHER, steps=None, trees=None, dpi=100
     else:
         key = (f"{shown}: this step's transfers bold, earlier ones faint; filled = the ranks "
                "the tree has reached; thick ring = the root")
-    fig.suptitle(what + "\n" + key, fontsize=9, y=1 - 0.08 / (nrow * ph + head))
-    top = 1 - head / (nrow * ph + head)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.04, hspace=0.12)
+    return what + "\n" + key
 
-    counted = []
-    for i, (title, tr, root, earlier, reached) in enumerate(panels):
-        ax = fig.add_subplot(nrow, ncol, i + 1)
-        ax.set_aspect("equal")
-        ax.set_xlim(lo_xy[0], hi_xy[0])
-        ax.set_ylim(lo_xy[1], hi_xy[1])
-        ax.axis("off")
-        _background(ax, lay, patches)
-        for t, s, d, clo, chi in (earlier if earlier is not None else ()):
-            _transfer(ax, lay, patches, int(s), int(d), "0.55", 0.8, None, gid="earlier")
-        for t, s, d, clo, chi in tr:
-            c = colors[schedule.owner[clo]]
-            label = None
-            if root is not None and reached is None:
-                label = str(t)
-            elif chi - clo > 1:
-                label = f"{clo}-{chi - 1}"
-            _transfer(ax, lay, patches, int(s), int(d), c, 1.0 + 0.6 * min(chi - clo - 1, 3),
-                      label)
-        if reached is None:
-            _nodes(ax, lay, patches, colors, owned, root)
-        else:
-            _nodes(ax, lay, patches, [colors[root]] * n, reached, root)
-        ax.set_title(f"{title}: {len(tr)} transfers", fontsize=9, pad=2)
-        got = sum(1 for p in ax.patches if p.get_gid() == "transfer")
-        counted.append((title, got))
-    fig.savefig(path, dpi=dpi)
-    return Drawing(str(path), phase, tuple(step_list), tuple(trees or ()), tuple(counted))
+
+def _draw_panel(ax, lay, patches, schedule, colors, owned, lo_xy, hi_xy, panel):
+    """Draw one panel on ``ax``; the transfer arrows found on it afterwards (Drawing.panels)."""
+    title, tr, root, earlier, reached = panel
+    ax.set_aspect("equal")
+    ax.set_xlim(lo_xy[0], hi_xy[0])
+    ax.set_ylim(lo_xy[1], hi_xy[1])
+    ax.axis("off")
+    _background(ax, lay, patches)
+    for t, s, d, clo, chi in (earlier if earlier is not None else ()):
+        _transfer(ax, lay, patches, int(s), int(d), "0.55", 0.8, None, gid="earlier")
+    for t, s, d, clo, chi in tr:
+        c = colors[schedule.owner[clo]]
+        label = None
+        if root is not None and reached is None:
+            label = str(t)
+        elif chi - clo > 1:
+            label = f"{clo}-{chi - 1}"
+        _transfer(ax, lay, patches, int(s), int(d), c, 1.0 + 0.6 * min(chi - clo - 1, 3),
+                  label)
+    if reached is None:
+        _nodes(ax, lay, patches, colors, owned, root)
+    else:
+        _nodes(ax, lay, patches, [colors[root]] * schedule.nranks, reached, root)
+    ax.set_title(f"{title}: {len(tr)} transfers", fontsize=9, pad=2)
+    return sum(1 for p in ax.patches if p.get_gid() == "transfer")
 
 
 def _background(ax, lay, patches):

@@ -168,7 +168,7 @@ def _guard(tb_id):
     except (OSError, KeyboardInterrupt):
         pass
     if os.path.exists(os.path.join(_net.STATE_DIR, f"{tb_id}.json")) or any(
-            n.startswith(f"{_net.PREFIX}{tb_id}-") for n in _net._netns_list()):
+            n.startswith(f"{_net.PREFIX}{tb_id}-") for n in _net.netns_list()):
         _net.destroy(tb_id)
     return 0
 
@@ -202,59 +202,60 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.action == "status":
-        beds = _net.testbeds()
-        for st in beds:
-            owner = "kept (up)" if st.get("pid") is None else \
-                f"pid {st['pid']} {'running' if st['alive'] else 'gone'}"
-            print(f"{st['id']}  {st['spec']}  {len(st['namespaces'])} namespaces  {owner}")
-        stray = sorted({n for n in _net._netns_list() if n.startswith(_net.PREFIX)}
-                       - {n for st in beds for n in st["namespaces"]})
-        if stray:
-            print(f"stray namespaces (remove with --cleanup): {' '.join(stray)}")
-        if not beds and not stray:
-            print("no testbed")
-        return 0
+        return _status()
     reason = missing()
     if reason:
         _say(f"error: {reason}")
         return 2
     if args.cleanup:
-        gone = _net.cleanup(everything=args.all)
-        _say(f"cleanup: removed {len(gone)} namespaces" + (f" ({' '.join(gone)})" if gone else ""))
-        return 0
+        return _cleanup(args.all)
     if args.action == "down":
-        ids = [st["id"] for st in _net.testbeds()] if args.all else [args.target]
-        if ids == [None]:
-            p.error("down needs a testbed id (see status), or --all")
-        for tb_id in ids:
-            gone = _net.destroy(tb_id)
-            _say(f"down {tb_id}: removed {len(gone)} namespaces")
-        return 0
+        return _down(p, args)
+    return _run(p, args, command)
 
+
+def _status():
+    """The status form: every testbed in the state directory, then stray namespaces."""
+    beds = _net.testbeds()
+    for st in beds:
+        owner = "kept (up)" if st.get("pid") is None else \
+            f"pid {st['pid']} {'running' if st['alive'] else 'gone'}"
+        print(f"{st['id']}  {st['spec']}  {len(st['namespaces'])} namespaces  {owner}")
+    stray = sorted({n for n in _net.netns_list() if n.startswith(_net.PREFIX)}
+                   - {n for st in beds for n in st["namespaces"]})
+    if stray:
+        print(f"stray namespaces (remove with --cleanup): {' '.join(stray)}")
+    if not beds and not stray:
+        print("no testbed")
+    return 0
+
+
+def _cleanup(everything):
+    """--cleanup: the testbeds of gone owners (every one with --all) and stray namespaces."""
+    gone = _net.cleanup(everything=everything)
+    _say(f"cleanup: removed {len(gone)} namespaces" + (f" ({' '.join(gone)})" if gone else ""))
+    return 0
+
+
+def _down(p, args):
+    """The down form: the testbed named, or every one with --all."""
+    ids = [st["id"] for st in _net.testbeds()] if args.all else [args.target]
+    if ids == [None]:
+        p.error("down needs a testbed id (see status), or --all")
+    for tb_id in ids:
+        gone = _net.destroy(tb_id)
+        _say(f"down {tb_id}: removed {len(gone)} namespaces")
+    return 0
+
+
+def _run(p, args, command):
+    """The run and 'up' forms; the exit status main returns."""
     # leftovers of crashed runs would only confuse the counters of nobody, but they hold memory
     stale = _net.cleanup()
     if stale:
         _say(f"removed {len(stale)} namespaces left by crashed runs")
     try:
-        if args.tb_id:
-            if args.topology:
-                p.error("--id and --topology exclude each other")
-            tb, st = _from_state(args.tb_id)
-            keep = True
-        else:
-            if not args.topology:
-                p.error("--topology is required (or --id of a testbed made by 'up')")
-            try:
-                parse(args.topology)
-            except ValueError as e:
-                raise ValueError(f"--topology: {e}") from None
-            try:
-                rate = parse_rate(args.rate)
-            except ValueError as e:
-                raise ValueError(f"--rate: {e}") from None
-            tb = Testbed(args.topology, rate=rate, link_rates=_link_rates(args.link_rate),
-                         congestion_control=args.congestion_control, queue=args.queue)
-            keep = args.action == "up"
+        tb, keep = _testbed(p, args)
         fails = _fail_links(args.fail_link, tb.topology)
     except (ValueError, TestbedError) as e:
         _say(f"error: {e}")
@@ -267,13 +268,49 @@ def main(argv=None):
         except RuntimeError as e:
             _say(f"error: {e}")
             return 2
+    meta = _meta(tb, command)
+    code, result, traffic = _up_and_run(args, tb, keep, fails, meta, command)
+    if code is not None:
+        return code
+    return _report(args, tb, meta, result, traffic, command)
 
-    guard = None
-    result = None
-    meta = {"topology": tb.topology.spec, "id": tb.id, "rate": f"{tb.rate * 8 / 1e6:g} Mbit/s",
+
+def _testbed(p, args):
+    """(the Testbed the options describe, whether it stays after the run); ValueError names
+    the option at fault, before anything is built."""
+    if args.tb_id:
+        if args.topology:
+            p.error("--id and --topology exclude each other")
+        tb, _ = _from_state(args.tb_id)
+        return tb, True
+    if not args.topology:
+        p.error("--topology is required (or --id of a testbed made by 'up')")
+    try:
+        parse(args.topology)
+    except ValueError as e:
+        raise ValueError(f"--topology: {e}") from None
+    try:
+        rate = parse_rate(args.rate)
+    except ValueError as e:
+        raise ValueError(f"--rate: {e}") from None
+    tb = Testbed(args.topology, rate=rate, link_rates=_link_rates(args.link_rate),
+                 congestion_control=args.congestion_control, queue=args.queue)
+    return tb, args.action == "up"
+
+
+def _meta(tb, command):
+    """The report's meta record as known before set-up (set-up adds its time and hops)."""
+    return {"topology": tb.topology.spec, "id": tb.id, "rate": f"{tb.rate * 8 / 1e6:g} Mbit/s",
             "congestion_control": tb.congestion_control, "queue": tb.queue,
             "rate_Bps": tb.rate, "namespaces": len(tb.layout.namespaces),
             "veth_pairs": len(tb.layout.pairs), "command": command}
+
+
+def _up_and_run(args, tb, keep, fails, meta, command):
+    """Build the testbed (unless reused by --id), run the command on it and read the traffic,
+    then remove it unless kept, whatever happened: (exit status to stop with or None, the
+    run's result, its traffic)."""
+    guard = None
     try:
         if not args.tb_id:
             if not keep:
@@ -288,19 +325,19 @@ def main(argv=None):
             meta["setup_s"], meta["route_hops_checked"] = 0.0, 0
         if args.action == "up":
             print(tb.id)
-            return 0
+            return 0, None, None
         events = [(at, (lambda a=a, b=b: tb.set_link(a, b, False)), f"link {a}-{b} down")
                   for a, b, at in fails]
         before = tb.counters()
         result = tb.run(command, mpiexec=args.mpiexec, timeout=args.timeout, events=events,
                         log=_say, stdout_to_stderr=args.json == "-")
-        traffic = tb.traffic(before, tb.counters())
+        return None, result, tb.traffic(before, tb.counters())
     except TestbedError as e:
         _say(f"error: {e}")
-        return 2
+        return 2, None, None
     except KeyboardInterrupt:
         _say("interrupted; removing the testbed")
-        return 130
+        return 130, None, None
     finally:
         if not keep and tb.built:
             gone = tb.down()
@@ -309,6 +346,9 @@ def main(argv=None):
             guard.stdin.close()
             guard.wait(timeout=30)
 
+
+def _report(args, tb, meta, result, traffic, command):
+    """Table and/or JSON, the plot; the command's exit status as the testbed's own."""
     try:
         report({"meta": meta, "run": result, "traffic": traffic}, args.json,
                lambda: sys.stdout.write(_table(meta, traffic, result)), "mtcoll.testbed")

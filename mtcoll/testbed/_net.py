@@ -307,7 +307,7 @@ def set_link(lay, a, b, up):
           "up" if up else "down"], what=f"setting link {a}-{b} {'up' if up else 'down'}")
 
 
-def _netns_list():
+def netns_list():
     r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     return [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
 
@@ -316,7 +316,7 @@ def destroy(tb_id, namespaces=None):
     """Remove testbed ``tb_id``: kill what still runs in its namespaces, delete them (their
     veths go with them) and its state file. Returns the namespaces deleted."""
     prefix = f"{PREFIX}{tb_id}-"
-    present = [n for n in _netns_list() if n.startswith(prefix)]
+    present = [n for n in netns_list() if n.startswith(prefix)]
     names = sorted(set(present) | set(n for n in (namespaces or []) if n in present))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = set()
@@ -339,7 +339,7 @@ def destroy(tb_id, namespaces=None):
         os.unlink(os.path.join(STATE_DIR, f"{tb_id}.json"))
     except FileNotFoundError:
         pass
-    left = [n for n in _netns_list() if n.startswith(prefix)]
+    left = [n for n in netns_list() if n.startswith(prefix)]
     if left:
         raise TestbedError(f"could not delete namespaces {', '.join(left)}")
     return names
@@ -355,7 +355,7 @@ def cleanup(everything=False):
         known.add(st["id"])
         if everything or not st["alive"]:
             gone += destroy(st["id"], st.get("namespaces"))
-    names = [n for n in _netns_list() if n.startswith(PREFIX)]
+    names = [n for n in netns_list() if n.startswith(PREFIX)]
     probe = f"{PREFIX}probe-"
     for n in names:  # missing()'s probe of a process that is gone
         if n.startswith(probe) and n[len(probe):].isdigit() \

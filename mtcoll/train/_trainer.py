@@ -292,112 +292,39 @@ def run(cfg: Config, comm=None, log=None, steps=None):
     rank = comm.Get_rank()
     s, r = rank % S, rank // S
     emulate = cfg.compute == "emulate"
-    if emulate:
-        profile = get_profile(cfg.profile)
-        unit = cfg.seconds
-    else:
-        x_tr, y_tr, x_te, y_te = _data.load(cfg.data, cfg.seed)
-        sizes = [x_tr.shape[1]] + cfg.sizes_hidden + [int(y_tr.max()) + 1]
-        params = _mlp.init_params(sizes, cfg.seed)
-        profile = cfg.costs or _measured_profile(comm, sizes, max(cfg.batch // R // cfg.m, 1),
-                                                 cfg.activation)
-        unit = 1.0
-    pipe_comm = comm.Split(color=r, key=s)
-    dp_raw = comm.Split(color=s, key=r)
-    if R == 1:
-        dp = None
-    elif cfg.comm == "mpi4py":
-        dp = dp_raw  # its Iallreduce and MPI.Request: the reference for mtcoll's
-    else:
-        dp = mtcoll.Comm(dp_raw, algorithm=cfg.algorithm)
+    profile, unit, real = _workload(cfg, comm)
+    pipe_comm, dp_raw, dp = _communicators(cfg, comm, s, r)
     plans = {}
-    split = cfg.schedule == "layerpipe"
-    runner = None
+    runner = compute = None
     epochs, done_steps = [], 0
     result = None
     try:
         n_epochs = 1 if emulate else cfg.epochs
         for epoch in range(n_epochs):
-            if emulate:
-                nb = cfg.batches or 16 * S + 32
-            else:
-                idx_all = _batches(len(y_tr), cfg.batch, epoch, cfg.seed)
-                if steps is not None:
-                    idx_all = idx_all[:max(0, steps - done_steps)]
-                nb = len(idx_all)
+            nb, idx_all = _epoch_batches(cfg, real, epoch, steps, done_steps)
             if nb not in plans:
                 plans[nb] = _plan(cfg, comm, profile, nb)
             model, orders = plans[nb]
             if runner is None:
-                place = Placement(model["stage_f"], model["stage_w"], model["stage_bew"],
-                                  split)
-                if emulate:
-                    compute = EmulatedCompute(profile, cfg.seconds, cfg.elements, profile.layers,
-                                              cfg.m)
-                    itemsize = 4
-                else:
-                    own = {l: params[l] for l in range(len(params)) if place.f[l] == s}
-                    compute = RealCompute(own, cfg.activation, len(params), None, cfg.batch,
-                                          cfg.lr, cfg.momentum, split)
-                    itemsize = 8
-                runner = Runner(compute, place, pipe_comm, dp, s, S, micro_batches=cfg.m,
-                                delay=S if cfg.schedule not in SYNCHRONOUS else 1,
-                                bucket_bytes=cfg.bucket_bytes, itemsize=itemsize)
+                runner, compute = _make_runner(cfg, model, profile, real, pipe_comm, dp, s)
             rows = widths = None
             if not emulate:
-                per = cfg.batch // R
-                mine = [idx[r * per:(r + 1) * per] for idx in idx_all]
-                parts = [np.array_split(i, cfg.m) for i in mine]
-
-                def data(k, parts=parts):
-                    i = parts[k // cfg.m][k % cfg.m]
-                    return x_tr[i], y_tr[i]
-
-                compute.data = data
-                compute.loss = 0.0
-                rows = lambda k, parts=parts: len(parts[k // cfg.m][k % cfg.m])  # noqa: E731
-                widths = sizes
+                rows, widths = _feed(cfg, real, compute, idx_all, r)
             tasks = _expand(orders[s], cfg.schedule, nb, cfg.m)
-            runner.t_allreduce = runner.t_wait = 0.0
-            comm.Barrier()
-            t0 = time.perf_counter()
-            spans, done = runner.run(tasks, nb, rows, widths, clock0=t0)
-            seconds = time.perf_counter() - t0
+            spans, done, seconds = _timed_run(comm, runner, tasks, nb, rows, widths)
             done_steps += nb
             meas = _measure(comm, runner, spans, done, seconds, model, unit, S)
             loss = comm.reduce(compute.loss, op=MPI.SUM, root=0)
             seconds = comm.allreduce(seconds, op=MPI.MAX)
             full = None
             if not emulate:
-                # evaluation: replica 0's stages hand their current weights to rank 0
-                mine_now = {l: compute.current(l) for l in runner.owned} if r == 0 else None
-                got = pipe_comm.gather(mine_now, root=0) if r == 0 else None
-                if rank == 0:
-                    merged = {}
-                    for part in got:
-                        merged.update(part)
-                    full = [merged[l] for l in range(len(params))]
+                full = _gather_weights(rank, r, pipe_comm, runner, compute, len(real.params))
             if rank == 0:
-                rec = {"epoch": epoch + 1, "seconds": seconds}
-                if not emulate:
-                    rec.update(loss=float(loss / max(nb, 1)),
-                               test_accuracy=_accuracy(full, x_te, y_te, cfg.activation))
-                rec.update(allreduce_share=meas["allreduce_share"],
-                           pipeline_wait_share=meas["wait_share"], throughput=meas)
+                rec = _epoch_record(cfg, epoch, seconds, nb, loss, full, real, meas)
                 epochs.append(rec)
                 if log:
                     log(rec)
-                result = {"config": asdict(cfg), "partition": model["partition"],
-                          "placement": {"stage_f": model["stage_f"],
-                                        "stage_w": model["stage_w"],
-                                        "stage_bew": model["stage_bew"],
-                                        "w_moved": model["w_moved"],
-                                        "bew_moved": model["bew_moved"]},
-                          "model": {k: v for k, v in model.items()
-                                    if k not in ("stage_f",)},
-                          "epochs": epochs}
-                if full is not None:
-                    result["params"] = full
+                result = _result(cfg, model, epochs, full)
             if steps is not None and done_steps >= steps:
                 break
         return result
@@ -406,3 +333,140 @@ def run(cfg: Config, comm=None, log=None, steps=None):
             dp.Free()
         dp_raw.Free()
         pipe_comm.Free()
+
+
+@dataclass
+class _Real:
+    """What a run with real compute trains on: the data set and the initial weights."""
+    x_tr: np.ndarray
+    y_tr: np.ndarray
+    x_te: np.ndarray
+    y_te: np.ndarray
+    sizes: list
+    params: list
+
+
+def _workload(cfg, comm):
+    """(the profile that places the tasks, seconds per unit of it, the _Real data or None when
+    emulated); collective, as measuring the profile is."""
+    if cfg.compute == "emulate":
+        return get_profile(cfg.profile), cfg.seconds, None
+    x_tr, y_tr, x_te, y_te = _data.load(cfg.data, cfg.seed)
+    sizes = [x_tr.shape[1]] + cfg.sizes_hidden + [int(y_tr.max()) + 1]
+    params = _mlp.init_params(sizes, cfg.seed)
+    rows = max(cfg.batch // cfg.replicas // cfg.m, 1)
+    profile = cfg.costs or _measured_profile(comm, sizes, rows, cfg.activation)
+    return profile, 1.0, _Real(x_tr, y_tr, x_te, y_te, sizes, params)
+
+
+def _communicators(cfg, comm, s, r):
+    """(this replica's pipeline communicator, this stage's data-parallel one, the gradient
+    allreduce's communicator on it or None with one replica); run frees them."""
+    pipe_comm = comm.Split(color=r, key=s)
+    dp_raw = comm.Split(color=s, key=r)
+    if cfg.replicas == 1:
+        dp = None
+    elif cfg.comm == "mpi4py":
+        dp = dp_raw  # its Iallreduce and MPI.Request: the reference for mtcoll's
+    else:
+        dp = mtcoll.Comm(dp_raw, algorithm=cfg.algorithm)
+    return pipe_comm, dp_raw, dp
+
+
+def _epoch_batches(cfg, real, epoch, steps, done_steps):
+    """(mini-batches in this epoch, their sample indices or None when emulated), cut short so
+    that the run stops after ``steps`` mini-batches."""
+    if real is None:
+        return cfg.batches or 16 * cfg.stages + 32, None
+    idx_all = _batches(len(real.y_tr), cfg.batch, epoch, cfg.seed)
+    if steps is not None:
+        idx_all = idx_all[:max(0, steps - done_steps)]
+    return len(idx_all), idx_all
+
+
+def _make_runner(cfg, model, profile, real, pipe_comm, dp, s):
+    """(Runner, compute) of stage ``s``, placed as the first epoch's model says; made once, as
+    the compute holds the stage's weights from one epoch to the next."""
+    split = cfg.schedule == "layerpipe"
+    place = Placement(model["stage_f"], model["stage_w"], model["stage_bew"], split)
+    if real is None:
+        compute = EmulatedCompute(profile, cfg.seconds, cfg.elements, profile.layers, cfg.m)
+        itemsize = 4
+    else:
+        params = real.params
+        own = {l: params[l] for l in range(len(params)) if place.f[l] == s}
+        compute = RealCompute(own, cfg.activation, len(params), None, cfg.batch,
+                              cfg.lr, cfg.momentum, split)
+        itemsize = 8
+    runner = Runner(compute, place, pipe_comm, dp, s, cfg.stages, micro_batches=cfg.m,
+                    delay=cfg.stages if cfg.schedule not in SYNCHRONOUS else 1,
+                    bucket_bytes=cfg.bucket_bytes, itemsize=itemsize)
+    return runner, compute
+
+
+def _feed(cfg, real, compute, idx_all, r):
+    """Give the compute replica ``r``'s share of this epoch's samples, micro-batch by
+    micro-batch, and zero its loss; (rows of micro-batch k, layer widths) for the runner."""
+    per = cfg.batch // cfg.replicas
+    mine = [idx[r * per:(r + 1) * per] for idx in idx_all]
+    parts = [np.array_split(i, cfg.m) for i in mine]
+    x_tr, y_tr = real.x_tr, real.y_tr
+
+    def data(k, parts=parts):
+        i = parts[k // cfg.m][k % cfg.m]
+        return x_tr[i], y_tr[i]
+
+    compute.data = data
+    compute.loss = 0.0
+    rows = lambda k, parts=parts: len(parts[k // cfg.m][k % cfg.m])  # noqa: E731
+    return rows, real.sizes
+
+
+def _timed_run(comm, runner, tasks, nb, rows, widths):
+    """Run an epoch's tasks from a common start (a barrier): (spans, done, this rank's
+    seconds); the runner's time counters cover this epoch only."""
+    runner.t_allreduce = runner.t_wait = 0.0
+    comm.Barrier()
+    t0 = time.perf_counter()
+    spans, done = runner.run(tasks, nb, rows, widths, clock0=t0)
+    return spans, done, time.perf_counter() - t0
+
+
+def _gather_weights(rank, r, pipe_comm, runner, compute, nlayers):
+    """Every layer's current weights on rank 0, for evaluation (None on the other ranks)."""
+    # replica 0's stages hand their current weights to rank 0
+    mine_now = {l: compute.current(l) for l in runner.owned} if r == 0 else None
+    got = pipe_comm.gather(mine_now, root=0) if r == 0 else None
+    if rank != 0:
+        return None
+    merged = {}
+    for part in got:
+        merged.update(part)
+    return [merged[l] for l in range(nlayers)]
+
+
+def _epoch_record(cfg, epoch, seconds, nb, loss, full, real, meas):
+    """Rank 0's record of one epoch, as log() gets it and the result lists it."""
+    rec = {"epoch": epoch + 1, "seconds": seconds}
+    if real is not None:
+        rec.update(loss=float(loss / max(nb, 1)),
+                   test_accuracy=_accuracy(full, real.x_te, real.y_te, cfg.activation))
+    rec.update(allreduce_share=meas["allreduce_share"],
+               pipeline_wait_share=meas["wait_share"], throughput=meas)
+    return rec
+
+
+def _result(cfg, model, epochs, full):
+    """The result dict run returns on rank 0, as of the epochs so far."""
+    result = {"config": asdict(cfg), "partition": model["partition"],
+              "placement": {"stage_f": model["stage_f"],
+                            "stage_w": model["stage_w"],
+                            "stage_bew": model["stage_bew"],
+                            "w_moved": model["w_moved"],
+                            "bew_moved": model["bew_moved"]},
+              "model": {k: v for k, v in model.items()
+                        if k not in ("stage_f",)},
+              "epochs": epochs}
+    if full is not None:
+        result["params"] = full
+    return result

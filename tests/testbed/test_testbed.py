@@ -165,7 +165,7 @@ def run_testbed(args, timeout=150, env=None):
 
 
 def leftovers(tb_id):
-    return [n for n in _net._netns_list() if n.startswith(f"{_net.PREFIX}{tb_id}-")]
+    return [n for n in _net.netns_list() if n.startswith(f"{_net.PREFIX}{tb_id}-")]
 
 
 @real
