@@ -164,6 +164,11 @@ def main(argv=None):
     return 0 if out["valid"] else 1
 
 
+def _over(ratio):
+    # one rank: nothing to move, a bound of 0 s, no ratio
+    return "no bound (nothing to move)" if ratio is None else f"{ratio:.2f}x the bound"
+
+
 def _table(o):
     r, g = o["steps_per_phase"]
     rows = [
@@ -181,7 +186,7 @@ def _table(o):
         ("lower bound time", f"{o['bound_s']:.6g} s for {o['bound_bytes']} B  "
                              f"({o['bound_kind']} {o['bound_where']})"),
         ("predicted time", "not simulated" if o["predicted_s"] is None else
-         f"{o['predicted_s']:.6g} s, {o['predicted_over_bound']:.2f}x the bound  "
+         f"{o['predicted_s']:.6g} s, {_over(o['predicted_over_bound'])}  "
          "(simulator: dataflow, connection sharing)"),
         ("valid", "yes" if o["valid"] else "NO"),
         ("plan + validate", f"{o['total_seconds']:.3f} s  (plan {o['planning_seconds']:.3f} s, "

@@ -204,6 +204,13 @@ def test_cli_json_and_table(tmp_path):
     assert out.returncode == 2 and "accepted forms" in out.stderr
 
 
+def test_cli_table_of_one_rank():
+    """One rank has nothing to move: a bound of 0 s and no ratio over it, printed as such."""
+    out = _cli("--topology", "ring:1")
+    assert out.returncode == 0, out.stderr
+    assert "no bound (nothing to move)" in out.stdout and "valid                yes" in out.stdout
+
+
 def test_both_phases_kernel_equals_numpy_path():
     from mtcoll.plan._kernels import both_phases
     from mtcoll.plan._multitree import schedule_from_trees
