@@ -9,8 +9,10 @@ namespace's veths (``MPIR_CVAR_NOLOCAL=1`` keeps it off shared memory).
 With several ranks per namespace (``hier:HxR``) mpiexec is given H made-up hosts and, as its
 ``ssh``, a script that runs hydra's proxy for each "host" locally: hydra then tells the ranks
 they are on H nodes, so the library uses shared memory within a host and TCP between hosts,
-and ``Split_type(COMM_TYPE_SHARED)`` gives H groups. ``MTCOLL_TOPOLOGY`` is left unset there,
-so that mtcoll's ``auto`` finds ``hier`` through MPI as it would on a cluster.
+and ``Split_type(COMM_TYPE_SHARED)`` gives H groups. ``MTCOLL_TOPOLOGY`` is left unset for
+``hier``, so that mtcoll's ``auto`` finds it through MPI as it would on a cluster; hosts joined
+by a torus, mesh or ring (``per-host=R``) get it, since MPI cannot show how hosts are joined.
+Elsewhere ``MTCOLL_TOPOLOGY`` is the shaped network's spec, rates included.
 """
 
 from __future__ import annotations
@@ -118,6 +120,10 @@ def run(lay, command, *, mpiexec=None, env=None, timeout=None, events=(), log=No
         nhost = n // per_ns
         hosts = ",".join(f"mtcb-host{h}:{per_ns}" for h in range(nhost))
         launch = ["-launcher", "ssh", "-launcher-exec", launcher, "-hosts", hosts]
+        if lay.topology.kind != "hier":
+            # hosts joined by a torus, mesh or ring (per-host=R): MPI shows the hosts but not
+            # how they are joined, so the job is told the network it runs on
+            full_env.setdefault("MTCOLL_TOPOLOGY", lay.topology.spec)
     else:
         full_env.setdefault("MTCOLL_TOPOLOGY", lay.topology.spec)
         launch = []

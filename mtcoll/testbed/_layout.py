@@ -25,7 +25,7 @@ import collections
 import ipaddress
 from dataclasses import dataclass, field
 
-from ..topology import parse_rate  # the one rate syntax: specs and --link-rate
+from ..topology import format_rate_spec, parse, parse_rate  # one rate syntax: specs, --link-rate
 
 __all__ = ["Layout", "layout", "address", "parse_rate", "format_rate", "ADDRESS_BASE",
            "RULE_PRIORITY", "TABLE_BASE"]
@@ -132,6 +132,26 @@ def _namespace_of(topo):
     return out
 
 
+def shaped_spec(topo, rate, link_rates, bandwidth):
+    """``topo``'s spec with the rates the testbed shapes: ``--rate`` as the spec's base rate
+    (unless a rate option of the spec sets every link) and each ``--link-rate`` as an
+    ``A>B=RATE`` option, so that a job planning from the spec (``MTCOLL_TOPOLOGY``) plans for
+    the shaped network. Checked: the spec parses to ``bandwidth`` on every shaped link."""
+    import numpy as np
+
+    vns = _namespace_of(topo)
+    shaped = [i for i, (a, b) in enumerate(zip(topo.link_src, topo.link_dst)) if vns[a] != vns[b]]
+    spec = topo.spec
+    if not all(topo.link_rated[i] for i in shaped):
+        spec += f"/{format_rate_spec(rate)}"
+    for (a, b), r in link_rates.items():
+        spec += f"/{a}>{b}={format_rate_spec(r)}"
+    got = parse(spec, nranks=topo.nranks).bandwidth
+    if not np.allclose(np.asarray(got)[shaped], np.asarray(bandwidth)[shaped], rtol=1e-9):
+        raise ValueError(f"{topo.spec}: the shaped rates have no spec form ({spec!r} differs)")
+    return spec
+
+
 def layout(topo, prefix, rate, link_rates=None):
     """The :class:`Layout` of ``topo`` with every namespace named ``prefix<k>``.
 
@@ -194,6 +214,7 @@ def layout(topo, prefix, rate, link_rates=None):
     shaped.__dict__.update(topo.__dict__)
     bw.setflags(write=False)
     shaped.bandwidth = bw
+    shaped.spec = shaped_spec(topo, rate, link_rates, bw)
 
     namespaces = [f"{prefix}{k}" for k in range(nns)]
     pairs = sorted({(min(a, b), max(a, b)) for a, b, _ in links})

@@ -123,6 +123,14 @@ def test_the_spec_rates_are_the_shaped_rates():
     assert {r for a, b, r in half.links if (a, b) != (0, 1) and (a, b) != (1, 0)} == {1e6}
     over = layout(topo, "p", 1e6, {(0, 1): 1e5})
     assert {(a, b): r for a, b, r in over.links}[(0, 1)] == 1e5
+    # ... and the shaped network's spec (MTCOLL_TOPOLOGY of the job) says so too
+    assert lay.topology.spec == topo.spec
+    assert half.topology.spec == "torus:4x4/0-1=5mbit/8mbit"
+    assert over.topology.spec == "torus:4x4/20mbit/0-1=5mbit/0>1=800kbit"
+    for shaped in (lay, half, over):
+        assert np.array_equal(parse(shaped.topology.spec).bandwidth, shaped.topology.bandwidth)
+    cli = layout(parse("torus:4x4"), "p", 20e6 / 8, {(0, 1): 5e6 / 8, (1, 0): 5e6 / 8})
+    assert cli.topology.spec == "torus:4x4/20mbit/0>1=5mbit/1>0=5mbit"
 
 
 def test_hosts_on_a_torus_share_a_namespace_each():
@@ -177,7 +185,8 @@ def test_bench_on_a_torus_2x2(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(tb_json.read_text())
     bench = json.loads(bench_json.read_text())
-    assert bench["meta"]["nranks"] == 4 and bench["meta"]["topology"] == "torus:2x2"
+    # the job plans for the network the testbed shaped: the spec carries its rate
+    assert bench["meta"]["nranks"] == 4 and bench["meta"]["topology"] == "torus:2x2/200mbit"
     assert [x["wrong"] for x in bench["results"]] == [0, 0]
     assert out["meta"]["route_hops_checked"] == 16  # 8 neighbour pairs 1 hop, 4 diagonal 2
     assert not leftovers(out["meta"]["id"])
