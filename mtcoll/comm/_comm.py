@@ -5,11 +5,13 @@ its communicators): the user's communicator, with ``Allreduce``, ``Iallreduce``,
 ``Reduce_scatter_block`` and ``Allgather`` replaced by topology-aware schedules where that
 pays, and every other method mpi4py's own. Its own messages travel on a private duplicate.
 This file holds its construction, lifetime, the public calls with their fast path to the MPI
-library, and the ``auto`` choice (:func:`choose`). The pieces behind it:
+library, and the ``auto`` choice (:func:`choose`); the rooms behind it
+(``mtcoll/comm/__init__.py`` lists them all):
 :mod:`mtcoll.comm._planning` (what the ranks settle together: duplicate, wait mode, tuning,
 schedules), :mod:`mtcoll.comm._derived` (``Dup``, ``Split``, ``Create_cart``...),
 :mod:`mtcoll.comm._dispatch` (a call's path to the library or the executor),
-:mod:`mtcoll.comm._buffers` (arguments), :mod:`mtcoll.comm._requests` (requests and progress),
+:mod:`mtcoll.comm._buffers` (arguments), :mod:`mtcoll.comm._requests` (requests),
+:mod:`mtcoll.comm._progress` (progress),
 :mod:`mtcoll.comm._agreement` (the agreement check), :mod:`mtcoll.comm._errors`; the module-level
 calls are in :mod:`mtcoll.comm._calls`.
 """
@@ -206,8 +208,8 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
     ``Allgather`` need a schedule with one chunk per rank and each chunk owned by a different
     rank: they use the configured algorithm's schedule if it is one, else MultiTree's, else
     ring's, else the MPI library. A blocking call handed to the library is the library's
-    blocking call (with the progress thread of :mod:`mtcoll.comm._requests` advancing mtcoll's calls
-    in flight meanwhile); the choice for a (size, dtype, op) is cached.
+    blocking call (with the progress thread of :mod:`mtcoll.comm._progress` advancing mtcoll's
+    calls in flight meanwhile); the choice for a (size, dtype, op) is cached.
 
     With ``MTCOLL_TIMEOUT=<seconds>`` nothing waits for ever: the agreement check gives up
     after that many seconds, naming the ranks that did not make the call, and the data path
@@ -628,7 +630,7 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
         written) until the request completes. The request keeps them alive. Several
         Iallreduce calls may be in flight at once; completing them in any order is fine, with
         the request's ``Wait``/``Test``, :func:`mtcoll.waitall` or ``MPI.Request.Waitall`` &
-        co. (see :mod:`mtcoll.comm._requests` for how progress happens). With ``MTCOLL_CHECK=1``
+        co. (see :mod:`mtcoll.comm._progress` for how progress happens). With ``MTCOLL_CHECK=1``
         the start synchronises the ranks (the agreement check exchanges a small descriptor
         between every pair of ranks).
         """

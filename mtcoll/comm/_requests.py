@@ -51,7 +51,7 @@ class Request(MPI.Request):
     ``Wait(status)``, ``Test(status)`` and the lowercase ``wait()``/``test()`` (which return
     None and ``(flag, None)``, as for mpi4py's buffer calls) work as for any MPI request, and so
     do MPI's ``Waitall``, ``Testall``, ``Waitany``, ``Testany``, ``Waitsome``, ``Testsome`` on a
-    mix of mtcoll and mpi4py requests. See :mod:`mtcoll.comm._requests` for how progress happens.
+    mix of mtcoll and mpi4py requests. See :mod:`mtcoll.comm._progress` for how progress happens.
     ``Cancel()`` does nothing (a collective cannot be cancelled); ``Free()`` drops the handle,
     the call still runs to completion (its Comm's ``Free`` waits for it).
 

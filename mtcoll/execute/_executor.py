@@ -51,8 +51,8 @@ the oldest before reusing its slot). A layout needing tags above the communicato
 ``MPI.TAG_UB`` is reported by :meth:`Executor.fits_tags`; the caller then uses the MPI library.
 
 Progress happens when :func:`progress` is called: inside mtcoll calls (``Wait``, ``Test``,
-starting another call) and from :mod:`mtcoll.comm._requests`' progress thread, which serialises
-every call into this module with one lock (nothing here is thread-safe by itself).
+starting another call) and from the progress thread of :mod:`mtcoll.comm._progress`, which
+serialises every call into this module with one lock (nothing here is thread-safe by itself).
 """
 
 from __future__ import annotations
