@@ -20,8 +20,9 @@ How a class is decided
     returned.)
 
     At the last trial call, which every rank reaches at the same call, the timed calls still
-    running are finished (not freed) and the ranks add up their times (one ``Allreduce`` of integer nanoseconds on mtcoll's private communicator, after
-    the calls in flight are finished): a trial call's time is the mean over the ranks, a
+    running are finished (not freed) and the ranks add up their times (one ``Allreduce`` of
+    integer nanoseconds on mtcoll's private communicator, after the calls in flight are
+    finished): a trial call's time is the mean over the ranks, a
     candidate's the median of its calls. The fastest wins; an mtcoll algorithm must beat the
     library by :data:`MARGIN`. The same integers on every rank give the same choice on every
     rank. Rank 0 then records the class in the cache file (the next run's prior), with the
@@ -154,7 +155,8 @@ class Learner:
                 cands.append(a)
                 continue
             try:
-                _planning.rank_schedule(comm, a)  # collective, the same verdict everywhere; the part
+                # collective, the same verdict everywhere; the part
+                _planning.rank_schedule(comm, a)
                 # the trial calls then run (the whole Schedule would be a second plan)
             except ValueError:
                 continue

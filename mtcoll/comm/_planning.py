@@ -7,8 +7,8 @@ the schedules.
 An executor runs on its rank's part of a schedule (:class:`~mtcoll.schedule.RankSchedule`):
 rank 0 plans, cuts the schedule into one part per rank and scatters them, so a rank holds
 O(its own transfers) and rank 0 sends O(all transfers) in total, where broadcasting the whole
-schedule sent it to every rank. :func:`schedule` (``Comm.schedule``) still gives the whole schedule, by a
-broadcast of its own, to the callers who ask for it.
+schedule sent it to every rank. :func:`schedule` (``Comm.schedule``) still gives the whole
+schedule, by a broadcast of its own, to the callers who ask for it.
 
 Functions of the communicator, called by :class:`mtcoll.Comm` (construction),
 :mod:`mtcoll.comm._dispatch` and ``auto`` (the calls), :mod:`mtcoll._calibrate`. They read and

@@ -62,7 +62,7 @@ def _ccall(typingctx, addr, args):
 
 
 # -- the reduction: out[lo+i] = mine[lo+i] (op) other[off+i], as the ufunc of mtcoll._ops ------
-# op codes as mtcoll.execute._engine._OPS: 1 SUM, 2 PROD, 3 MIN, 4 MAX, 5 LAND, 6 LOR, 7 LXOR, 8 BAND,
+# op codes as mtcoll.execute._abi.OPS: 1 SUM, 2 PROD, 3 MIN, 4 MAX, 5 LAND, 6 LOR, 7 LXOR, 8 BAND,
 # 9 BOR, 10 BXOR. MIN and MAX follow numpy's minimum/maximum: a NaN operand is the result.
 
 def _combine(op, out, lo, mine, other, off, n):
@@ -163,7 +163,7 @@ def _combine_typed(op, out, lo, mine, other, off, n):
     return None
 
 
-# the element types, by mtcoll.execute._engine._DTYPE_CODES; the buffers come as bytes (one compiled
+# the element types, by mtcoll.execute._abi.DTYPE_CODES; the buffers come as bytes (one compiled
 # kernel for every dtype) and are viewed as their type to be combined
 @njit(nogil=True, cache=True)
 def _apply(dt, op, acc, lo, mine, tmp, off, n):

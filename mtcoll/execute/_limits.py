@@ -1,7 +1,8 @@
 """The executor's limits and waiting settings: read at call time by both engines and by the
 communicator, so a test (or a user tuning a run) sets them here, on this module.
 
-``mtcoll.execute.SEGMENT_BYTES`` and the rest read the same values (see ``mtcoll/execute/__init__.py``).
+``mtcoll.execute.SEGMENT_BYTES`` and the rest read the same values (see
+``mtcoll/execute/__init__.py``).
 """
 
 #: No MPI message carries more elements than this, whatever the segment settings: counts stay

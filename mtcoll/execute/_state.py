@@ -21,7 +21,8 @@ _SCRATCH_MMAP = 256 * 1024  # scratch this large is mapped from the kernel (see 
 # fresh large allocations cost page faults on every call. A call takes the smallest kept
 # buffer that holds its scratch without wasting more than half of it (small requests may take
 # any buffer up to _SCRATCH_SMALL bytes). The pool is bounded in bytes
-# (_limits.SCRATCH_BUDGET), not per executor, so that what it holds stays about the same whatever mix of calls came last.
+# (_limits.SCRATCH_BUDGET), not per executor, so that what it holds stays about the same
+# whatever mix of calls came last.
 _pool = []
 
 
