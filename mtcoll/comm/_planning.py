@@ -279,17 +279,15 @@ def rank_schedule(comm, name):
         cut = status = None
         if comm._rank == 0:
             try:
-                from ..plan import plan
-                sched = plan(comm.network, name)
-                if sched.nranks != comm._size:
-                    raise ValueError(f"the schedule is for {sched.nranks} ranks, not "
+                from ..plan import rank_parts
+                if comm.network.nranks != comm._size:
+                    raise ValueError(f"the schedule is for {comm.network.nranks} ranks, not "
                                      f"{comm._size}")
                 blob, lengths = bytearray(), []  # one buffer: no list of parts to join
-                for part in RankSchedule.split(sched):
+                for part in rank_parts(comm.network, name):
                     data = part.to_bytes()
                     lengths.append(len(data))
                     blob += data
-                del sched
                 if len(blob) > 2**31 - 1:  # Scatterv's int displacements
                     raise ValueError("its parts exceed 2 GiB in total")
                 cut = (blob, lengths)

@@ -57,11 +57,12 @@ import numpy as np
 
 from ..schedule import REDUCE, Schedule
 from ..topology import parse
-from ._flatten import (ITEMSIZE, OVERHEAD, ROUTER_DELAY, route_table, step_index,
-                       transfer_bytes)
+from ..plan._graph import route_ids
+from ._flatten import (ITEMSIZE, OVERHEAD, ROUTER_DELAY, element_bounds, route_table,
+                       step_index, transfer_bytes)
 
 __all__ = ["simulate", "Result", "sweep", "parse_sizes", "busbw", "ceiling",
-           "MODES", "SHARINGS", "ROUTER_DELAY", "OVERHEAD", "ITEMSIZE",
+           "MODES", "SHARINGS", "STEPS_FROM", "ROUTER_DELAY", "OVERHEAD", "ITEMSIZE",
            "simgrid_python", "simgrid_replay"]
 
 MODES = ("step", "dataflow")
@@ -72,6 +73,11 @@ SHARINGS = ("fair", "priority", "connection")
 #: docs/performance.md). Dataflow and priority replays always take the kernel: there the Python
 #: engine's cost grows much faster (3,000 pieces, dataflow with priority: over 10 minutes).
 NUMBA_FROM = 4096
+#: ``engine="auto"`` replays step-synchronous, fair-sharing runs without bursts of schedules of
+#: this many transfers or more step by step (:mod:`mtcoll.simulate._steps`): the same times,
+#: without the event engine's per-transfer arrays (torus:64x64: 33.5 M transfers, which the
+#: event engine's inputs alone would take 2.3 GB for)
+STEPS_FROM = 1 << 20
 
 
 @dataclass
@@ -93,9 +99,9 @@ class Result:
     busiest_link_time : float
         Bytes carried by the busiest link over its bandwidth: no replay of this schedule on
         this network can be faster.
-    release, start, finish : ndarray
+    release, start, finish : ndarray or None
         Per transfer (in schedule order): when it could go, when its bytes began to flow, when
-        it completed.
+        it completed (None when :func:`simulate` was asked ``per_transfer=False``).
     nbytes, mode, sharing, nranks, params
         The inputs, and the model parameters used.
     """
@@ -185,7 +191,7 @@ def _dependents(before, after, ntasks):
 
 def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="fair",
              itemsize=ITEMSIZE, bandwidth=None, latency=None, router_delay=ROUTER_DELAY,
-             overhead=OVERHEAD, burst=0.0, engine="auto"):
+             overhead=OVERHEAD, burst=0.0, engine="auto", per_transfer=True):
     """Predict the time of an allreduce of ``nbytes`` bytes running ``schedule``.
 
     Parameters
@@ -217,10 +223,16 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
     burst : float
         Bytes each link lets through at once after idling (a token bucket; see the module
         docstring). 0: none.
-    engine : {"auto", "numba", "python"}
-        The compiled event engine, or its pure-Python twin (identical results); ``auto`` takes
+    engine : {"auto", "numba", "python", "steps"}
+        The compiled event engine, or its pure-Python twin (identical results), or (step mode,
+        fair sharing, no burst) the step-by-step replay, which runs the event engine only on
+        a step where transfers share a link (the same times up to rounding); ``auto`` takes
         Python for step mode with fair sharing below :data:`NUMBA_FROM` transfers, where it is
-        quicker than compiling, and the kernel otherwise.
+        quicker than compiling, ``steps`` where that replay applies from :data:`STEPS_FROM`
+        transfers, and the kernel otherwise.
+    per_transfer : bool
+        Keep each transfer's release, start and finish in the result (24 bytes a transfer);
+        False leaves them None.
 
     Returns
     -------
@@ -239,9 +251,13 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         topo = topo.with_links(bandwidth, latency)
     if engine == "auto":
         small = mode == "step" and sharing == "fair" and schedule.ntransfers < NUMBA_FROM
-        engine = "python" if small else "numba"
-    if engine not in ("numba", "python"):
-        raise ValueError(f"engine must be 'auto', 'numba' or 'python', got {engine!r}")
+        stepwise = mode == "step" and sharing == "fair" and not burst \
+            and schedule.ntransfers >= STEPS_FROM
+        engine = "python" if small else "steps" if stepwise else "numba"
+    if engine not in ("numba", "python", "steps"):
+        raise ValueError(f"engine must be 'auto', 'numba', 'python' or 'steps', got {engine!r}")
+    if engine == "steps" and (mode != "step" or sharing != "fair" or burst):
+        raise ValueError("engine 'steps' replays mode='step', sharing='fair' without burst")
     if sharing not in SHARINGS:
         raise ValueError(f"sharing must be one of {', '.join(SHARINGS)}, got {sharing!r}")
     if not burst >= 0:
@@ -254,6 +270,9 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         return Result(0.0, 0.0, np.zeros(0) if mode == "step" else None, 0, 0.0,
                       np.zeros(0), np.zeros(0), np.zeros(0), int(nbytes), mode, sharing,
                       schedule.nranks, params)
+    if engine == "steps":
+        return _simulate_steps(schedule, topo, nbytes, itemsize, router_delay, overhead,
+                               per_transfer, params)
     size, delay, rptr, rlinks, cap, before, after, ntasks = _task_graph(
         schedule, topo, nbytes, mode, itemsize, router_delay, overhead, engine)
     dptr, dlist, ndeps = _dependents(before, after, ntasks)
@@ -283,9 +302,72 @@ def simulate(schedule, topology=None, nbytes=1 << 20, mode="step", *, sharing="f
         step_times = np.diff(np.concatenate(([0.0], ends)))
     load = np.zeros(topo.nlinks)
     np.add.at(load, rlinks, np.repeat(size[:t], np.diff(rptr[:t + 1])))
+    if not per_transfer:
+        release = start = fin = None
+    else:
+        release, start = release[:t], start[:t]
     return Result(total, reduce_time, step_times, int(slowed[:t].sum()),
-                  float((load / topo.bandwidth).max()), release[:t], start[:t], fin,
+                  float((load / topo.bandwidth).max()), release, start, fin,
                   int(nbytes), mode, sharing, schedule.nranks, params)
+
+
+def _simulate_steps(schedule, topo, nbytes, itemsize, router_delay, overhead, per_transfer,
+                    params):
+    # step mode one step at a time (mtcoll/simulate/_steps.py): contention-free steps in
+    # closed form, the others replayed alone by the event engine
+    from ._steps import scan
+
+    s, t = schedule, schedule.ntransfers
+    bounds = element_bounds(s, nbytes, itemsize)
+    q, rl_ptr, rl = route_ids(s, topo)
+    rl_ptr, rl = np.asarray(rl_ptr, np.int64), np.asarray(rl, np.int64)
+    cap = topo.bandwidth.astype(np.float64)
+    rel_start, rel_finish = (np.empty(t), np.empty(t)) if per_transfer else \
+        (np.empty(0), np.empty(0))
+    first, dur, contended, load = scan(s.phase, s.step, s.lo, s.hi, bounds, int(itemsize), q,
+                                       rl_ptr, rl, topo.latency.astype(np.float64), cap,
+                                       float(overhead), float(router_delay), rel_start,
+                                       rel_finish)
+    slowed = 0
+    for k in np.flatnonzero(contended).tolist():
+        a, b = int(first[k]), int(first[k + 1])
+        start, finish, n_slowed = _replay_alone(s, a, b, bounds, itemsize, q, rl_ptr, rl, topo,
+                                                cap, router_delay, overhead)
+        dur[k] = finish.max()
+        slowed += n_slowed
+        if per_transfer:
+            rel_start[a:b], rel_finish[a:b] = start, finish
+    ends = np.cumsum(dur)
+    nred = int(np.count_nonzero(s.phase[first[:-1]] == REDUCE))
+    release = start = finish = None
+    if per_transfer:
+        release = np.repeat(ends - dur, np.diff(first))
+        start, finish = release + rel_start, release + rel_finish
+    return Result(float(ends[-1]), float(ends[nred - 1]) if nred else 0.0, dur, slowed,
+                  float((load / topo.bandwidth).max()), release, start, finish, int(nbytes),
+                  "step", "fair", s.nranks, params)
+
+
+def _replay_alone(s, a, b, bounds, itemsize, q, rl_ptr, rl, topo, cap, router_delay, overhead):
+    # transfers a..b-1 (one step) released together with nothing else running: the event
+    # engine's (start, finish, slowed) for them, times from their release
+    from ._replay import replay
+
+    size = ((bounds[s.hi[a:b]] - bounds[s.lo[a:b]]) * int(itemsize)).astype(np.float64)
+    qs = q[a:b]
+    lens = rl_ptr[qs + 1] - rl_ptr[qs]
+    rptr = np.concatenate(([0], np.cumsum(lens)))
+    rlinks = rl[np.repeat(rl_ptr[qs] - rptr[:-1], lens) + np.arange(rptr[-1])]
+    cum = np.concatenate(([0.0], np.cumsum(topo.latency[rlinks])))
+    delay = overhead + (cum[rptr[1:]] - cum[rptr[:-1]]) + lens * router_delay
+    n = b - a
+    _, start, finish, slowed, ndone = replay(
+        size, delay, rptr.astype(np.int64), rlinks.astype(np.int64), cap,
+        np.zeros(n + 1, np.int64), np.zeros(0, np.int64), np.zeros(n, np.int64),
+        np.zeros(n, np.int64), np.full(n, -1, np.int64), np.zeros(len(cap)))
+    if ndone != n:
+        raise RuntimeError(f"replay of one step stalled: {n - ndone} of {n} transfers")
+    return start, finish, int(slowed.sum())
 
 
 def _uniform(a):
@@ -341,55 +423,63 @@ def sweep(topology, algorithms, sizes, mode="step", ports=None, per_node=False, 
     buffer is ``size * nranks``.
     """
     from ..plan import plan
+    from ..plan._bound import allreduce_bound
 
     topo = parse(topology, ports=ports)
     n = topo.nranks
-    scheds, notes = {}, []
+    itemsize = params.get("itemsize", ITEMSIZE)
+    sizes = [int(size) * (n if per_node else 1) for size in sizes]
+    sizes = [nbytes - nbytes % itemsize for nbytes in sizes]
+    # one algorithm at a time, its schedule dropped before the next is planned: on
+    # torus:64x64 each holds 33.5 M transfers (737 MB)
+    facts, runs, notes = {}, {}, []
     for a in dict.fromkeys(list(algorithms) + ["ring"]):
         if a == "native":
-            scheds[a] = (None, 0.0)  # the MPI library's algorithm depends on the size
-            continue
-        try:
-            c0 = _time.process_time()
-            scheds[a] = (plan(topo, a), _time.process_time() - c0)
-        except ValueError as e:
-            notes.append(f"{a} skipped on {topo.spec}: {e}")
-    from ..plan._bound import allreduce_bound
-
-    if mode == "step" and "timed" in scheds:
-        notes.append("timed is not lock-step (a step per start time): step mode puts a barrier "
-                     "at each; its time is the executor's in --mode dataflow")
-    records = []
-    itemsize = params.get("itemsize", ITEMSIZE)
-    for size in sizes:
-        nbytes = int(size) * (n if per_node else 1)
-        nbytes -= nbytes % itemsize
-        bound = allreduce_bound(topo, nbytes)
-        ring_time = None
-        rows = []
-        for a, (s, plan_cpu) in scheds.items():
+            plan_cpu = 0.0  # the MPI library's algorithm depends on the size
+        else:
+            try:
+                c0 = _time.process_time()
+                s = plan(topo, a)
+                plan_cpu = _time.process_time() - c0
+            except ValueError as e:
+                notes.append(f"{a} skipped on {topo.spec}: {e}")
+                continue
+        for nbytes in sizes:
             if a == "native":
                 from ._native import native_schedule
                 s = native_schedule(topo, nbytes, itemsize)
+            if a == "native" or nbytes == sizes[0]:
+                facts[a, nbytes] = (list(s.steps), list(s.step_cost()), ceiling(s), plan_cpu)
+            else:
+                facts[a, nbytes] = facts[a, sizes[0]]
             c0 = _time.process_time()
-            r = simulate(s, topo, nbytes, mode, **params)
+            r = simulate(s, topo, nbytes, mode, per_transfer=False, **params)
             cpu = _time.process_time() - c0
-            if a == "ring":
-                ring_time = r.time
             if log:
                 log(f"{topo.spec} {a} {nbytes} B: {r.time * 1e6:.2f} us ({cpu:.2f} s cpu)")
-            rows.append((a, s, r, cpu, plan_cpu))
-        for a, s, r, cpu, plan_cpu in rows:
-            if a not in algorithms:
+            runs[a, nbytes] = (r, cpu)
+        s = None
+    if mode == "step" and any(a == "timed" for a, _ in facts):
+        notes.append("timed is not lock-step (a step per start time): step mode puts a barrier "
+                     "at each; its time is the executor's in --mode dataflow")
+    records = []
+    for nbytes in sizes:
+        bound = allreduce_bound(topo, nbytes)
+        ring_time = runs["ring", nbytes][0].time
+        ring_ceiling = facts["ring", nbytes][2]
+        for a in dict.fromkeys(list(algorithms) + ["ring"]):
+            if a not in algorithms or (a, nbytes) not in runs:
                 continue
+            r, cpu = runs[a, nbytes]
+            steps, cost, ceil, plan_cpu = facts[a, nbytes]
             records.append({
                 "topology": topo.spec, "nodes": n, "algorithm": a, "mode": mode,
                 "bytes": nbytes, "bytes_per_node": nbytes // n if per_node else None,
                 "time_s": r.time, "algbw_GBps": r.algbw / 1e9, "busbw_GBps": r.busbw / 1e9,
                 "speedup_vs_ring": ring_time / r.time if r.time > 0 else math.inf,
                 "reduce_time_s": r.reduce_time,
-                "steps_per_phase": list(s.steps), "step_cost_per_phase": list(s.step_cost()),
-                "ceiling_vs_ring": ceiling(s) / ceiling(scheds["ring"][0]),
+                "steps_per_phase": steps, "step_cost_per_phase": cost,
+                "ceiling_vs_ring": ceil / ring_ceiling,
                 "slowed_transfers": r.slowed, "busiest_link_time_s": r.busiest_link_time,
                 "simulate_cpu_s": cpu, "plan_cpu_s": plan_cpu,
                 **bound.as_dict(), "time_over_bound": r.time / bound.time if bound.time else None,

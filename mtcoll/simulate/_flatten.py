@@ -29,7 +29,8 @@ def route_table(schedule, topo):
     return rptr, rlinks.astype(np.int64)
 
 
-def transfer_bytes(schedule, nbytes, itemsize):
+def element_bounds(schedule, nbytes, itemsize):
+    """The chunks' element offsets for a buffer of ``nbytes`` (checked against ``itemsize``)."""
     nbytes = int(nbytes)
     itemsize = int(itemsize)
     if itemsize < 1:
@@ -37,7 +38,11 @@ def transfer_bytes(schedule, nbytes, itemsize):
     if nbytes < 0 or nbytes % itemsize:
         raise ValueError(f"nbytes must be a non-negative multiple of itemsize {itemsize}, "
                          f"got {nbytes}")
-    b = schedule.chunk_bounds(nbytes // itemsize) * itemsize
+    return schedule.chunk_bounds(nbytes // itemsize)
+
+
+def transfer_bytes(schedule, nbytes, itemsize):
+    b = element_bounds(schedule, nbytes, itemsize) * int(itemsize)
     return (b[schedule.hi] - b[schedule.lo]).astype(np.float64)
 
 

@@ -221,3 +221,19 @@ def test_both_phases_kernel_equals_numpy_path():
     cols = both_phases(*edges)
     for name, col in zip(("phase", "step", "src", "dst", "lo", "hi", "route"), cols):
         assert np.array_equal(getattr(small, name), col), name
+
+
+@pytest.mark.parametrize("spec", ["torus:4x4", "torus:3x5", "torus:3x3x3", "mesh:4x4", "mesh:3x3",
+                                  "ring:7", "full:5", "fattree:4x4", "hier:2x4",
+                                  "torus:4x4/20mbit"])
+def test_ring_built_in_rounds_equals_the_packed_ring(spec):
+    from mtcoll.plan._baselines import pack, ports_meta, ring
+    from mtcoll.schedule import Schedule
+    from mtcoll.topology import parse
+
+    topo = parse(spec)
+    tr, nchunks, owner = ring(topo)
+    *cols, route = pack(topo, tr, nchunks)
+    packed = Schedule("ring", topo.spec, topo.nranks, nchunks, owner, *cols, route=route,
+                      meta={"ports": ports_meta(topo)})
+    assert plan(spec, "ring") == packed

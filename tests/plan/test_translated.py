@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtcoll.plan import plan, translate, validate
+from mtcoll.plan import plan, rank_parts, translate, validate
 from mtcoll.schedule import RankSchedule, _stream_summary
 
 TORI = ("torus:3x3", "torus:3x5", "torus:4x4", "torus:5x7", "torus:8x8", "torus:12x12")
@@ -77,3 +77,29 @@ def test_general_validator_catches_a_broken_translate():
     r = validate(s, "torus:4x4", engine="numba")
     assert not r.valid
     assert tr.check() != []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ("torus:32x32", "torus:16x64"))
+def test_auto_translates_large_tori_in_no_more_steps_than_the_general_grower(spec):
+    from mtcoll.plan import TRANSLATE_FROM
+
+    s = plan(spec, "multitree")
+    assert s.nranks >= TRANSLATE_FROM
+    assert s.meta["engine"] == "translate"
+    assert s == translate(spec).schedule()
+    assert s.steps[0] <= plan(spec, "multitree", engine="numba").steps[0]
+    r = validate(s, spec, engine="numba")
+    assert r.valid, r.errors
+    # the parts a communicator scatters, from tree 0, are the parts of the whole
+    for got, want in zip(rank_parts(spec), RankSchedule.split(s)):
+        assert got == want
+
+
+def test_auto_keeps_the_general_grower_below_the_threshold_and_off_plain_tori():
+    for spec in ("torus:8x8", "torus:4x10"):
+        assert plan(spec, "multitree") == plan(spec, "multitree", engine="python")
+        assert all(a == b for a, b in zip(rank_parts(spec),
+                                          RankSchedule.split(plan(spec, "multitree"))))
+    # a torus with link options is not translated, whatever its size
+    assert plan("torus:32x32/20mbit", "multitree").meta["engine"] == "numba"

@@ -505,3 +505,30 @@ def test_pieces_carry_the_executors_bytes(algorithm, nbytes):
     share = np.sort(np.repeat(want / k, k))
     assert np.abs(np.sort(got) - share).max() <= 4 * 4  # a few elements of rounding
     assert got.min() > 0
+
+
+@pytest.mark.parametrize("planned, algorithm, network", [
+    ("torus:4x4", "multitree", "torus:4x4"), ("torus:8x8", "ring", "torus:8x8"),
+    ("torus:8x8", "rhd", "torus:8x8"),
+    # planned for other networks: their steps share links here
+    ("full:16", "rhd", "ring:16"), ("full:16", "dbtree", "torus:4x4")])
+@pytest.mark.parametrize("nbytes", [4, 4096, 1 << 20])
+def test_step_by_step_replay_equals_the_event_engine(planned, algorithm, network, nbytes):
+    s = plan(planned, algorithm)
+    a = simulate(s, network, nbytes, engine="numba")
+    b = simulate(s, network, nbytes, engine="steps")
+    assert b.time == pytest.approx(a.time, rel=1e-12)
+    assert b.reduce_time == pytest.approx(a.reduce_time, rel=1e-12)
+    assert (b.slowed, b.busiest_link_time) == (a.slowed, a.busiest_link_time)
+    for x, y in ((a.step_times, b.step_times), (a.release, b.release), (a.start, b.start),
+                 (a.finish, b.finish)):
+        np.testing.assert_allclose(y, x, rtol=1e-12, atol=1e-18)
+    c = simulate(s, network, nbytes, engine="steps", per_transfer=False)
+    assert c.time == b.time and c.release is None and c.finish is None
+
+
+def test_step_by_step_replay_refuses_what_it_does_not_model():
+    s = plan("torus:4x4", "ring")
+    for kw in (dict(mode="dataflow"), dict(sharing="connection"), dict(burst=1e3)):
+        with pytest.raises(ValueError, match="engine 'steps'"):
+            simulate(s, engine="steps", **kw)
