@@ -70,8 +70,8 @@ __all__ = ["Measured", "measure", "measurable", "message_bytes", "measured_spec"
            "FAST", "AGREE", "POLL_SECONDS", "TAG", "rates_here"]
 
 #: the smallest message (see the module notes: well above a shaper's burst allowance; on the
-#: testbed's ring:4 at 40 Mbit/s with one link at 10 Mbit/s, 128 KiB still measured one fast
-#: link at half its rate now and then, 256 KiB measured every link within 10 % of the others)
+#: testbed's ring:4 at 40 Mbit/s with one link at 10 Mbit/s, 128 KiB messages once measured
+#: a 40 Mbit/s link at 0.56x the median; 256 KiB ones measured those links within 5 %)
 MIN_BYTES = 256 * 1024
 #: the largest message (a fast network named at its rate: 2 ms of 10 Gbit/s is 2.5 MB)
 MAX_BYTES = 4 * 1024 * 1024
