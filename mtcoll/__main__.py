@@ -6,7 +6,8 @@ what N ranks get); where the tuning table and numba's compiled-kernel cache live
 prior ``algorithm="auto"`` starts from (:mod:`mtcoll._calibrate`: where it is cached, what a
 probe measured and under which load, what auto would pick per size from it) and what auto
 learned on earlier runs' calls (:mod:`mtcoll.comm._learn`: per class its choice, the prior's
-prediction, the time observed and how many calls decided it), read from the cache by
+prediction, the time observed and how many calls decided it) and the measured links of this
+network (``measure_links``, :mod:`mtcoll.comm._links`) when they are cached, read from the cache by
 constructing a ``Comm`` (collective; no probe). ``--calibrate`` runs the full probe first and
 caches it. Only rank 0 prints. ``--json`` follows the tools' convention.
 """
@@ -76,9 +77,12 @@ def _calibration(comm, _calibrate):
     out = {"calibration_dir": str(_calibrate.cache_dir()), "calibration_mode": mode}
     if mode == "off" or comm.Get_size() < 2:
         return out
-    from .comm import Comm
+    from .comm import Comm, _links
 
     with Comm(comm) as c:  # reads the cache (collective; no probe)
+        links = _measured_links(c, _links)
+        if links:
+            out["measured_links"] = links
         lrn = c._learner
         if lrn is None:
             out["calibration_source"] = "tuning table" if c.tuning else "none (algorithm set)"
@@ -96,6 +100,17 @@ def _calibration(comm, _calibrate):
         out["auto_classes"] = [_learned_line(name, e, cal) for name, e in
                                sorted(lrn.learned.items(), key=lambda x: int(x[0].split("B")[0]))]
     return out
+
+
+def _measured_links(c, _links):
+    # the measured spec of this network: this Comm's (MTCOLL_MEASURE_LINKS=1), else the
+    # cached one (collective: where the ranks run is part of the key)
+    if c.measured_links is not None:
+        return c.measured_links.describe()
+    got = _links.cached(c, c.network)
+    if got is None:
+        return None
+    return f"{got['spec']} (cached {got.get('created', '?')}, {got['path']})"
 
 
 def _load(load):

@@ -1,4 +1,6 @@
-"""Where a calibration is cached, and under which key (see :mod:`mtcoll._calibrate`)."""
+"""Where a calibration is cached, and under which key (see :mod:`mtcoll._calibrate`); and the
+measured links of a network (``measure_links``, :mod:`mtcoll.comm._links`) beside it, in files of
+their own, keyed by the network as the spec names it and by where the ranks run."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 
 #: the calibration file's format; part of the key, so a new format probes anew
 FORMAT = 2
+#: the measured-links file's format; part of its key
+LINKS_FORMAT = 1
 _OFF = ("off", "none", "0", "false", "no")
 
 
@@ -64,6 +68,39 @@ def key(nranks, layout, network, wait, segmenting):
             "mtcoll": _version(), "engine": engine_id(), "network": str(network),
             "wait": str(wait), "segmenting": [int(x) for x in segmenting],
             "machine": [os.cpu_count() or 0, platform.machine()]}
+
+
+def links_key(nranks, layout, network, where):
+    """The facts a link measurement is valid for: the network spec it started from (a spec
+    naming other rates is another network), the rank count and host layout, the MPI library,
+    the mtcoll version, the machine, and ``where`` (a digest of every rank's host name and
+    network namespace, :func:`mtcoll.comm._links.where`: other nodes, or another emulated
+    network on the same machine, are other links)."""
+    from mpi4py import MPI
+
+    return {"format": LINKS_FORMAT, "what": "links", "nranks": int(nranks),
+            "hosts": [int(x) for x in layout],
+            "mpi_library": " ".join(MPI.Get_library_version().splitlines()[0].split()),
+            "mtcoll": _version(), "network": str(network), "where": str(where),
+            "machine": [os.cpu_count() or 0, platform.machine()]}
+
+
+def links_path(k):
+    """The measured-links file of key ``k`` (:func:`links_key`)."""
+    digest = hashlib.sha1(json.dumps(k, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"links-{k['nranks']}r-{digest}.json"
+
+
+def read(path, k):
+    """``(data, why not)``: the JSON file at ``path`` when it holds key ``k``; a missing file or
+    another key is ``(None, None)``, an unreadable one ``(None, why)``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:
+        return None, f"unreadable {path}: {e}"
+    return (data, None) if isinstance(data, dict) and data.get("key") == k else (None, None)
 
 
 def _version():

@@ -448,6 +448,10 @@ def meta_for(comm, mcomm, args_meta):
         "ports": int(ports[0]) if (ports == ports[0]).all() else ports.tolist(),
         "multitree_steps": steps, "versions": versions, "environment": env,
         "tuning": mcomm.tuning_path,
+        # what measure_links found (MTCOLL_MEASURE_LINKS=1): the spec measured from, the
+        # overrides, every link's rate, the seconds it took
+        "measured_links": None if mcomm.measured_links is None else
+        mcomm.measured_links.as_dict(),
     }
     meta.update(args_meta)
     return meta

@@ -25,13 +25,13 @@ import numpy as np
 from mpi4py import MPI
 
 from .. import _calibrate, _env, _tuning
-from . import _learn, _registry
+from . import _learn, _links, _registry
 from ._buffers import prepare
 from ._derived import Derived, cart_spec
 from . import _dispatch, _planning
 from ._dispatch import FAST_KINDS
 from .._env import env_flag, env_quiet
-from ..topology import from_comm, host_leaders, mpi_topology
+from ..topology import from_comm, host_leaders, mpi_topology, parse
 from ._errors import ABANDONED, StallError, positive_int
 from ._planning import SPECIAL_ALGORITHMS
 from ._progress import LOCK, thread_enabled
@@ -48,7 +48,7 @@ SMALL_MESSAGE_BYTES = 64 * 1024
 #: Environment variables mtcoll reads.
 ENV_VARS = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT", "MTCOLL_CHECK",
             "MTCOLL_DEBUG", "MTCOLL_TIMEOUT", "MTCOLL_PROGRESS", "MTCOLL_CALIBRATE",
-            "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS", "MTCOLL_ENGINE")
+            "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS", "MTCOLL_ENGINE", "MTCOLL_MEASURE_LINKS")
 
 _IN_PLACE, _ndarray = MPI.IN_PLACE, np.ndarray  # (the fast paths' globals, looked up once)
 # the fast path's call kinds (compared by identity) and its cache keys: _dispatch.fast_key
@@ -105,6 +105,13 @@ def choose(nbytes, nranks, topology, tuning=None, calibration=None):
     return "multitree"
 
 
+def _measure_option(value, rank):
+    # measure_links=True, or MTCOLL_MEASURE_LINKS=1 (either turns it on; a bad value raises)
+    if value is not True and value is not False and value not in (0, 1):
+        raise TypeError(f"measure_links must be True or False, got {value!r} (rank {rank})")
+    return bool(value) or env_flag("MTCOLL_MEASURE_LINKS")
+
+
 #: The state of an mtcoll communicator allocated but not set up yet (see ``Comm._finish``).
 LATER = "later"
 
@@ -115,8 +122,8 @@ class _Constructor(type):
     own constructors allocate with ``cls.__new__(cls)`` and do not come here."""
 
     def __call__(cls, comm=None, topology="auto", algorithm="auto", ports=None,
-                 segment_bytes=None, max_segments=None, wait=None):
-        options = (topology, algorithm, ports, segment_bytes, max_segments, wait)
+                 segment_bytes=None, max_segments=None, wait=None, measure_links=False):
+        options = (topology, algorithm, ports, segment_bytes, max_segments, wait, measure_links)
         if comm is None:
             comm = _WORLD
         if isinstance(comm, _Intracomm) and comm != _COMM_NULL:  # (the hit path, inlined)
@@ -163,6 +170,12 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
         How ranks wait for messages (see :data:`mtcoll.execute.WAIT`). ``"auto"`` (default):
         ``"sleep"`` when a host runs more ranks than it has cores. The ranks agree on one
         mode (sleep if any rank asks for it); ``MTCOLL_WAIT`` overrides this argument.
+    measure_links : bool, default False
+        Measure the rate of every link of the network at construction (a few messages per
+        link, all links at once) and plan for what was measured: :attr:`network` becomes the
+        spec with an override for each link clearly slower or faster than the others
+        (:mod:`mtcoll.comm._links`), cached with the calibration. ``MTCOLL_MEASURE_LINKS=1``
+        turns it on too.
 
     Attributes
     ----------
@@ -182,6 +195,9 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
         rank, naming the file.
     wait : str
         ``"busy"`` or ``"sleep"``, as decided.
+    measured_links : mtcoll.comm._links.Measured or None
+        What ``measure_links`` found (the spec measured from, the measured spec, measured or
+        cached, its time, every link's rate); None when it is off.
 
     Notes
     -----
@@ -255,9 +271,9 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
             return got
         cls = _class_of(cls, comm)
         self = MPI.Intracomm.__new__(cls, comm)
-        topology, algorithm, ports, segment_bytes, max_segments, wait = options
+        topology, algorithm, ports, segment_bytes, max_segments, wait, measure_links = options
         self._setup(comm, self._grid_spec(topology), algorithm, ports, segment_bytes,
-                    max_segments, wait, owned=False)
+                    max_segments, wait, owned=False, measure_links=measure_links)
         _registry.register(comm, k, self)
         return self
 
@@ -282,17 +298,18 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
             owned = self != MPI.COMM_WORLD and self != MPI.COMM_SELF
             setup = dict(topology=self._grid_spec("auto"), ports=None, env_topology=True,
                          options=dict(algorithm="auto", segment_bytes=None,
-                                      max_segments=None, wait=None), owned=owned)
+                                      max_segments=None, wait=None, measure_links=False),
+                         owned=owned)
         try:
             self._adopt(**setup)
         except BaseException:
             self._pending = pending if req is None else (None, setup)
             raise
 
-    def _adopt(self, topology, ports, env_topology, options, owned=True):
+    def _adopt(self, topology, ports, env_topology, options, owned=True, measured=None):
         # the setup of a communicator mtcoll derived (or mpi4py made): registered as its own
         self._setup(self._plain(), topology, ports=ports, owned=owned,
-                    env_topology=env_topology, **options)
+                    env_topology=env_topology, measured=measured, **options)
         if self.algorithm not in SPECIAL_ALGORITHMS:
             # the inherited algorithm where it fits the new network, else auto's choice (the
             # planner's verdict is broadcast: every rank falls back alike)
@@ -322,13 +339,13 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _setup(self, comm, topology, algorithm, ports, segment_bytes, max_segments, wait,
-               owned, env_topology=True):
+               owned, env_topology=True, measure_links=False, measured=None):
         self._pending = None
         self._dup = None
         self._owned = owned  # Free frees the communicator itself too (mtcoll made it)
         self._orig = comm
         self._options = dict(algorithm=algorithm, segment_bytes=segment_bytes,
-                             max_segments=max_segments, wait=wait)
+                             max_segments=max_segments, wait=wait, measure_links=measure_links)
         env_algo = os.environ.get("MTCOLL_ALGO", "").strip()
         env_topo = os.environ.get("MTCOLL_TOPOLOGY", "").strip() if env_topology else ""
         algorithm = (env_algo or str(algorithm)).strip().lower()
@@ -340,6 +357,7 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
         ports = positive_int("ports", ports, rank, per_rank=True)
         segment_bytes = positive_int("segment_bytes", segment_bytes, rank)
         max_segments = positive_int("max_segments", max_segments, rank)
+        measure = _measure_option(measure_links, rank)
         try:
             threaded = thread_enabled()
         except ValueError:
@@ -356,6 +374,19 @@ class Comm(Derived, MPI.Intracomm, metaclass=_Constructor):
                 where = f"environment variable MTCOLL_TOPOLOGY={env_topo!r}" if env_topo \
                     else f"topology={topology!r}"
                 raise ValueError(f"{where} (rank {rank}): {e}") from None
+            # before anything reads the network (tuning, calibration key, schedules): what is
+            # planned is planned for the links as measured
+            self.measured_links = None
+            if measure and measured is not None and \
+                    self.network.spec in (measured.base, measured.spec):
+                # a duplicate's links are its parent's: what they measured holds (the same
+                # spec on every rank, as the parent's is)
+                self.network = parse(measured.spec, nranks=self._dup.Get_size(), ports=ports)
+                self.measured_links = measured
+            elif measure:
+                self._leaders = leaders
+                self.network, self.measured_links = _links.measure(
+                    self, self.network, ports, env_flag("MTCOLL_DEBUG"))
             self.tuning, self.tuning_path = _planning.load_tuning(self)
             # the network as an MPI virtual topology (Create_cart for torus, mesh and ring, a
             # distributed graph otherwise), for users who want coordinates or neighbours

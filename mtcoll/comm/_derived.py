@@ -18,7 +18,8 @@ from __future__ import annotations
 from mpi4py import MPI
 
 #: The options of a Comm made by ``mtcoll.Comm.Create_from_group`` called on the class.
-_DEFAULT_OPTIONS = dict(algorithm="auto", segment_bytes=None, max_segments=None, wait=None)
+_DEFAULT_OPTIONS = dict(algorithm="auto", segment_bytes=None, max_segments=None, wait=None,
+                        measure_links=False)
 
 
 def cart_spec(dims, periods):
@@ -36,16 +37,17 @@ def cart_spec(dims, periods):
     return ("torus:" if periodic else "mesh:") + "x".join(map(str, dims))
 
 
-def derive(new, cls, options, topology="auto", ports=None, env_topology=False):
+def derive(new, cls, options, topology="auto", ports=None, env_topology=False, measured=None):
     """``new`` (what mpi4py's method returned; ``MPI.COMM_NULL`` on ranks left out) as an
     mtcoll ``cls`` with ``options``, set up now (collective over ``new``), owned: its
     ``Free()`` frees ``new``. A subcommunicator has its own network: ``MTCOLL_TOPOLOGY`` (for
-    the whole job) applies only to a duplicate (``env_topology``)."""
+    the whole job) applies only to a duplicate (``env_topology``), and so does the parent's
+    link measurement (``measured``: same ranks, same links)."""
     if new == MPI.COMM_NULL:
         return new
     out = MPI.Intracomm.__new__(cls, new)
     try:
-        out._adopt(topology, ports, env_topology, options)
+        out._adopt(topology, ports, env_topology, options, measured=measured)
     except BaseException:
         MPI.Comm.Free(new)
         raise
@@ -72,8 +74,9 @@ class Derived:
 
     def _dup_args(self):
         # a duplicate keeps the network (same ranks; a given Topology object is reused), the
-        # port budget, and MTCOLL_TOPOLOGY
-        return dict(topology=self.network.spec, ports=self.ports, env_topology=True)
+        # port budget, MTCOLL_TOPOLOGY, and what measure_links found (the same links)
+        return dict(topology=self.network.spec, ports=self.ports, env_topology=True,
+                    measured=self.measured_links)
 
     def Dup(self, info=None):
         """Duplicate: an mtcoll communicator of this one's class, with the same options and

@@ -32,11 +32,12 @@ from .._env import STORE
 OWN = "own"
 
 #: The construction options of ``mtcoll.Comm(c)`` with no arguments.
-DEFAULT_OPTIONS = ("auto", "auto", None, None, None, None)
+DEFAULT_OPTIONS = ("auto", "auto", None, None, None, None, False)
 
 # environment variables read at construction: a Comm made under other values is another Comm
 _ENV_NAMES = ("MTCOLL_ALGO", "MTCOLL_TOPOLOGY", "MTCOLL_TUNING", "MTCOLL_WAIT",
-              "MTCOLL_PROGRESS", "MTCOLL_CALIBRATE", "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS")
+              "MTCOLL_PROGRESS", "MTCOLL_CALIBRATE", "MTCOLL_CACHE_DIR", "MTCOLL_PROBE_SECONDS",
+              "MTCOLL_MEASURE_LINKS")
 _ENV_KEYS = tuple(n.encode() for n in _ENV_NAMES)
 
 _KEYVAL = None

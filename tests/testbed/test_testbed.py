@@ -253,6 +253,32 @@ def test_failed_link_raises_stallerror_and_cleans_up(tmp_path):
 
 
 @real
+def test_measured_links_find_the_one_slow_link(tmp_path):
+    # ring:4 at 40 Mbit/s with 0-1 at 10 Mbit/s; mtcoll is told only "ring:4" (the testbed would
+    # tell it the rates): the measurement must name 0-1, both ways, and no other link
+    script = os.path.join(HERE, "testbed_script.py")
+    dest = tmp_path / "tb.json"
+    t0 = time.monotonic()
+    r = run_testbed(["--topology", "ring:4", "--rate", "40mbit", "--link-rate", "0-1=10mbit",
+                     "--timeout", "60", "--json", str(dest), "--",
+                     "python", script, "links", "multitree", "64K", "2"],
+                    # measured, not read from a cache
+                    env={"MTCOLL_CALIBRATE": "off", "MTCOLL_TOPOLOGY": "ring:4"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert got["base"] == "ring:4" and got["source"] == "measured", got
+    assert sorted(got["overrides"]) == ["0>1", "1>0"], got
+    net = parse(got["spec"])
+    slow = net.bandwidth[net.link(0, 1)]
+    assert net.bandwidth[net.link(1, 0)] == slow
+    others = [net.bandwidth[i] for i in range(net.nlinks)
+              if {int(net.link_src[i]), int(net.link_dst[i])} != {0, 1}]
+    assert all(b == others[0] for b in others) and 0.15 < slow / others[0] < 0.45, got
+    assert got["seconds"] < 10 and time.monotonic() - t0 < 60
+    assert not leftovers(json.loads(dest.read_text())["meta"]["id"])
+
+
+@real
 def test_killed_run_is_cleaned_by_its_guard():
     p = subprocess.Popen([sys.executable, "-m", "mtcoll.testbed", "--topology", "ring:3",
                           "--", "sleep", "60"], stderr=subprocess.PIPE, text=True)
